@@ -1,0 +1,40 @@
+"""lora-doctor: tells the person training a LoRA adapter what is going wrong, with the numbers,
+and what to do about it.
+
+The engine (findings, history, facts, config, checks, report) needs only numpy and scipy; the
+Trainer callback and the probes import torch, transformers and peft when they are first used.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+from lora_doctor.config import DoctorConfig
+from lora_doctor.findings import Finding, Recommendation, Severity
+from lora_doctor.report import Diagnosis
+
+if TYPE_CHECKING:
+    from lora_doctor.integrations.hf import LoraDoctorCallback
+
+__all__ = [
+    "Diagnosis",
+    "DoctorConfig",
+    "Finding",
+    "LoraDoctorCallback",
+    "Recommendation",
+    "Severity",
+    "__version__",
+]
+
+_LAZY = {"LoraDoctorCallback": "lora_doctor.integrations.hf"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lora_doctor' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)

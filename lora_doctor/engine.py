@@ -1,0 +1,134 @@
+"""Doctor: holds a run's history and facts, runs the checks of a phase, de-duplicates findings."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Hashable, Iterable, Mapping
+from typing import Any
+
+from lora_doctor.checks import ALL_CHECKS, Check, Context, Phase
+from lora_doctor.config import DoctorConfig
+from lora_doctor.facts import RunFacts
+from lora_doctor.findings import Finding, Severity
+from lora_doctor.history import History
+from lora_doctor.report import Diagnosis
+
+__all__ = ["Doctor"]
+
+logger = logging.getLogger("lora_doctor")
+
+
+class Doctor:
+    """The diagnostic engine. Framework-free: it reads plain data and returns findings.
+
+    Feed it facts and log entries; call :meth:`run_phase` at the moments of :class:`Phase`; read
+    the new findings it returns (each is returned, and logged, once).
+
+    Args:
+        config: thresholds and switches; defaults when None.
+        facts: what is known about the run; empty when None.
+        checks: the check classes to run; all registered checks when None.
+        emit: log each new finding through the ``lora_doctor`` logger (False on non-main processes
+            and where the caller prints its own report).
+
+    Example:
+        >>> doctor = Doctor(emit=False)
+        >>> doctor.observe(10, {"loss": 2.0})
+        >>> doctor.run_phase(Phase.LOG)
+        []
+    """
+
+    def __init__(
+        self,
+        config: DoctorConfig | None = None,
+        facts: RunFacts | None = None,
+        checks: Iterable[type[Check]] | None = None,
+        emit: bool = True,
+    ) -> None:
+        self.config = config or DoctorConfig()
+        self.facts = facts or RunFacts()
+        self.history = History()
+        self.emit = emit
+        self.findings: list[Finding] = []
+        self.step = 0
+        self._checks: list[Check] = [cls() for cls in (ALL_CHECKS if checks is None else checks)]
+        self._seen: set[tuple[str, Hashable]] = set()
+        self._disabled: set[str] = set()
+        self._stop_reason: Finding | None = None
+
+    # --- input ------------------------------------------------------------------------------------
+    def observe(self, step: int | None, logs: Mapping[str, Any]) -> None:
+        """Records one log entry at ``step`` (the entry's own ``step`` key when None)."""
+        self.history.add(step, logs)
+        self.step = max(self.step, self.history.last_step)
+
+    # --- running ----------------------------------------------------------------------------------
+    def run_phase(self, phase: Phase, step: int | None = None) -> list[Finding]:
+        """Runs every enabled check of ``phase`` and returns the findings not reported before.
+
+        A check that raises is logged once and switched off for the rest of the run; the others run.
+        """
+        if step is not None:
+            self.step = max(self.step, int(step))
+        ctx = Context(
+            facts=self.facts,
+            history=self.history,
+            config=self.config,
+            phase=phase,
+            step=self.step,
+            findings=self.findings,
+        )
+        new: list[Finding] = []
+        for check in self._checks:
+            if phase not in check.phases or check.code in self._disabled:
+                continue
+            if check.needs_lora and self.facts.has_lora is False:
+                continue
+            if self.config.silenced(check.slug, check.code):
+                continue
+            try:
+                produced = list(check.run(ctx))
+            except Exception:  # a bug in a check must never reach the user's training
+                self._disabled.add(check.code)
+                logger.warning(
+                    "lora-doctor: internal error in check %s (%s); this check is switched off "
+                    "for the rest of the run, training is not affected.",
+                    check.code,
+                    check.slug,
+                    exc_info=True,
+                )
+                continue
+            new.extend(f for f in produced if self._record(f, check.dedup_key(f)))
+        return new
+
+    def add_finding(self, finding: Finding) -> bool:
+        """Records a finding made outside the checks (e.g. by a probe); False if already reported."""
+        return self._record(finding, finding.slug)
+
+    def _record(self, finding: Finding, dedup_key: Hashable) -> bool:
+        """Keeps, logs and acts on a finding unless it was reported before or is silenced."""
+        key = (finding.slug, dedup_key)
+        if key in self._seen or self.config.silenced(finding.slug, finding.code):
+            return False
+        self._seen.add(key)
+        self.findings.append(finding)
+        self._log(finding)
+        if self._stop_reason is None and self.config.stops(finding.slug, finding.code):
+            self._stop_reason = finding
+        return True
+
+    @property
+    def stop_reason(self) -> Finding | None:
+        """The first finding whose slug is in ``config.stop_on``, if any."""
+        return self._stop_reason
+
+    def _log(self, finding: Finding) -> None:
+        if not self.emit:
+            return
+        level = logging.INFO if finding.severity is Severity.INFO else logging.WARNING
+        logger.log(level, "%s", finding.log_line())
+
+    # --- output -----------------------------------------------------------------------------------
+    def diagnosis(self, source: str = "live") -> Diagnosis:
+        """The diagnosis so far: run facts and every finding reported, in order."""
+        return Diagnosis.build(self.facts, self.findings, source=source, global_step=self.step)

@@ -1,0 +1,139 @@
+"""What is known about a run: plain data, no torch objects.
+
+The probes fill these from a live model; the offline doctor fills what it can from the files a run
+saved (``adapter_config.json``, ``trainer_state.json``). Every field has a neutral default meaning
+"not known", and the checks stay quiet about what is not known.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["AdapterFacts", "LayerFacts", "RunFacts"]
+
+
+@dataclass
+class AdapterFacts:
+    """One named LoRA adapter's configuration (peft's ``LoraConfig``), as plain data."""
+
+    name: str = "default"
+    r: int | None = None
+    lora_alpha: float | None = None
+    use_rslora: bool = False
+    use_dora: bool = False
+    init_lora_weights: Any = True
+    target_modules: list[str] | str | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    lora_dropout: float | None = None
+    modules_to_save: list[str] | None = None
+    task_type: str | None = None
+    base_model: str | None = None
+
+    @classmethod
+    def from_config(cls, name: str, config: Mapping[str, Any]) -> AdapterFacts:
+        """Reads the fields of a LoRA config dict (``adapter_config.json`` or ``LoraConfig.to_dict()``);
+        unknown keys are ignored, missing ones keep their defaults."""
+        target = config.get("target_modules")
+        if isinstance(target, (set, tuple)):
+            target = sorted(target)
+        r = config.get("r")
+        alpha = config.get("lora_alpha")
+        return cls(
+            name=name,
+            r=int(r) if isinstance(r, (int, float)) and not isinstance(r, bool) else None,
+            lora_alpha=float(alpha) if isinstance(alpha, (int, float)) else None,
+            use_rslora=bool(config.get("use_rslora", False)),
+            use_dora=bool(config.get("use_dora", False)),
+            init_lora_weights=config.get("init_lora_weights", True),
+            target_modules=target,
+            rank_pattern={str(k): int(v) for k, v in (config.get("rank_pattern") or {}).items()},
+            alpha_pattern={
+                str(k): float(v) for k, v in (config.get("alpha_pattern") or {}).items()
+            },
+            lora_dropout=config.get("lora_dropout"),
+            modules_to_save=list(config.get("modules_to_save") or []) or None,
+            task_type=config.get("task_type"),
+            base_model=config.get("base_model_name_or_path"),
+        )
+
+
+@dataclass
+class LayerFacts:
+    """One LoRA-wrapped module for one adapter.
+
+    Shapes are the true (logical) shapes, also under DeepSpeed ZeRO-3 and FSDP where the local
+    tensor is a shard or a flat buffer. ``d_in``/``d_out`` are the base layer's features.
+    """
+
+    name: str
+    adapter: str = "default"
+    kind: str = ""
+    r: int = 0
+    lora_alpha: float = 0.0
+    scaling: float = 0.0
+    use_rslora: bool = False
+    use_dora: bool = False
+    d_in: int | None = None
+    d_out: int | None = None
+    a_shape: tuple[int, ...] | None = None
+    b_shape: tuple[int, ...] | None = None
+    base_type: str = ""
+    fan_in_fan_out: bool = False
+    base_numel: int = 0
+
+
+@dataclass
+class RunFacts:
+    """Everything the checks may know about a run besides its metric history.
+
+    Attributes:
+        has_lora: True/False once known, None when nothing told (offline without adapter_config).
+        adapters: the adapters' configurations, by name.
+        layers: one entry per (LoRA module, adapter).
+        lora_params: LoRA parameters (A, B, DoRA magnitudes, embeddings), counted at true size.
+        base_params: parameters of the base model, without LoRA and without modules_to_save copies;
+            4-bit weights at their true element count.
+        trainable_params: parameters with ``requires_grad``.
+        trainable_base: names of base (non-LoRA, non-modules_to_save) parameters that are trainable.
+        not_in_optimizer: names of trainable LoRA parameters that no optimizer param group holds.
+        no_grad_layers: LoRA modules whose A and B got no gradient in the first steps.
+        b_still_zero_layers: LoRA modules whose B is still exactly zero after the first steps.
+        frozen_in_place: LoRA modules whose weights did not change at all in the first steps.
+        max_steps: the run's planned number of optimizer steps (0 when unknown).
+        num_train_epochs: planned epochs.
+        train_examples: examples in the training set, when the Trainer knows.
+        learning_rate: the configured peak learning rate.
+        world_size: number of processes.
+        is_rl: True for reinforcement-learning or preference runs (GRPO, DPO, ORPO ...).
+        trainer: the trainer class's name.
+        device_total_memory: bytes of the accelerator's memory, when there is one.
+        extra: facts added by probes that have no field yet (plain JSON-able data).
+    """
+
+    has_lora: bool | None = None
+    adapters: dict[str, AdapterFacts] = field(default_factory=dict)
+    layers: list[LayerFacts] = field(default_factory=list)
+    lora_params: int = 0
+    base_params: int = 0
+    trainable_params: int = 0
+    trainable_base: list[str] = field(default_factory=list)
+    not_in_optimizer: list[str] = field(default_factory=list)
+    no_grad_layers: list[str] = field(default_factory=list)
+    b_still_zero_layers: list[str] = field(default_factory=list)
+    frozen_in_place: list[str] = field(default_factory=list)
+    max_steps: int = 0
+    num_train_epochs: float | None = None
+    train_examples: int | None = None
+    learning_rate: float | None = None
+    world_size: int = 1
+    is_rl: bool = False
+    trainer: str | None = None
+    device_total_memory: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The facts as JSON-able data (the diagnosis file's ``run`` block builds on it)."""
+        return asdict(self)

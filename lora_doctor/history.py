@@ -1,0 +1,139 @@
+"""Step-indexed metric series, built from live Trainer logs or a saved ``log_history``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = ["History", "Series"]
+
+
+@dataclass(frozen=True)
+class Series:
+    """One metric over steps, in the order it was logged. Values may be NaN or infinite."""
+
+    key: str
+    steps: np.ndarray
+    values: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.values.shape[0])
+
+    def finite(self) -> Series:
+        """The same series without its non-finite values."""
+        keep = np.isfinite(self.values)
+        return Series(self.key, self.steps[keep], self.values[keep])
+
+    def since(self, step: float) -> Series:
+        """The points logged at or after ``step``."""
+        keep = self.steps >= step
+        return Series(self.key, self.steps[keep], self.values[keep])
+
+
+def _number(value: Any) -> float | None:
+    """A logged value as a float, or None when it is not a number (strings, lists, dicts)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    item = getattr(value, "item", None)  # numpy / torch scalars
+    if callable(item):
+        try:
+            out = item()
+        except (TypeError, ValueError, RuntimeError):
+            return None
+        return float(out) if isinstance(out, (int, float)) and not isinstance(out, bool) else None
+    if isinstance(value, str) and value.strip().lower() in {
+        "nan",
+        "inf",
+        "+inf",
+        "-inf",
+        "infinity",
+    }:
+        return float(value.strip().lower().replace("infinity", "inf"))
+    return None
+
+
+class History:
+    """Metrics logged during a run, by key, each with the step it was logged at.
+
+    Entries are appended in log order; a key's series is built on demand and cached until that key
+    gets a new point, so checks that read a series at every log cost nothing extra.
+
+    Example:
+        >>> h = History.from_log_history([{"step": 10, "loss": 2.0}, {"step": 20, "loss": 1.5}])
+        >>> h.series("loss").values.tolist()
+        [2.0, 1.5]
+    """
+
+    def __init__(self) -> None:
+        self._steps: dict[str, list[float]] = {}
+        self._values: dict[str, list[float]] = {}
+        self._cache: dict[str, Series] = {}
+        self._entries: list[dict[str, Any]] = []
+        self.last_step: int = 0
+
+    def add(self, step: int | float | None, logs: Mapping[str, Any]) -> None:
+        """Records one log entry: every numeric value under its key, at ``step``.
+
+        ``step`` defaults to the entry's own ``"step"`` key, then to the last step seen. Non-numeric
+        values are kept in the raw entry but make no series.
+        """
+        if step is None:
+            step = _number(logs.get("step"))
+        step_f = float(step) if step is not None and math.isfinite(step) else float(self.last_step)
+        entry = dict(logs)
+        entry.setdefault("step", int(step_f))
+        self._entries.append(entry)
+        self.last_step = max(self.last_step, int(step_f))
+        for key, raw in logs.items():
+            if key == "step":
+                continue
+            value = _number(raw)
+            if value is None:
+                continue
+            self._steps.setdefault(key, []).append(step_f)
+            self._values.setdefault(key, []).append(value)
+            self._cache.pop(key, None)
+
+    def series(self, key: str) -> Series:
+        """The series of ``key``; empty when the key was never logged."""
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        steps = np.asarray(self._steps.get(key, ()), dtype=float)
+        values = np.asarray(self._values.get(key, ()), dtype=float)
+        out = Series(key, steps, values)
+        self._cache[key] = out
+        return out
+
+    def keys(self) -> Iterator[str]:
+        """The keys with at least one numeric value, in first-seen order."""
+        return iter(self._values)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._values
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def entries(self) -> list[dict[str, Any]]:
+        """The raw entries, as logged (a copy of the list, not of the entries)."""
+        return list(self._entries)
+
+    @classmethod
+    def from_log_history(cls, entries: Iterable[Mapping[str, Any]]) -> History:
+        """Builds a history from a Trainer's ``state.log_history`` (or its JSON form).
+
+        Entries that are not mappings are skipped; entries without ``"step"`` take the last step.
+        """
+        history = cls()
+        for entry in entries:
+            if isinstance(entry, Mapping):
+                history.add(None, entry)
+        return history

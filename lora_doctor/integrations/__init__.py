@@ -1,0 +1,1 @@
+"""Adapters between training frameworks and the engine."""

@@ -1,0 +1,73 @@
+"""The probe protocol: one object per kind of reading, called at each Trainer event it cares for."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lora_doctor.engine import Doctor
+
+__all__ = ["Event", "Probe"]
+
+
+@dataclass
+class Event:
+    """What a Trainer event offers, as the callback received it.
+
+    Attributes:
+        doctor: the run's engine (facts, history, findings).
+        args: the ``TrainingArguments``.
+        state: the ``TrainerState`` (``global_step``, ``max_steps``, ``is_world_process_zero`` ...).
+        model: the model being trained (possibly wrapped by DDP, FSDP or DeepSpeed).
+        optimizer: the optimizer, when the Trainer has made it.
+        logs: the logs dict of ``on_log`` (a probe may add ``lora_doctor/...`` metrics to it) or the
+            metrics of ``on_evaluate``.
+        kwargs: everything else the event passed (train_dataloader, processing_class ...).
+    """
+
+    doctor: Doctor
+    args: Any
+    state: Any
+    model: Any = None
+    optimizer: Any = None
+    logs: dict[str, Any] | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def step(self) -> int:
+        return int(getattr(self.state, "global_step", 0) or 0)
+
+    @property
+    def is_main(self) -> bool:
+        return bool(getattr(self.state, "is_world_process_zero", True))
+
+
+class Probe:
+    """Base class of live probes: every hook is a no-op; a probe overrides those it needs.
+
+    Hooks must be cheap on the per-step path (``pre_optimizer_step``, ``step_end``): read allocator
+    counters or flags, never walk the model or synchronize the device there except during the
+    first ``check_after_steps`` steps. The callback guards every call: a probe that raises is
+    logged once and switched off, and training goes on.
+    """
+
+    name: str = "probe"
+
+    def train_begin(self, event: Event) -> None:
+        """Training starts: the model, the optimizer and the arguments are there."""
+
+    def pre_optimizer_step(self, event: Event) -> None:
+        """Gradients exist and are about to be applied."""
+
+    def step_end(self, event: Event) -> None:
+        """An optimizer step has ended (``event.step`` is the new global step)."""
+
+    def log(self, event: Event) -> None:
+        """The Trainer logs ``event.logs``; a probe may add its ``lora_doctor/...`` metrics."""
+
+    def evaluate(self, event: Event) -> None:
+        """An evaluation has ended with metrics ``event.logs``."""
+
+    def train_end(self, event: Event) -> None:
+        """Training has ended (normally or not)."""
