@@ -14,9 +14,24 @@ from lora_doctor import __version__
 from lora_doctor.facts import RunFacts
 from lora_doctor.findings import Finding, Severity, to_jsonable
 
-__all__ = ["SCHEMA_VERSION", "Diagnosis", "write_json_atomic"]
+__all__ = ["SCHEMA_VERSION", "Diagnosis", "load_schema", "write_json_atomic"]
 
 SCHEMA_VERSION = 1
+
+
+def load_schema() -> dict[str, Any]:
+    """The JSON Schema of the diagnosis file (shipped in the package as
+    ``lora_doctor/schema/diagnosis.schema.json``).
+
+    Example:
+        >>> load_schema()["properties"]["schema_version"]
+        {'const': 1}
+    """
+    from importlib.resources import files
+
+    text = files("lora_doctor").joinpath("schema/diagnosis.schema.json").read_text("utf-8")
+    data: dict[str, Any] = json.loads(text)
+    return data
 
 
 @dataclass
