@@ -28,6 +28,7 @@ class AdapterFacts:
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     lora_dropout: float | None = None
+    bias: str = "none"
     modules_to_save: list[str] | None = None
     task_type: str | None = None
     base_model: str | None = None
@@ -54,6 +55,7 @@ class AdapterFacts:
                 str(k): float(v) for k, v in (config.get("alpha_pattern") or {}).items()
             },
             lora_dropout=config.get("lora_dropout"),
+            bias=str(config.get("bias") or "none"),
             modules_to_save=list(config.get("modules_to_save") or []) or None,
             task_type=config.get("task_type"),
             base_model=config.get("base_model_name_or_path"),
