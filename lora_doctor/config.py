@@ -100,6 +100,21 @@ class DoctorConfig:
         "a number in [0, 1]",
     )
 
+    # --- multigpu / ecosystem -----------------------------------------------------------------------
+    rl_min_rank: int = _opt(
+        64,
+        "Rank below which an online RL (GRPO) adapter gets the rl-low-rank information.",
+        _positive_int,
+        "an integer >= 1",
+    )
+    vllm_max_lora_rank: int | None = _opt(
+        None,
+        "max_lora_rank of a vLLM server the run generates with, when the doctor cannot read it "
+        "(vllm serve --max-lora-rank); None: read it from the engine or the training arguments.",
+        lambda v: v is None or _positive_int(v),
+        "None or an integer >= 1",
+    )
+
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)

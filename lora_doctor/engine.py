@@ -9,7 +9,7 @@ from typing import Any
 from lora_doctor.checks import ALL_CHECKS, Check, Context, Phase
 from lora_doctor.config import DoctorConfig
 from lora_doctor.facts import RunFacts
-from lora_doctor.findings import Finding, Severity
+from lora_doctor.findings import Finding, Severity, to_jsonable
 from lora_doctor.history import History
 from lora_doctor.report import Diagnosis
 
@@ -128,7 +128,61 @@ class Doctor:
         level = logging.INFO if finding.severity is Severity.INFO else logging.WARNING
         logger.log(level, "%s", finding.log_line())
 
+    # --- saving and restoring --------------------------------------------------------------------
+    def export_state(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the doctor, as JSON-able data: facts, findings, the step and
+        which findings were reported (so that a resumed run does not report them again).
+
+        The metric history is not part of it: a checkpoint's ``log_history`` holds the same entries,
+        and :meth:`restore_state` rebuilds the history from it.
+
+        Example:
+            >>> Doctor(emit=False).export_state()["findings"]
+            []
+        """
+        return {
+            "step": self.step,
+            "facts": to_jsonable(self.facts.to_dict()),
+            "findings": [f.to_dict() for f in self.findings],
+            "reported": [to_jsonable([slug, key]) for slug, key in sorted(self._seen, key=repr)],
+        }
+
+    def restore_state(
+        self, data: Mapping[str, Any], log_history: Iterable[Mapping[str, Any]] = ()
+    ) -> None:
+        """Takes back a state saved by :meth:`export_state`; the history is rebuilt from the
+        checkpoint's ``log_history``. Unknown keys are ignored, missing ones leave things as they are.
+
+        Example:
+            >>> d = Doctor(emit=False)
+            >>> d.restore_state({"step": 40}, [{"step": 40, "loss": 1.0}])
+            >>> d.step, len(d.history)
+            (40, 1)
+        """
+        facts = data.get("facts")
+        if isinstance(facts, Mapping):
+            self.facts = RunFacts.from_dict(facts)
+        findings = data.get("findings")
+        if isinstance(findings, list):
+            self.findings = [Finding.from_dict(f) for f in findings if isinstance(f, Mapping)]
+        reported = data.get("reported")
+        if isinstance(reported, list):
+            self._seen = {
+                (str(item[0]), _hashable(item[1]))
+                for item in reported
+                if isinstance(item, list) and len(item) == 2
+            }
+        self.history = History.from_log_history(log_history)
+        self.step = max(int(data.get("step", 0) or 0), self.history.last_step)
+
     # --- output -----------------------------------------------------------------------------------
     def diagnosis(self, source: str = "live") -> Diagnosis:
         """The diagnosis so far: run facts and every finding reported, in order."""
         return Diagnosis.build(self.facts, self.findings, source=source, global_step=self.step)
+
+
+def _hashable(value: Any) -> Hashable:
+    """A de-duplication key read back from JSON: lists become tuples again."""
+    if isinstance(value, list):
+        return tuple(_hashable(v) for v in value)
+    return value  # type: ignore[no-any-return]

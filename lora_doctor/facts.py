@@ -8,8 +8,8 @@ saved (``adapter_config.json``, ``trainer_state.json``). Every field has a neutr
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, TypeVar
 
 __all__ = ["AdapterFacts", "LayerFacts", "RunFacts"]
 
@@ -112,6 +112,11 @@ class RunFacts:
         is_rl: True for reinforcement-learning or preference runs (GRPO, DPO, ORPO ...).
         trainer: the trainer class's name.
         device_total_memory: bytes of the accelerator's memory, when there is one.
+        resumed_from: the checkpoint folder a resumed run started from.
+        checkpoint_adapters: the adapters' configurations as that checkpoint saved them (its
+            ``adapter_config.json``), by name.
+        vllm_max_lora_rank: the largest LoRA rank the vLLM engine that serves generations accepts
+            (its ``max_lora_rank``), when the run generates through vLLM with LoRA.
         extra: facts added by probes that have no field yet (plain JSON-able data).
     """
 
@@ -134,8 +139,53 @@ class RunFacts:
     is_rl: bool = False
     trainer: str | None = None
     device_total_memory: int | None = None
+    # --- multigpu / ecosystem ---
+    resumed_from: str | None = None
+    checkpoint_adapters: dict[str, AdapterFacts] = field(default_factory=dict)
+    vllm_max_lora_rank: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """The facts as JSON-able data (the diagnosis file's ``run`` block builds on it)."""
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RunFacts:
+        """Reads facts back from :meth:`to_dict`'s form (e.g. a checkpoint's saved doctor state).
+
+        Unknown keys are ignored and missing ones keep their defaults; shapes come back as tuples.
+
+        Example:
+            >>> RunFacts.from_dict(RunFacts(lora_params=8).to_dict()).lora_params
+            8
+        """
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        for key in ("adapters", "checkpoint_adapters"):
+            if isinstance(values.get(key), Mapping):
+                values[key] = {
+                    str(name): _dataclass_from(AdapterFacts, cfg)
+                    for name, cfg in values[key].items()
+                    if isinstance(cfg, Mapping)
+                }
+        if isinstance(values.get("layers"), list):
+            values["layers"] = [
+                _dataclass_from(LayerFacts, lf)
+                for lf in values["layers"]
+                if isinstance(lf, Mapping)
+            ]
+        return cls(**values)
+
+
+_T = TypeVar("_T")
+
+
+def _dataclass_from(cls: type[_T], data: Mapping[str, Any]) -> _T:
+    """A dataclass from a dict of its fields: unknown keys ignored, lists of ints made tuples where
+    the field holds a shape."""
+    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    values = {k: v for k, v in data.items() if k in known}
+    for key in ("a_shape", "b_shape"):
+        if isinstance(values.get(key), list):
+            values[key] = tuple(values[key])
+    return cls(**values)

@@ -3,6 +3,13 @@
 Each event reads what the Trainer offers, hands plain data to the engine (through the probes) and
 acts on what comes back: findings are logged by the engine, ``stop_on`` findings stop training, and
 the diagnosis JSON is written at the end.
+
+Multi-process runs (DDP, FSDP, DeepSpeed): every rank runs the doctor, only the main process logs and
+writes; the one collective (per-rank readings, :mod:`lora_doctor.probes.dist`) runs on every rank at
+the same steps, whatever state the doctor is in on that rank. Trackers: the callback moves itself
+before the reporting callbacks, so its ``lora_doctor/...`` metrics reach TensorBoard, W&B and the
+others in the same logs dict, and it copies them into ``state.log_history``. Resume: the doctor's
+state is saved in each checkpoint (``ExportableState``) and taken back when training resumes.
 """
 
 from __future__ import annotations
@@ -16,12 +23,23 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import DefaultFlowCallback, ExportableState
 
 from lora_doctor.checks import Phase
+from lora_doctor.checks.ecosystem import is_rl_or_preference
 from lora_doctor.config import DoctorConfig
 from lora_doctor.engine import Doctor
-from lora_doctor.facts import RunFacts
+from lora_doctor.facts import AdapterFacts, RunFacts
+from lora_doctor.findings import Severity, to_jsonable
+from lora_doctor.integrations import guard
+from lora_doctor.integrations.resume import (
+    checkpoint_adapters,
+    ranks_from_error,
+    resolve_checkpoint,
+)
 from lora_doctor.probes.base import Event, Probe
+from lora_doctor.probes.dist import RankReadings, StepTimeProbe
+from lora_doctor.probes.ecosystem import vllm_max_lora_rank
 from lora_doctor.probes.model import AdapterProbe
 
 __all__ = ["LoraDoctorCallback"]
@@ -31,6 +49,8 @@ logger = logging.getLogger("lora_doctor")
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 REPORT_NAME = "lora_doctor.json"
+#: The key of the doctor's listeners on a Trainer's train guard.
+_GUARD_KEY = "lora_doctor"
 
 
 def _guarded(hook: _F) -> _F:
@@ -57,7 +77,7 @@ def _guarded(hook: _F) -> _F:
     return wrapper  # type: ignore[return-value]
 
 
-class LoraDoctorCallback(TrainerCallback):
+class LoraDoctorCallback(TrainerCallback, ExportableState):
     """Diagnoses a LoRA fine-tuning run while it trains.
 
     Add it to any ``transformers.Trainer`` (or TRL trainer); it logs each finding once through the
@@ -71,8 +91,9 @@ class LoraDoctorCallback(TrainerCallback):
             Off by default: the doctor only reports.
         check_after_steps: optimizer steps after which the adapter is checked for gradients,
             movement and shapes (default 2).
-        config: every other threshold, as a :class:`~lora_doctor.DoctorConfig`; ``ignore``,
-            ``stop_on`` and ``check_after_steps`` given here take precedence over its fields.
+        config: every other threshold, as a :class:`~lora_doctor.DoctorConfig` (or a dict of its
+            fields); ``ignore``, ``stop_on`` and ``check_after_steps`` given here take precedence
+            over its fields.
 
     Raises:
         ValueError: for an option of the wrong type or out of range, naming it and the fix.
@@ -90,8 +111,10 @@ class LoraDoctorCallback(TrainerCallback):
         ignore: Iterable[str] | None = None,
         stop_on: Iterable[str] | None = None,
         check_after_steps: int | None = None,
-        config: DoctorConfig | None = None,
+        config: DoctorConfig | dict[str, Any] | None = None,
     ) -> None:
+        if isinstance(config, dict):  # the form a checkpoint saves (see state())
+            config = DoctorConfig(**config)
         if config is not None and not isinstance(config, DoctorConfig):
             raise ValueError(
                 f"LoraDoctorCallback(config=...) must be a lora_doctor.DoctorConfig, got "
@@ -116,10 +139,13 @@ class LoraDoctorCallback(TrainerCallback):
         self._probes: list[Probe] = []
         self._broken = False
         self._stopped = False
+        self.ranks = RankReadings()
+        self._resume: tuple[str, dict[str, AdapterFacts]] | None = None
+        self._trainer_name: str | None = None
 
     # --- plumbing ---------------------------------------------------------------------------------
     def _make_probes(self) -> list[Probe]:
-        return [AdapterProbe()]
+        return [AdapterProbe(), StepTimeProbe()]
 
     def _event(self, args: Any, state: Any, kwargs: dict[str, Any], logs: Any = None) -> Event:
         assert self.doctor is not None
@@ -131,6 +157,7 @@ class LoraDoctorCallback(TrainerCallback):
             optimizer=kwargs.pop("optimizer", None),
             logs=logs,
             kwargs=kwargs,
+            ranks=self.ranks,
         )
 
     def _call(self, hook: str, event: Event) -> None:
@@ -166,9 +193,18 @@ class LoraDoctorCallback(TrainerCallback):
 
     # --- Trainer events ---------------------------------------------------------------------------
     @_guarded
+    def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._attach(guard.find_trainer())
+
+    @_guarded
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        facts = _facts_from_trainer(args, state, kwargs)
-        self.doctor = Doctor(self.config, facts, emit=bool(state.is_world_process_zero))
+        self._attach(guard.find_trainer())
+        self.doctor = Doctor(self.config, RunFacts(), emit=bool(state.is_world_process_zero))
+        saved = _saved_state(state, type(self).__name__)
+        if saved is not None and int(getattr(state, "global_step", 0) or 0) > 0:
+            self.doctor.restore_state(saved, getattr(state, "log_history", None) or ())
+        _facts_from_trainer(self.doctor.facts, args, state, kwargs, self._trainer_name)
+        self._apply_resume(self.doctor.facts)
         self._probes = self._make_probes()
         self._stopped = False
         self._call("train_begin", self._event(args, state, kwargs))
@@ -179,13 +215,32 @@ class LoraDoctorCallback(TrainerCallback):
         if self.doctor is not None:
             self._call("pre_optimizer_step", self._event(args, state, kwargs))
 
-    @_guarded
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._step_end(args, state, control, **kwargs)
+        if getattr(control, "should_log", False):
+            # The one collective: on every rank at the same steps (DefaultFlowCallback, which runs
+            # before the doctor, sets should_log by the step number), broken doctor or not.
+            self._exchange()
+
+    @_guarded
+    def _step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.doctor is None:
             return
         self._call("step_end", self._event(args, state, kwargs))
         if state.global_step == self.config.check_after_steps:
             self._run(Phase.FIRST_STEPS, state, control)
+
+    def _exchange(self) -> None:
+        try:
+            self.ranks.exchange()
+        except Exception:
+            if not self._broken:
+                self._broken = True
+                logger.warning(
+                    "lora-doctor: could not gather per-rank readings; the doctor is switched off "
+                    "for the rest of the run, training is not affected.",
+                    exc_info=True,
+                )
 
     @_guarded
     def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
@@ -194,6 +249,7 @@ class LoraDoctorCallback(TrainerCallback):
         self._call("log", self._event(args, state, kwargs, logs))
         self.doctor.observe(state.global_step, logs)
         self._run(Phase.LOG, state, control)
+        self._publish(state, logs)
 
     @_guarded
     def on_evaluate(
@@ -214,6 +270,129 @@ class LoraDoctorCallback(TrainerCallback):
         if state.is_world_process_zero:
             self.write_report(args)
 
+    # --- trainer, guard, trackers -----------------------------------------------------------------
+    def _attach(self, trainer: Any) -> None:
+        """Learns the Trainer: its class, the guard around its ``train``, and the doctor's place
+        before the reporting callbacks."""
+        if trainer is None:
+            return
+        self._trainer_name = type(trainer).__name__
+        g = guard.install(trainer)
+        g.before[_GUARD_KEY] = self._before_train
+        g.failed[_GUARD_KEY] = self._train_failed
+        self._move_before_reporters(getattr(trainer, "callback_handler", None))
+
+    def _move_before_reporters(self, handler: Any) -> None:
+        """Puts the doctor right after ``DefaultFlowCallback``, before TensorBoard, W&B, MLflow,
+        the progress printer and any user callback, whatever order they were added in: they then
+        see the ``lora_doctor/...`` metrics the doctor adds to the logs dict.
+
+        (Safe inside the handler's loop over its list: moving an element from index k to a lower
+        index leaves the element after k where the loop will look next.)
+        """
+        callbacks = getattr(handler, "callbacks", None)
+        if not isinstance(callbacks, list) or self not in callbacks:
+            return
+        callbacks.remove(self)
+        flow = [i for i, cb in enumerate(callbacks) if isinstance(cb, DefaultFlowCallback)]
+        callbacks.insert(flow[0] + 1 if flow else 0, self)
+
+    def _publish(self, state: Any, logs: dict[str, Any]) -> None:
+        """Adds the finding counts to the logs dict (seen by the reporting callbacks after the
+        doctor) and copies every ``lora_doctor/...`` metric into ``state.log_history``, whose entry
+        the Trainer appended before calling ``on_log``."""
+        assert self.doctor is not None
+        findings = self.doctor.findings
+        logs["lora_doctor/findings"] = len(findings)
+        logs["lora_doctor/warnings"] = sum(f.severity is Severity.WARNING for f in findings)
+        logs["lora_doctor/errors"] = sum(f.severity is Severity.ERROR for f in findings)
+        history = getattr(state, "log_history", None)
+        if not history or not isinstance(history[-1], dict):
+            return
+        entry = history[-1]
+        if entry.get("step") != getattr(state, "global_step", None) or any(
+            entry.get(k) is not v for k, v in logs.items() if not k.startswith("lora_doctor/")
+        ):
+            return  # not the entry of this logs dict: leave log_history alone
+        entry.update({k: v for k, v in logs.items() if k.startswith("lora_doctor/")})
+
+    # --- resume and failures ----------------------------------------------------------------------
+    def _before_train(self, trainer: Any, resume: Any) -> None:
+        """``trainer.train`` was called: remembers what the checkpoint to resume holds."""
+        self._resume = None
+        args = getattr(trainer, "args", None)
+        path = resolve_checkpoint(getattr(args, "output_dir", None), resume)
+        if path is not None:
+            self._resume = (path, checkpoint_adapters(path))
+
+    def _apply_resume(self, facts: RunFacts, error: BaseException | None = None) -> None:
+        if self._resume is None:
+            facts.resumed_from = None
+            facts.checkpoint_adapters = {}
+            return
+        path, saved = self._resume
+        facts.resumed_from = path
+        facts.checkpoint_adapters = dict(saved) or (ranks_from_error(error) if error else {})
+
+    def _train_failed(self, trainer: Any, error: BaseException) -> None:
+        """``trainer.train`` is dying of ``error``: diagnose what can be (a rank changed on resume,
+        what the probes make of the error) and leave the JSON; the error then propagates."""
+        args = getattr(trainer, "args", None)
+        state = getattr(trainer, "state", None)
+        is_main = bool(getattr(trainer, "is_world_process_zero", lambda: True)())
+        model = getattr(trainer, "model", None)
+        if self.doctor is None:  # died before on_train_begin (e.g. loading the checkpoint)
+            self.doctor = Doctor(self.config, RunFacts(), emit=is_main)
+            facts = self.doctor.facts
+            _facts_from_trainer(facts, args, state, {}, type(trainer).__name__)
+            for name, cfg in dict(getattr(model, "peft_config", None) or {}).items():
+                to_dict = getattr(cfg, "to_dict", None)
+                data = to_dict() if callable(to_dict) else dict(vars(cfg))
+                facts.adapters[str(name)] = AdapterFacts.from_config(str(name), data)
+            facts.has_lora = bool(facts.adapters) or None
+            self._apply_resume(facts, error)
+            self.doctor.run_phase(Phase.SETUP, 0)
+        else:
+            event = Event(
+                doctor=self.doctor,
+                args=args,
+                state=state,
+                model=model,
+                optimizer=getattr(trainer, "optimizer", None),
+                ranks=self.ranks,
+            )
+            for probe in list(self._probes):
+                try:
+                    probe.train_failed(event, error)
+                except Exception:
+                    logger.warning(
+                        "lora-doctor: internal error in the %s probe (train_failed).",
+                        probe.name,
+                        exc_info=True,
+                    )
+            self.doctor.run_phase(Phase.END, int(getattr(state, "global_step", 0) or 0))
+        if is_main and args is not None:
+            self.write_report(args)
+
+    # --- ExportableState (saved in each checkpoint's trainer_state.json) ------------------------
+    def state(self) -> dict[str, Any]:
+        """The callback's arguments and the doctor's state, as JSON data for a checkpoint.
+
+        transformers stores it under ``stateful_callbacks`` in ``trainer_state.json``; on resume the
+        doctor takes it back in ``on_train_begin`` (with or without
+        ``restore_callback_states_from_checkpoint``).
+        """
+        report = self.report_path
+        return {
+            "args": {
+                "report_path": str(report) if isinstance(report, os.PathLike) else report,
+                "config": to_jsonable(dataclasses.asdict(self.config)),
+            },
+            "attributes": {
+                "doctor_state": self.doctor.export_state() if self.doctor is not None else None
+            },
+        }
+
     # --- output -----------------------------------------------------------------------------------
     def write_report(self, args: Any) -> Path | None:
         """Writes the diagnosis JSON (atomically) and returns its path; None when disabled."""
@@ -225,9 +404,25 @@ class LoraDoctorCallback(TrainerCallback):
         return path
 
 
-def _facts_from_trainer(args: Any, state: Any, kwargs: dict[str, Any]) -> RunFacts:
-    """The run-level facts the Trainer's arguments and state tell (the model probes add the rest)."""
-    facts = RunFacts()
+def _saved_state(state: Any, name: str) -> dict[str, Any] | None:
+    """The doctor's state a resumed checkpoint saved for the callback class ``name``, if any."""
+    stored = getattr(state, "stateful_callbacks", None)
+    entry = stored.get(name) if isinstance(stored, dict) else None
+    if isinstance(entry, list):  # several doctors: transformers keeps a list; take the first
+        entry = entry[0] if entry else None
+    attributes = entry.get("attributes") if isinstance(entry, dict) else None
+    saved = attributes.get("doctor_state") if isinstance(attributes, dict) else None
+    return saved if isinstance(saved, dict) else None
+
+
+def _facts_from_trainer(
+    facts: RunFacts, args: Any, state: Any, kwargs: dict[str, Any], trainer: str | None
+) -> RunFacts:
+    """Fills the run-level facts the Trainer tells (its class, arguments and state); the model
+    probes add the rest."""
+    facts.trainer = trainer or _trainer_from_args(args)
+    facts.is_rl = facts.is_rl or is_rl_or_preference(facts.trainer)
+    facts.vllm_max_lora_rank = vllm_max_lora_rank(args, kwargs.get("model"))
     facts.max_steps = int(getattr(state, "max_steps", 0) or 0)
     facts.num_train_epochs = getattr(args, "num_train_epochs", None)
     facts.learning_rate = getattr(args, "learning_rate", None)
@@ -239,3 +434,11 @@ def _facts_from_trainer(args: Any, state: Any, kwargs: dict[str, Any]) -> RunFac
     except TypeError:  # an IterableDataset has no length
         facts.train_examples = None
     return facts
+
+
+def _trainer_from_args(args: Any) -> str | None:
+    """The trainer's name guessed from its arguments' class (TRL's ``GRPOConfig`` -> ``GRPOTrainer``)."""
+    name = type(args).__name__
+    if name.endswith("Config") and name != "Config":
+        return name[: -len("Config")] + "Trainer"
+    return "Trainer" if name == "TrainingArguments" else None

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from lora_doctor.engine import Doctor
+    from lora_doctor.probes.dist import RankReadings
 
 __all__ = ["Event", "Probe"]
 
@@ -24,6 +25,9 @@ class Event:
         logs: the logs dict of ``on_log`` (a probe may add ``lora_doctor/...`` metrics to it) or the
             metrics of ``on_evaluate``.
         kwargs: everything else the event passed (train_dataloader, processing_class ...).
+        ranks: this process's per-rank readings; a probe ``put``s readings into it at any time and
+            reads their min/max over ranks from ``ranks.spread`` in its ``log`` hook (the callback
+            exchanges them on every rank just before the Trainer logs; probes never communicate).
     """
 
     doctor: Doctor
@@ -33,6 +37,7 @@ class Event:
     optimizer: Any = None
     logs: dict[str, Any] | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
+    ranks: RankReadings | None = None
 
     @property
     def step(self) -> int:
@@ -71,3 +76,8 @@ class Probe:
 
     def train_end(self, event: Event) -> None:
         """Training has ended (normally or not)."""
+
+    def train_failed(self, event: Event, error: BaseException) -> None:
+        """``trainer.train`` is dying of ``error`` (e.g. CUDA out of memory); a probe may record a
+        finding with ``event.doctor.add_finding`` before the diagnosis is written. ``event.model``
+        and ``event.optimizer`` are the Trainer's; the error propagates after the hooks."""

@@ -1,0 +1,197 @@
+"""Multi-process helpers: who is the main process, and per-rank readings as min/max over ranks.
+
+Everything here is safe when ``torch.distributed`` is not available or not initialised: a single
+process is rank 0 of a world of 1, and a "gather" returns its own readings.
+
+Collectives follow one rule: every rank calls them the same number of times, in the same order, with
+no condition that could differ between ranks. The callback calls :meth:`RankReadings.exchange` once per
+``on_log`` on every rank, outside any per-rank guard, and probes only read its result; a probe never
+runs a collective itself (one that failed on a single rank would leave the others waiting forever).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from lora_doctor.probes.base import Event, Probe
+
+__all__ = [
+    "RankReadings",
+    "RankSpread",
+    "StepTimeProbe",
+    "gather_min_max",
+    "is_main",
+    "rank",
+    "world_size",
+]
+
+
+def _dist() -> Any:
+    """``torch.distributed`` when a process group is up, else None."""
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover - torch is there whenever the callback runs
+        return None
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    return dist
+
+
+def world_size() -> int:
+    """Number of processes in the default group (1 without torch.distributed).
+
+    Example:
+        >>> world_size()
+        1
+    """
+    dist = _dist()
+    return int(dist.get_world_size()) if dist is not None else 1
+
+
+def rank() -> int:
+    """This process's global rank (0 without torch.distributed).
+
+    Example:
+        >>> rank()
+        0
+    """
+    dist = _dist()
+    return int(dist.get_rank()) if dist is not None else 0
+
+
+def is_main() -> bool:
+    """True on the global rank 0 (and in a single process).
+
+    Example:
+        >>> is_main()
+        True
+    """
+    return rank() == 0
+
+
+@dataclass(frozen=True)
+class RankSpread:
+    """One reading over ranks: the lowest and highest value and the ranks that had them.
+
+    Attributes:
+        min: the lowest value over the ranks that reported it.
+        max: the highest value.
+        min_rank: the rank with the lowest value.
+        max_rank: the rank with the highest value.
+        ranks: how many ranks reported the reading.
+    """
+
+    min: float
+    max: float
+    min_rank: int = 0
+    max_rank: int = 0
+    ranks: int = 1
+
+
+def gather_min_max(values: Mapping[str, float | int | None]) -> dict[str, RankSpread]:
+    """Gathers each rank's readings and returns, per key, the min and max over ranks.
+
+    A COLLECTIVE when torch.distributed is initialised: every rank must call it, as often and in the
+    same order (ranks may pass different keys; a key missing or non-finite on some ranks is judged on
+    the others). Without torch.distributed it returns the local readings as their own min and max.
+
+    Args:
+        values: this rank's readings, e.g. ``{"peak_bytes": 3.1e10, "step_seconds": 0.41}``.
+
+    Returns:
+        Per key, a :class:`RankSpread`.
+
+    Example:
+        >>> gather_min_max({"step_seconds": 0.5})["step_seconds"].max
+        0.5
+    """
+    local = {
+        str(k): float(v)
+        for k, v in values.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    }
+    dist = _dist()
+    if dist is None or dist.get_world_size() == 1:
+        return {k: RankSpread(v, v) for k, v in local.items()}
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, local)
+    out: dict[str, RankSpread] = {}
+    for r, part in enumerate(parts):
+        for k, v in (part or {}).items():
+            old = out.get(k)
+            if old is None:
+                out[k] = RankSpread(v, v, r, r, 1)
+                continue
+            lo, lo_r = (v, r) if v < old.min else (old.min, old.min_rank)
+            hi, hi_r = (v, r) if v > old.max else (old.max, old.max_rank)
+            out[k] = RankSpread(lo, hi, lo_r, hi_r, old.ranks + 1)
+    return out
+
+
+class RankReadings:
+    """This rank's readings between two logs, and their spread over ranks after each exchange.
+
+    Probes :meth:`put` readings at any time (no communication); the callback calls :meth:`exchange`
+    once per log on every rank; probes then read :attr:`spread` (per key, min/max over ranks).
+
+    Example:
+        >>> readings = RankReadings()
+        >>> readings.put("step_seconds", 0.5)
+        >>> readings.exchange()["step_seconds"].min
+        0.5
+    """
+
+    def __init__(self) -> None:
+        self._local: dict[str, float] = {}
+        self.spread: dict[str, RankSpread] = {}
+
+    def put(self, key: str, value: float | int | None) -> None:
+        """Records this rank's current value of ``key`` (the latest value wins until the exchange)."""
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            self._local[key] = float(value)
+
+    def exchange(self) -> dict[str, RankSpread]:
+        """COLLECTIVE (see :func:`gather_min_max`): spreads the readings put since the last exchange."""
+        local, self._local = self._local, {}
+        self.spread = gather_min_max(local)
+        return self.spread
+
+
+class StepTimeProbe(Probe):
+    """Each rank's wall time per optimizer step, reported as min/max over ranks at each log.
+
+    Reads only the host clock (no device sync): over a logging interval the average is the true
+    step time, since the optimizer step waits for the device. A rank much slower than the others
+    (data loading, a slower GPU, a thermal throttle) holds every other rank back in DDP and FSDP.
+    Adds ``lora_doctor/step_seconds_min`` and ``_max`` to the logs when there are several ranks.
+    """
+
+    name = "step_time"
+
+    def __init__(self) -> None:
+        self._last: float | None = None
+        self._total = 0.0
+        self._steps = 0
+
+    def train_begin(self, event: Event) -> None:
+        self._last = time.perf_counter()
+
+    def step_end(self, event: Event) -> None:
+        now = time.perf_counter()
+        if self._last is not None:
+            self._total += now - self._last
+            self._steps += 1
+        self._last = now
+        if event.ranks is not None and self._steps:
+            event.ranks.put("step_seconds", self._total / self._steps)
+
+    def log(self, event: Event) -> None:
+        spread = event.ranks.spread.get("step_seconds") if event.ranks is not None else None
+        if spread is not None and spread.ranks > 1 and event.logs is not None:
+            event.logs["lora_doctor/step_seconds_min"] = spread.min
+            event.logs["lora_doctor/step_seconds_max"] = spread.max
+        self._total, self._steps = 0.0, 0

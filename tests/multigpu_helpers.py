@@ -1,0 +1,61 @@
+"""Tiny models, data and Trainer arguments shared by the multi-GPU / ecosystem tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+
+VOCAB = 128
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def tiny_peft(r: int = 4, lora_alpha: float = 8, seed: int = 0) -> Any:
+    return get_peft_model(
+        tiny_llama(seed), LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=["q_proj", "v_proj"])
+    )
+
+
+class Rows(torch.utils.data.Dataset):
+    """Random token rows, each its own label."""
+
+    def __init__(self, n: int = 16, seq: int = 8) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, VOCAB, (n, seq), generator=g)
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def tiny_args(out: Path, **overrides: Any) -> TrainingArguments:
+    values: dict[str, Any] = {
+        "output_dir": str(out),
+        "max_steps": 4,
+        "per_device_train_batch_size": 2,
+        "logging_steps": 1,
+        "learning_rate": 1e-3,
+        "report_to": [],
+        "save_strategy": "no",
+        "use_cpu": True,
+        "disable_tqdm": True,
+    }
+    values.update(overrides)
+    return TrainingArguments(**values)
