@@ -27,7 +27,8 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
 
 def tiny_peft(r: int = 4, lora_alpha: float = 8, seed: int = 0) -> Any:
     return get_peft_model(
-        tiny_llama(seed), LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=["q_proj", "v_proj"])
+        tiny_llama(seed),
+        LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=["q_proj", "v_proj"]),
     )
 
 

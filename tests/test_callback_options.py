@@ -13,6 +13,11 @@ def test_no_arguments() -> None:
     assert cb.report_path is None
 
 
+def test_config_as_dict_of_fields() -> None:
+    cb = LoraDoctorCallback(config={"check_after_steps": 5, "ignore": ["alpha-rank-ratio"]})
+    assert cb.config == DoctorConfig(check_after_steps=5, ignore={"alpha-rank-ratio"})
+
+
 def test_named_options_override_config() -> None:
     cfg = DoctorConfig(check_after_steps=7, ignore={"alpha-rank-ratio"})
     cb = LoraDoctorCallback(config=cfg, check_after_steps=3, stop_on={"LD110"})
@@ -33,7 +38,8 @@ def test_named_options_override_config() -> None:
         ({"check_after_steps": 1.5}, "check_after_steps must be an integer >= 1, got 1.5"),
         ({"report_path": 3}, "report_path=...) must be a file path"),
         ({"report_path": True}, "report_path=...) must be a file path"),
-        ({"config": {"ignore": []}}, "config=...) must be a lora_doctor.DoctorConfig, got dict"),
+        ({"config": "strict"}, "config=...) must be a lora_doctor.DoctorConfig (or a dict"),
+        ({"config": {"nope": 1}}, "config=...) has unknown DoctorConfig fields ['nope']"),
     ],
     ids=[
         "unknown-slug",
@@ -42,7 +48,8 @@ def test_named_options_override_config() -> None:
         "steps-float",
         "path-int",
         "path-true",
-        "config-dict",
+        "config-str",
+        "config-dict-unknown-field",
     ],
 )
 def test_bad_options_raise_clear_errors(kwargs: dict, message: str) -> None:

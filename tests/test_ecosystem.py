@@ -99,7 +99,9 @@ def _engine(rank: int, old_layout: bool = False) -> SimpleNamespace:
     lora = SimpleNamespace(max_lora_rank=rank)
     if old_layout:
         return SimpleNamespace(llm_engine=SimpleNamespace(lora_config=lora))
-    return SimpleNamespace(llm_engine=SimpleNamespace(vllm_config=SimpleNamespace(lora_config=lora)))
+    return SimpleNamespace(
+        llm_engine=SimpleNamespace(vllm_config=SimpleNamespace(lora_config=lora))
+    )
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,9 @@ def _train(out: Path, r: int, resume: str | None = None, **overrides: object) ->
     doctor = LoraDoctorCallback()
     args = tiny_args(out, save_strategy="steps", save_steps=2, **overrides)
     # lora_alpha 8r (scaling 8): an alpha-rank-ratio finding from the first step on.
-    trainer = Trainer(model=tiny_peft(r, 8 * r), args=args, train_dataset=Rows(), callbacks=[doctor])
+    trainer = Trainer(
+        model=tiny_peft(r, 8 * r), args=args, train_dataset=Rows(), callbacks=[doctor]
+    )
     trainer.train(resume_from_checkpoint=resume)
     return doctor
 

@@ -114,11 +114,16 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
         config: DoctorConfig | dict[str, Any] | None = None,
     ) -> None:
         if isinstance(config, dict):  # the form a checkpoint saves (see state())
+            unknown = sorted(set(config) - {f.name for f in dataclasses.fields(DoctorConfig)})
+            if unknown:
+                raise ValueError(
+                    f"LoraDoctorCallback(config=...) has unknown DoctorConfig fields {unknown}"
+                )
             config = DoctorConfig(**config)
         if config is not None and not isinstance(config, DoctorConfig):
             raise ValueError(
-                f"LoraDoctorCallback(config=...) must be a lora_doctor.DoctorConfig, got "
-                f"{type(config).__name__}"
+                f"LoraDoctorCallback(config=...) must be a lora_doctor.DoctorConfig (or a dict of "
+                f"its fields), got {type(config).__name__}"
             )
         if report_path is True or not isinstance(report_path, (str, os.PathLike, bool, type(None))):
             raise ValueError(
