@@ -115,6 +115,42 @@ class DoctorConfig:
         "None or an integer >= 1",
     )
 
+    # --- memory -----------------------------------------------------------------------------------
+    oom_peak_share: float = _opt(
+        0.90,
+        "Share of the device's capacity that peak memory (PyTorch's peak allocated plus what is "
+        "held outside PyTorch: CUDA context, other processes) may reach before oom-risk fires.",
+        lambda v: _fraction(v) and v > 0,
+        "a number in (0, 1]",
+    )
+    oom_retry_intervals: int = _opt(
+        3,
+        "Logging intervals, among the last oom_retry_window, in which the CUDA allocator's retry "
+        "count (num_alloc_retries) rose before oom-risk fires.",
+        _positive_int,
+        "an integer >= 1",
+    )
+    oom_retry_window: int = _opt(
+        5,
+        "Logging intervals looked back over for rising allocator retries.",
+        _positive_int,
+        "an integer >= 1",
+    )
+    oom_growth_min_readings: int = _opt(
+        5,
+        "Memory readings (the first one, which holds the warm-up, left out) needed before the "
+        "peak's growth is extrapolated to max_steps.",
+        lambda v: _positive_int(v) and v >= 3,
+        "an integer >= 3",
+    )
+    oom_growth_confidence: float = _opt(
+        0.95,
+        "Confidence of the Theil-Sen slope interval: the growth rule fires only when the whole "
+        "interval is above zero (noise in the peak never extrapolates).",
+        lambda v: _fraction(v) and 0 < v < 1,
+        "a number in (0, 1)",
+    )
+
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
@@ -135,6 +171,11 @@ class DoctorConfig:
             raise ValueError(
                 "DoctorConfig.budget_low must be <= budget_high, "
                 f"got {self.budget_low!r} > {self.budget_high!r}"
+            )
+        if self.oom_retry_intervals > self.oom_retry_window:
+            raise ValueError(
+                "DoctorConfig.oom_retry_intervals must be <= oom_retry_window, "
+                f"got {self.oom_retry_intervals!r} > {self.oom_retry_window!r}"
             )
 
     @classmethod

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, TypeVar
 
-__all__ = ["AdapterFacts", "LayerFacts", "RunFacts"]
+__all__ = ["AdapterFacts", "LayerFacts", "MemoryFacts", "RunFacts"]
 
 
 @dataclass
@@ -88,6 +88,63 @@ class LayerFacts:
 
 
 @dataclass
+class MemoryFacts:
+    """The accelerator's memory, as the memory probe saw it (bytes throughout).
+
+    Filled at the start of training (device, capacity, weights, trainable parameters), after the
+    first steps (the measured static memory, peak and optimizer states), and when training dies of
+    out-of-memory (``oom``). ``lora_doctor.memory_estimate`` turns it into an estimate by component.
+
+    Attributes:
+        available: False when there is no CUDA device to read (the memory checks are then off).
+        reason: why the memory checks are off, when they are.
+        device: the device read, e.g. ``"cuda:0"``.
+        capacity: total memory of the device.
+        peaks_reset: True when each reading's peak covers only the interval since the previous
+            reading (False when the Trainer's own memory metrics need the peak since the start).
+        ranks: processes whose readings were combined (the worst of each figure is kept).
+        weights_by_dtype: bytes of frozen model parameters by storage type ("4-bit", "8-bit",
+            "bf16", "fp16", "fp32" ...), as stored on the device.
+        trainable_numel: elements of trainable parameters (LoRA and ``modules_to_save``).
+        trainable_bytes: their bytes (their gradients take as much).
+        lora_bytes: bytes of the LoRA parameters among them (the part that scales with r).
+        r: the rank the LoRA figures were measured at (the most common one).
+        optimizer: the optimizer's class name.
+        optimizer_state_bytes: bytes of optimizer states, measured after the first steps (None
+            before; the estimate then predicts them from the optimizer's kind).
+        static_bytes: memory allocated between steps after the first steps (weights, states).
+        first_peak_bytes: peak allocated memory during the first steps.
+        outside_bytes: device memory held outside PyTorch's allocator (CUDA context, other
+            processes), at the last reading.
+        per_device_train_batch_size: the batch size per device.
+        gradient_accumulation_steps: the accumulation steps.
+        estimates: the estimate by component for r, 2r and r/2, keyed by rank (strings, for JSON).
+        oom: the figures when training died of out-of-memory: step, where, error, reading.
+    """
+
+    available: bool = False
+    reason: str = ""
+    device: str | None = None
+    capacity: int | None = None
+    peaks_reset: bool = True
+    ranks: int = 1
+    weights_by_dtype: dict[str, int] = field(default_factory=dict)
+    trainable_numel: int = 0
+    trainable_bytes: int = 0
+    lora_bytes: int = 0
+    r: int | None = None
+    optimizer: str | None = None
+    optimizer_state_bytes: int | None = None
+    static_bytes: int | None = None
+    first_peak_bytes: int | None = None
+    outside_bytes: int = 0
+    per_device_train_batch_size: int | None = None
+    gradient_accumulation_steps: int | None = None
+    estimates: dict[str, dict[str, Any]] = field(default_factory=dict)
+    oom: dict[str, Any] | None = None
+
+
+@dataclass
 class RunFacts:
     """Everything the checks may know about a run besides its metric history.
 
@@ -117,6 +174,7 @@ class RunFacts:
             ``adapter_config.json``), by name.
         vllm_max_lora_rank: the largest LoRA rank the vLLM engine that serves generations accepts
             (its ``max_lora_rank``), when the run generates through vLLM with LoRA.
+        memory: what the memory probe read (None when no probe ran, e.g. offline).
         extra: facts added by probes that have no field yet (plain JSON-able data).
     """
 
@@ -143,6 +201,7 @@ class RunFacts:
     resumed_from: str | None = None
     checkpoint_adapters: dict[str, AdapterFacts] = field(default_factory=dict)
     vllm_max_lora_rank: int | None = None
+    memory: MemoryFacts | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -168,6 +227,8 @@ class RunFacts:
                     for name, cfg in values[key].items()
                     if isinstance(cfg, Mapping)
                 }
+        if isinstance(values.get("memory"), Mapping):
+            values["memory"] = _dataclass_from(MemoryFacts, values["memory"])
         if isinstance(values.get("layers"), list):
             values["layers"] = [
                 _dataclass_from(LayerFacts, lf)

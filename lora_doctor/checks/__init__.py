@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from functools import cache
 
-from lora_doctor.checks import adapter, ecosystem
+from lora_doctor.checks import adapter, ecosystem, memory
 from lora_doctor.checks.base import Check, Context, Phase
 
 __all__ = ["ALL_CHECKS", "Check", "Context", "Phase", "known_names"]
 
-ALL_CHECKS: tuple[type[Check], ...] = (*adapter.CHECKS, *ecosystem.CHECKS)
+ALL_CHECKS: tuple[type[Check], ...] = (*adapter.CHECKS, *ecosystem.CHECKS, *memory.CHECKS)
 
 
 @cache

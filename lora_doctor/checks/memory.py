@@ -1,0 +1,372 @@
+"""Memory checks: out-of-memory risk while training, and a useful report when training dies of it.
+
+The memory probe (``lora_doctor.probes.memory``) reads the CUDA allocator at each logging interval
+and adds its figures to the logs under the ``lora_doctor/mem_*`` keys below; these checks read them
+back from the history, so that they need no device and work the same on scripted readings.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+from lora_doctor.checks.base import Check, Context, Phase
+from lora_doctor.facts import AdapterFacts, MemoryFacts
+from lora_doctor.findings import Finding, Recommendation, Severity
+from lora_doctor.memory_estimate import GIB, estimate_memory
+
+__all__ = [
+    "CHECKS",
+    "KEY_ALLOC_RETRIES",
+    "KEY_CAPACITY",
+    "KEY_FREE",
+    "KEY_HEADROOM",
+    "KEY_OOMS",
+    "KEY_PEAK_ALLOC",
+    "KEY_PEAK_RESERVED",
+    "MemoryChecksOff",
+    "OomRisk",
+    "OutOfMemory",
+]
+
+#: Peak memory allocated by PyTorch since the previous reading, in GiB.
+KEY_PEAK_ALLOC = "lora_doctor/mem_peak_alloc_gib"
+#: Peak memory reserved by PyTorch's caching allocator since the previous reading, in GiB.
+KEY_PEAK_RESERVED = "lora_doctor/mem_peak_reserved_gib"
+#: The device's total memory, in GiB.
+KEY_CAPACITY = "lora_doctor/mem_capacity_gib"
+#: Device memory free at the reading (cudaMemGetInfo), in GiB.
+KEY_FREE = "lora_doctor/mem_free_gib"
+#: Capacity minus the peak allocated minus what is held outside PyTorch, in GiB.
+KEY_HEADROOM = "lora_doctor/mem_headroom_gib"
+#: Allocations the caching allocator retried after freeing its cache (cumulative count).
+KEY_ALLOC_RETRIES = "lora_doctor/mem_alloc_retries"
+#: Out-of-memory errors the allocator raised (cumulative count).
+KEY_OOMS = "lora_doctor/mem_ooms"
+
+
+def _gib(x: float) -> str:
+    return f"{x:.2f}"
+
+
+def _adapter(ctx: Context) -> AdapterFacts | None:
+    return next(iter(ctx.facts.adapters.values()), None)
+
+
+def _fixes(ctx: Context, where: str = "training") -> tuple[tuple[str, ...], dict[str, Any]]:
+    """The memory fixes in the order to try them, with the exact arguments, and the first one's
+    config changes: a smaller batch to re-test first, r down, fewer target modules, then gradient
+    checkpointing or a paged optimizer."""
+    mem = ctx.facts.memory or MemoryFacts()
+    changes: dict[str, Any] = {}
+    bs, ga = mem.per_device_train_batch_size, mem.gradient_accumulation_steps or 1
+    if where == "evaluation":
+        first = (
+            "Re-test with a smaller evaluation batch first: halve per_device_eval_batch_size "
+            "(evaluation keeps the logits of the whole batch)"
+        )
+    elif bs is not None and bs > 1:
+        changes = {"per_device_train_batch_size": bs // 2, "gradient_accumulation_steps": ga * 2}
+        first = (
+            f"Re-test with a smaller batch first: per_device_train_batch_size={bs // 2} with "
+            f"gradient_accumulation_steps={ga * 2} keeps the effective batch of {bs * ga}"
+        )
+    elif bs == 1:
+        first = (
+            "The batch is already 1 per device: re-test with shorter sequences first "
+            "(a lower max_length when tokenizing)"
+        )
+    else:
+        first = (
+            "Re-test with a smaller batch first: halve per_device_train_batch_size and double "
+            "gradient_accumulation_steps (same effective batch)"
+        )
+    adapter = _adapter(ctx)
+    r = adapter.r if adapter is not None and adapter.r else mem.r
+    if r and r > 1:
+        rank = f"Lower the rank: r={r // 2} (from {r})"
+        if adapter is not None and adapter.lora_alpha:
+            alpha = adapter.lora_alpha * (r // 2) / r
+            rank += f" with lora_alpha={alpha:g} (same lora_alpha/r)"
+        rank += "; a new rank changes the adapter's shapes, so start from step 0"
+    else:
+        rank = "Lower the rank (r 8 -> 4, with lora_alpha halved too)"
+    targets = adapter.target_modules if adapter is not None else None
+    if isinstance(targets, list) and "k_proj" in targets and len(targets) > 1:
+        kept = [t for t in targets if t != "k_proj"]
+        modules = f"Target fewer modules: drop k_proj (target_modules={kept})"
+    else:
+        modules = "Target fewer modules: drop k_proj (list target_modules without it)"
+    last = (
+        "Then gradient_checkpointing=True in TrainingArguments (activations recomputed in the "
+        'backward pass, about 20% slower) or a paged optimizer: optim="paged_adamw_8bit" '
+        "(bitsandbytes; optimizer states move to CPU memory when the GPU runs short)"
+    )
+    return (first, rank, modules, last), changes
+
+
+def _estimate_note(mem: MemoryFacts | None) -> str:
+    est = estimate_memory(mem) if mem is not None else None
+    return f" Where the memory goes: {est.describe()}." if est is not None else ""
+
+
+class MemoryChecksOff(Check):
+    """No CUDA device to read: the memory checks are off (one info line, training untouched).
+
+    The probe reads CUDA allocator counters only; CPU torch's CUDA functions raise, so nothing is
+    called on a machine without a CUDA device.
+    """
+
+    code, slug, severity = "LD310", "memory-checks-off", Severity.INFO
+    phases = frozenset({Phase.SETUP})
+
+    def run(self, ctx: Context) -> Iterable[Finding]:
+        mem = ctx.facts.memory
+        if mem is not None and not mem.available:
+            yield self.finding(
+                ctx,
+                "Memory checks are off: no CUDA device to read",
+                f"{mem.reason or 'No CUDA device'}: the out-of-memory risk checks and the memory "
+                "estimate need a CUDA device and are switched off; the other checks run. An "
+                "out-of-memory error would still be reported.",
+                evidence={"reason": mem.reason},
+            )
+
+
+class OomRisk(Check):
+    """Peak memory close to the device's capacity, allocator retries rising, or a peak that grows
+    toward the capacity before ``max_steps``.
+
+    Practice: LoRA adds full-precision trainable matrices, their gradients and optimizer states on
+    top of a (often quantized) base, and the activations of the longest batch or an evaluation come
+    on top of the peak seen so far; PyTorch's caching allocator retries an allocation after freeing
+    its cache (``num_alloc_retries``) only when cudaMalloc fails, the last step before
+    ``torch.OutOfMemoryError`` (PyTorch docs, "CUDA memory management"). Fixes follow the usual
+    order (Hugging Face "GPU memory" guide; QLoRA, Dettmers et al. 2023, for paged optimizers):
+    smaller batch with more accumulation, lower r, fewer target modules, gradient checkpointing.
+    """
+
+    code, slug, severity = "LD301", "oom-risk", Severity.WARNING
+    phases = frozenset({Phase.SETUP, Phase.LOG})
+
+    def run(self, ctx: Context) -> Iterable[Finding]:
+        if ctx.phase is Phase.SETUP:
+            yield from self._static(ctx)
+            return
+        peak = ctx.history.series(KEY_PEAK_ALLOC).finite()
+        cap = ctx.history.series(KEY_CAPACITY).finite()
+        head = ctx.history.series(KEY_HEADROOM).finite()
+        if not len(peak) or not len(cap) or not len(head) or cap.values[-1] <= 0:
+            return
+        capacity = float(cap.values[-1])
+        used = capacity - float(head.values[-1])
+        outside = max(0.0, used - float(peak.values[-1]))
+        figures = {
+            "peak_alloc_gib": float(peak.values[-1]),
+            "outside_gib": outside,
+            "capacity_gib": capacity,
+            "share": used / capacity,
+            "threshold": ctx.config.oom_peak_share,
+        }
+        for rule in (self._peak, self._retries, self._growth):
+            found = rule(ctx, figures)
+            if found is not None:
+                yield found
+                return
+
+    def _recommendation(self, ctx: Context, summary: str, lead: tuple[str, ...] = ()) -> Any:
+        steps, changes = _fixes(ctx)
+        return Recommendation(summary=summary, steps=lead + steps, config_changes=changes)
+
+    def _static(self, ctx: Context) -> Iterable[Finding]:
+        mem = ctx.facts.memory
+        est = estimate_memory(mem) if mem is not None else None
+        if mem is None or est is None or not mem.capacity:
+            return
+        share = est.total / mem.capacity
+        if share < ctx.config.oom_peak_share:
+            return
+        yield self.finding(
+            ctx,
+            f"Before training, weights and optimizer states already take {share:.0%} of the "
+            "device's memory",
+            f"Estimate {est.describe()}, against a capacity of {_gib(mem.capacity / GIB)} GiB "
+            f"(threshold {ctx.config.oom_peak_share:.0%}), before any activation: the first batch "
+            "is likely to run out of memory.",
+            evidence={"rule": "static", "share": share, "estimate": est.to_dict()},
+            recommendation=self._recommendation(
+                ctx,
+                "Make room before the first batch: a 4-bit or 8-bit base, lower r, fewer targets",
+            ),
+        )
+
+    def _peak(self, ctx: Context, fig: dict[str, float]) -> Finding | None:
+        if fig["share"] < ctx.config.oom_peak_share:
+            return None
+        return self.finding(
+            ctx,
+            f"Peak memory reached {fig['share']:.0%} of the device's capacity",
+            f"Peak memory since the previous reading: {_gib(fig['peak_alloc_gib'])} GiB allocated "
+            f"by PyTorch plus {_gib(fig['outside_gib'])} GiB held outside it (CUDA context, other "
+            f"processes), {fig['share']:.1%} of {_gib(fig['capacity_gib'])} GiB, above the "
+            f"{fig['threshold']:.0%} threshold (DoctorConfig.oom_peak_share). A longer batch or "
+            "an evaluation adds to this peak and can kill the run with CUDA out-of-memory."
+            + _estimate_note(ctx.facts.memory),
+            evidence={"rule": "peak", **fig},
+            recommendation=self._recommendation(
+                ctx, "Lower the peak: smaller batch with more accumulation, then r, targets"
+            ),
+        )
+
+    def _retries(self, ctx: Context, fig: dict[str, float]) -> Finding | None:
+        retries = ctx.history.series(KEY_ALLOC_RETRIES).finite()
+        window = ctx.config.oom_retry_window
+        rises = np.diff(retries.values[-(window + 1) :])
+        rose = int(np.count_nonzero(rises > 0))
+        if rose < ctx.config.oom_retry_intervals:
+            return None
+        first, last = float(retries.values[-(len(rises) + 1)]), float(retries.values[-1])
+        return self.finding(
+            ctx,
+            f"The CUDA allocator keeps retrying allocations ({rose} of the last {len(rises)} "
+            "logging intervals)",
+            f"num_alloc_retries rose from {first:.0f} to {last:.0f} over the last {len(rises)} "
+            f"logging intervals (threshold: {ctx.config.oom_retry_intervals} intervals, "
+            "DoctorConfig.oom_retry_intervals). The allocator retries only after cudaMalloc "
+            "failed and it had to free its cache: each retry slows the step, and a failed retry "
+            f"is an out-of-memory error. Peak memory is at {fig['share']:.0%} of capacity.",
+            evidence={
+                "rule": "retries",
+                "alloc_retries": retries.values[-(len(rises) + 1) :].tolist(),
+                **fig,
+            },
+            recommendation=self._recommendation(
+                ctx, "Make room before the allocator gives up: smaller batch, then r, targets"
+            ),
+        )
+
+    def _growth(self, ctx: Context, fig: dict[str, float]) -> Finding | None:
+        max_steps = ctx.facts.max_steps
+        mem = ctx.facts.memory
+        if max_steps <= 0 or (mem is not None and not mem.peaks_reset):
+            return None
+        peak = ctx.history.series(KEY_PEAK_ALLOC).finite()
+        steps, values = peak.steps[1:], peak.values[1:]  # the first reading holds the warm-up
+        if len(values) < ctx.config.oom_growth_min_readings or np.ptp(steps) <= 0:
+            return None
+        slope, intercept, low, high = stats.theilslopes(
+            values, steps, alpha=ctx.config.oom_growth_confidence
+        )
+        half = len(values) // 2
+        recent = stats.theilslopes(values[half:], steps[half:])[0] if np.ptp(steps[half:]) else 0
+        if not low > 0 or not recent > 0:  # a one-off jump (a longer batch) is not growth
+            return None
+        limit = fig["capacity_gib"] - fig["outside_gib"]
+        at_end = intercept + slope * max_steps
+        if at_end < limit:
+            return None
+        full_at = int(np.ceil((limit - intercept) / slope))
+        return self.finding(
+            ctx,
+            f"Peak memory grows by {slope * 100:.2f} GiB per 100 steps and would reach the "
+            f"device's capacity near step {full_at}",
+            f"The peak since each previous reading grows steadily: {slope * 100:.3f} GiB per 100 "
+            f"steps (Theil-Sen over {len(values)} readings, {ctx.config.oom_growth_confidence:.0%} "
+            f"interval {low * 100:.3f} to {high * 100:.3f}), from {_gib(values[0])} GiB at step "
+            f"{steps[0]:.0f} to {_gib(values[-1])} GiB at step {steps[-1]:.0f}. At that rate it "
+            f"reaches the {_gib(limit)} GiB available near step {full_at}, before max_steps="
+            f"{max_steps}. Memory that grows with the step count is usually held across steps: "
+            "a loss or model outputs kept in a list without .item() or .detach(), or batches "
+            "that get longer.",
+            evidence={
+                "rule": "growth",
+                "slope_gib_per_step": slope,
+                "slope_interval": [low, high],
+                "projected_gib_at_max_steps": at_end,
+                "full_at_step": full_at,
+                "max_steps": max_steps,
+                **fig,
+            },
+            recommendation=self._recommendation(
+                ctx,
+                "Find what is kept across steps; then lower the peak",
+                lead=(
+                    "Keep losses and metrics as Python floats (loss.item()) and do not keep model "
+                    "outputs between steps",
+                ),
+            ),
+        )
+
+
+_TRIED = re.compile(r"Tried to allocate ([\d.]+ ?[KMGT]i?B)")
+
+
+class OutOfMemory(Check):
+    """Training died of CUDA out-of-memory: the figures at the time, the step, and the fixes in
+    order.
+
+    The callback (or :func:`lora_doctor.watch`) records the error and a last allocator reading in
+    ``RunFacts.memory.oom`` and re-raises the error unchanged; this check turns it into the report.
+    Fix order from practice (Hugging Face "GPU memory" guide; QLoRA for paged optimizers): a
+    smaller batch re-tests fastest, then a lower r and fewer target modules shrink LoRA's
+    trainable matrices, their gradients and optimizer states, then gradient checkpointing trades
+    compute for activations.
+    """
+
+    code, slug, severity = "LD302", "out-of-memory", Severity.ERROR
+    phases = frozenset({Phase.END})
+
+    def run(self, ctx: Context) -> Iterable[Finding]:
+        mem = ctx.facts.memory
+        oom = mem.oom if mem is not None else None
+        if not oom:
+            return
+        step = oom.get("step")
+        where = str(oom.get("where") or "training")
+        error = str(oom.get("error") or "")
+        reading = oom.get("reading") or {}
+        tried = _TRIED.search(error)
+        figures = ""
+        if reading:
+            cap = reading.get("capacity_gib")
+            figures = (
+                f" At the time: {_gib(reading.get('allocated_gib', 0.0))} GiB allocated by PyTorch, "
+                f"{_gib(reading.get('reserved_gib', 0.0))} GiB reserved, "
+                f"{_gib(reading.get('free_gib', 0.0))} GiB free"
+                + (f" of {_gib(cap)} GiB" if cap else "")
+                + f"; peak allocated {_gib(reading.get('peak_alloc_gib', 0.0))} GiB since the "
+                "previous reading."
+            )
+        steps, changes = _fixes(ctx, where)
+        at = f" at step {step}" if step is not None else ""
+        yield self.finding(
+            ctx,
+            f"Training died of CUDA out-of-memory{at} ({where})",
+            f"{oom.get('exception', 'OutOfMemoryError')}{at} during {where}: "
+            f"{error[:300]!r}.{figures} LoRA adds full-precision trainable matrices, their "
+            "gradients and optimizer states on top of the base model; the activations of a batch "
+            "usually take most of the rest." + _estimate_note(mem),
+            evidence={
+                "step": step,
+                "where": where,
+                "error": error[:1000],
+                "tried_to_allocate": tried.group(1) if tried else None,
+                "reading": reading,
+                "per_device_train_batch_size": mem.per_device_train_batch_size if mem else None,
+                "gradient_accumulation_steps": mem.gradient_accumulation_steps if mem else None,
+            },
+            recommendation=Recommendation(
+                summary="Re-test with a smaller batch first; then lower r, target fewer modules, "
+                "or turn on gradient checkpointing",
+                steps=steps,
+                config_changes=changes,
+            ),
+            step=step,
+        )
+
+
+CHECKS: tuple[type[Check], ...] = (MemoryChecksOff, OomRisk, OutOfMemory)
