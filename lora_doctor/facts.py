@@ -85,6 +85,7 @@ class LayerFacts:
     base_type: str = ""
     fan_in_fan_out: bool = False
     base_numel: int = 0
+    active: bool = True
 
 
 @dataclass
@@ -153,14 +154,18 @@ class RunFacts:
         adapters: the adapters' configurations, by name.
         layers: one entry per (LoRA module, adapter).
         lora_params: LoRA parameters (A, B, DoRA magnitudes, embeddings), counted at true size.
+        lora_params_by_adapter: the same, by adapter name.
+        trainable_lora_params: LoRA parameters with ``requires_grad``.
         base_params: parameters of the base model, without LoRA and without modules_to_save copies;
             4-bit weights at their true element count.
         trainable_params: parameters with ``requires_grad``.
         trainable_base: names of base (non-LoRA, non-modules_to_save) parameters that are trainable.
+        trainable_base_params: their element count.
         not_in_optimizer: names of trainable LoRA parameters that no optimizer param group holds.
         no_grad_layers: LoRA modules whose A and B got no gradient in the first steps.
         b_still_zero_layers: LoRA modules whose B is still exactly zero after the first steps.
-        frozen_in_place: LoRA modules whose weights did not change at all in the first steps.
+        frozen_in_place: LoRA modules whose weights did not change at all in the first steps (only
+            judged when some step had a positive learning rate and finite gradients).
         max_steps: the run's planned number of optimizer steps (0 when unknown).
         num_train_epochs: planned epochs.
         train_examples: examples in the training set, when the Trainer knows.
@@ -182,9 +187,12 @@ class RunFacts:
     adapters: dict[str, AdapterFacts] = field(default_factory=dict)
     layers: list[LayerFacts] = field(default_factory=list)
     lora_params: int = 0
+    lora_params_by_adapter: dict[str, int] = field(default_factory=dict)
+    trainable_lora_params: int = 0
     base_params: int = 0
     trainable_params: int = 0
     trainable_base: list[str] = field(default_factory=list)
+    trainable_base_params: int = 0
     not_in_optimizer: list[str] = field(default_factory=list)
     no_grad_layers: list[str] = field(default_factory=list)
     b_still_zero_layers: list[str] = field(default_factory=list)

@@ -9,7 +9,20 @@ from lora_doctor.checks.base import Check, Context, Phase
 from lora_doctor.facts import LayerFacts
 from lora_doctor.findings import Finding, Recommendation, Severity
 
-__all__ = ["CHECKS", "AlphaRankRatio", "NoLoraAdapter"]
+__all__ = [
+    "CHECKS",
+    "AdapterNotInOptimizer",
+    "AdapterNotLearning",
+    "AdapterShape",
+    "AlphaRankRatio",
+    "AttentionOnlyTargets",
+    "BaseWeightsTrainable",
+    "CustomInit",
+    "LoraParamBudget",
+    "NoLoraAdapter",
+    "NoTrainableParams",
+    "is_attention_module",
+]
 
 
 class NoLoraAdapter(Check):
@@ -31,6 +44,11 @@ class NoLoraAdapter(Check):
 
 def _scaling(r: float, alpha: float, rslora: bool) -> float:
     return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+def _layer_scaling(lf: LayerFacts) -> float:
+    """The scaling a layer applies: its own reading when live, else from r and alpha."""
+    return lf.scaling or _scaling(lf.r, lf.lora_alpha, lf.use_rslora)
 
 
 def _alpha_for(scale: float, r: int, rslora: bool) -> float:
@@ -73,7 +91,7 @@ class AlphaRankRatio(Check):
                 lf
                 for lf in layers
                 if lf.r > 0
-                and not (low <= _scaling(lf.r, lf.lora_alpha, lf.use_rslora) <= high)
+                and not (low <= _layer_scaling(lf) <= high)
                 and not _custom_init(ctx, adapter)
             ]
             if not odd:
@@ -121,7 +139,7 @@ class AlphaRankRatio(Check):
     def _finding(self, ctx: Context, adapter: str, odd: list[LayerFacts], total: int) -> Finding:
         first = odd[0]
         rs = first.use_rslora
-        scale = _scaling(first.r, first.lora_alpha, rs)
+        scale = _layer_scaling(first)
         formula = "lora_alpha/sqrt(r)" if rs else "lora_alpha/r"
         a1, a2 = _alpha_for(1.0, first.r, rs), _alpha_for(2.0, first.r, rs)
         uniform = len({(lf.r, lf.lora_alpha) for lf in odd}) == 1
@@ -152,7 +170,7 @@ class AlphaRankRatio(Check):
             )
         return self.finding(
             ctx,
-            f"lora_alpha/r scaling is {_fmt(scale)} in {where}",
+            f"{formula} scaling is {_fmt(scale)} in {where}",
             message,
             evidence={
                 "adapter": adapter,
@@ -184,4 +202,602 @@ def _custom_init(ctx: Context, adapter: str) -> bool:
     return a is not None and a.init_lora_weights not in (True, "true", None)
 
 
-CHECKS: tuple[type[Check], ...] = (NoLoraAdapter, AlphaRankRatio)
+def _names(names: list[str], limit: int = 5) -> str:
+    """A short list of names for a message: the first few, then how many more."""
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _pct(share: float) -> str:
+    return f"{100 * share:.3g}%"
+
+
+def _live(ctx: Context) -> bool:
+    """True when the facts come from a live model (layers read), not from saved files."""
+    return bool(ctx.facts.layers)
+
+
+class NoTrainableParams(Check):
+    """Nothing would train: no LoRA parameter has ``requires_grad``.
+
+    A frozen adapter is the classic silent failure: ``PeftModel.from_pretrained`` loads adapters for
+    inference (``is_trainable=False``) unless told otherwise, and a ``requires_grad_(False)`` loop
+    after ``get_peft_model`` freezes the adapters too. The loss then stays flat (or the backward
+    pass fails) with no other hint (peft docs, "Load adapters": ``is_trainable``).
+    """
+
+    code, slug, severity = "LD101", "no-trainable-params", Severity.ERROR
+    phases = frozenset({Phase.SETUP})
+    needs_lora = True
+
+    def run(self, ctx: Context) -> Iterable[Finding]:
+        facts = ctx.facts
+        if not _live(ctx) or facts.trainable_lora_params > 0:
+            return
+        others = facts.trainable_params - facts.trainable_lora_params
+        what = (
+            "no parameter of the model is trainable: the optimizer has nothing to update"
+            if others <= 0
+            else f"only {others:,} non-LoRA parameters are (e.g. modules_to_save heads), so the "
+            "adapters will not learn"
+        )
+        yield self.finding(
+            ctx,
+            f"None of the {facts.lora_params:,} LoRA parameters is trainable",
+            f"The model has {len(facts.layers)} LoRA layers but no LoRA parameter has "
+            f"requires_grad=True; {what}. This happens when adapters are loaded with "
+            "PeftModel.from_pretrained(...) without is_trainable=True, or when a loop sets "
+            "requires_grad=False after get_peft_model.",
+            evidence={
+                "lora_params": facts.lora_params,
+                "trainable_lora_params": facts.trainable_lora_params,
+                "trainable_params": facts.trainable_params,
+                "lora_layers": len(facts.layers),
+            },
+            recommendation=Recommendation(
+                summary="Make the LoRA parameters trainable before building the Trainer",
+                steps=(
+                    "Load saved adapters with PeftModel.from_pretrained(base, path, "
+                    "is_trainable=True)",
+                    "Do not set requires_grad=False on parameters after get_peft_model; check with "
+                    "model.print_trainable_parameters()",
+                ),
+                config_changes={"is_trainable": True},
+            ),
+        )
+
+
+class AdapterNotInOptimizer(Check):
+    """Trainable LoRA parameters that no optimizer param group holds.
+
+    An optimizer built from the base model's parameters before ``get_peft_model`` (or from a
+    filtered list) never updates the adapters: they get gradients, but their weights never change
+    (PyTorch ``torch.optim`` only updates the tensors in its ``param_groups``).
+    """
+
+    code, slug, severity = "LD102", "adapter-not-in-optimizer", Severity.ERROR
+    phases = frozenset({Phase.SETUP})
+    needs_lora = True
+
+    def run(self, ctx: Context) -> Iterable[Finding]:
+        missing = ctx.facts.not_in_optimizer
+        if not missing:
+            return
+        yield self.finding(
+            ctx,
+            f"{len(missing)} trainable LoRA parameters are in no optimizer param group",
+            f"The optimizer does not hold {len(missing)} trainable LoRA parameters "
+            f"({_names(missing)}): they get gradients but are never updated, so the adapter does "
+            "not learn. This happens when the optimizer is built before get_peft_model, or from "
+            "a list that leaves the LoRA parameters out.",
+            evidence={"missing": missing, "count": len(missing)},
+            recommendation=Recommendation(
+                summary="Build the optimizer from the PEFT model's trainable parameters",
+                steps=(
+                    "Call get_peft_model before creating the optimizer",
+                    "Build it as torch.optim.AdamW([p for p in model.parameters() if "
+                    "p.requires_grad], lr=...), or let the Trainer make it (optimizers=(None, None))",
+                ),
+            ),
+        )
+
+
+class LoraParamBudget(Check):
+    """LoRA parameters outside the usual 0.05% to 1% of the base model's parameters.
+
+    LoRA adapters usually hold 0.1% to 1% of the base model's parameters (Hu et al. 2021 report
+    0.01% to 0.1% for GPT-3 at r 1-8 on q/v; a 7B Llama at r 16 on all linear layers has about 40M,
+    0.6%). Far below, the adapter may lack capacity; far above, it costs memory and time without the
+    parameter saving LoRA is for, and overfits small datasets. Counts exclude modules_to_save copies
+    and count 4-bit weights at their true size; each adapter is judged on its own.
+    """
+
+    code, slug, severity = "LD111", "lora-param-budget", Severity.WARNING
+    phases = frozenset({Phase.SETUP})
+    needs_lora = True
+
+    def run(self, ctx: Context) -> Iterable[Finding]:
+        facts, cfg = ctx.facts, ctx.config
+        if facts.base_params <= 0:
+            return
+        counts = dict(facts.lora_params_by_adapter) or (
+            {"(all adapters)": facts.lora_params} if facts.lora_params > 0 else {}
+        )
+        for adapter, count in counts.items():
+            share = count / facts.base_params
+            if cfg.budget_low <= share <= cfg.budget_high:
+                continue
+            yield self._finding(ctx, adapter, count, share)
+
+    def _finding(self, ctx: Context, adapter: str, count: int, share: float) -> Finding:
+        cfg = ctx.config
+        base = ctx.facts.base_params
+        a = ctx.facts.adapters.get(adapter)
+        r = a.r if a is not None else None
+        low = share < cfg.budget_low
+        bound = cfg.budget_low if low else cfg.budget_high
+        new_r = _rank_for_share(r, share, bound, low) if r else None
+        if low:
+            why = (
+                "a very small adapter may lack the capacity to learn the task (the loss then "
+                "plateaus early)"
+            )
+            summary = f"Raise r to {new_r}" if new_r else "Raise r"
+            fix = (
+                f"{summary} (with lora_alpha = r or 2r), or target all linear layers "
+                "(target_modules='all-linear')"
+            )
+        else:
+            why = (
+                "a large adapter costs memory and time without LoRA's parameter saving, and "
+                "overfits small datasets"
+            )
+            summary = f"Lower r to {new_r}" if new_r else "Lower r"
+            fix = f"{summary} (with lora_alpha = r or 2r), or target fewer modules"
+        changes: dict[str, int] = {"r": new_r, "lora_alpha": 2 * new_r} if new_r else {}
+        return self.finding(
+            ctx,
+            f"LoRA parameters are {_pct(share)} of the base model (adapter '{adapter}')",
+            f"Adapter '{adapter}' has {count:,} LoRA parameters, {_pct(share)} of the base "
+            f"model's {base:,} (expected {_pct(cfg.budget_low)} to {_pct(cfg.budget_high)}; a 7B "
+            f"model at r 16 on all linear layers has about 40M, 0.6%): {why}. {fix}, or silence "
+            "with DoctorConfig(ignore={'lora-param-budget'}) if the size is deliberate.",
+            evidence={
+                "adapter": adapter,
+                "lora_params": count,
+                "base_params": base,
+                "share": share,
+                "expected_share": [cfg.budget_low, cfg.budget_high],
+                "r": r,
+            },
+            recommendation=Recommendation(
+                summary=summary,
+                steps=(fix, "Restart training from step 0: a new rank changes the adapter shapes"),
+                config_changes=changes,
+                restart_from_scratch=bool(changes),
+            ),
+        )
+
+    def dedup_key(self, finding: Finding) -> str:
+        return str(finding.evidence.get("adapter", ""))
+
+
+def _rank_for_share(r: int, share: float, bound: float, up: bool) -> int | None:
+    """The power-of-two rank whose share of the base is just inside ``bound`` (share scales with r)."""
+    target = r * bound / share
+    if up:
+        new = 1 << max(0, math.ceil(math.log2(max(target, 1.0))))
+    else:
+        if target < 1:
+            return None
+        new = 1 << math.floor(math.log2(target))
+    return new if new != r else None
+
+
+#: Leaf module names that are attention projections whatever their path.
+_ATTENTION_LEAVES = frozenset(
+    {
+        "q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query", "key", "value",
+        "query_key_value", "wqkv", "c_attn", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa",
+        "kv_b_proj", "in_proj", "to_q", "to_k", "to_v", "to_out",
+    }
+)  # fmt: skip
+
+
+def is_attention_module(path: str) -> bool:
+    """True when a module path names an attention projection.
+
+    By the leaf name (q_proj, query, query_key_value, Wqkv, c_attn ...) or by a path component
+    that is an attention block (``.attn.``, ``self_attn``, ``attention.self``, T5's
+    ``SelfAttention``), so that GPT-2's ``attn.c_proj`` counts and ``mlp.c_proj`` does not.
+
+    Example:
+        >>> is_attention_module("transformer.h.0.attn.c_proj"), is_attention_module("h.0.mlp.c_proj")
+        (True, False)
+    """
+    parts = [p.lower() for p in path.split(".")]
+    if parts[-1] in _ATTENTION_LEAVES:
+        return True
+    return any("attn" in p or "attention" in p for p in parts[:-1])
+
+
+class AttentionOnlyTargets(Check):
+    """Adapters only on attention projections.
+
+    QLoRA (Dettmers et al. 2023) found that LoRA matches full fine-tuning only when it is applied
+    to all linear layers; adapters on q/v alone (peft's old default, from Hu et al. 2021) leave the
+    MLP, most of the model's parameters, untouched, a common cause of an early plateau. Attention is
+    recognised by the module path, not only the q_proj/v_proj names: GPT-2's c_attn and
+    ``attn.c_proj``, BERT's ``attention.self.query``, query_key_value, Wqkv.
+    """
+
+    code, slug, severity = "LD112", "attention-only-targets", Severity.INFO
+    phases = frozenset({Phase.SETUP})
+    needs_lora = True
+
+    def run(self, ctx: Context) -> Iterable[Finding]:
+        for adapter, names in self._targets(ctx).items():
+            if names and all(is_attention_module(n) for n in names):
+                yield self._finding(ctx, adapter, names)
+
+    def _targets(self, ctx: Context) -> dict[str, list[str]]:
+        """Targeted module paths by adapter: the live layers, else the config's name list."""
+        out: dict[str, list[str]] = {}
+        for lf in ctx.facts.layers:
+            out.setdefault(lf.adapter, []).append(lf.name)
+        for name, a in ctx.facts.adapters.items():
+            if name not in out and isinstance(a.target_modules, list):
+                out[name] = list(a.target_modules)
+        return out
+
+    def _finding(self, ctx: Context, adapter: str, names: list[str]) -> Finding:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+        return self.finding(
+            ctx,
+            f"Adapter '{adapter}' targets attention projections only ({', '.join(leaves)})",
+            f"Adapter '{adapter}' adapts {len(names)} modules, all attention projections "
+            f"({', '.join(leaves)}); the MLP layers, most of the model's weights, stay as they are. "
+            "QLoRA found that LoRA matches full fine-tuning only on all linear layers, and "
+            "attention-only adapters are a common cause of an early loss plateau. Set "
+            "target_modules='all-linear' (or add the MLP projections, e.g. gate_proj, up_proj, "
+            "down_proj), with more memory as the cost.",
+            evidence={"adapter": adapter, "targets": leaves, "modules": len(names)},
+            recommendation=Recommendation(
+                summary="Target all linear layers: target_modules='all-linear'",
+                steps=(
+                    "Set target_modules='all-linear' in LoraConfig (or list the MLP projections "
+                    "too)",
+                    "Restart training from step 0: new target modules mean new adapter layers",
+                ),
+                config_changes={"target_modules": "all-linear"},
+                restart_from_scratch=True,
+            ),
+        )
+
+    def dedup_key(self, finding: Finding) -> str:
+        return str(finding.evidence.get("adapter", ""))
+
+
+#: What each non-default ``init_lora_weights`` does, for the message.
+_INIT_NOTES = {
+    "gaussian": "A drawn from a Gaussian scaled by 1/r instead of Kaiming-uniform (B still zero)",
+    "pissa": "A and B start from the base weight's principal singular vectors (PiSSA), and the base "
+    "weight is changed to the residual",
+    "olora": "A and B start from a QR decomposition of the base weight (OLoRA), and the base weight "
+    "is changed",
+    "loftq": "A and B start from the quantization error of the base weight (LoftQ)",
+    "eva": "A starts from the activations' principal directions (EVA), with a data-driven rank",
+    "corda": "A and B start from a context-oriented decomposition of the base weight (CorDA)",
+    "orthogonal": "A and B start orthogonal and non-zero",
+    "lora_ga": "A and B start from the gradients' decomposition (LoRA-GA)",
+    "mica": "A and B start from the base weight's minor singular components (MiCA)",
+}
+
+
+def _init_scheme(value: object) -> str:
+    """The family of an ``init_lora_weights`` value (``pissa_niter_4`` is pissa)."""
+    text = str(value).lower()
+    return next((k for k in _INIT_NOTES if text.startswith(k)), text)
+
+
+class CustomInit(Check):
+    """``init_lora_weights`` is not peft's default.
+
+    The default (Kaiming-uniform A, zero B; Hu et al. 2021) makes the adapter start as a no-op, and
+    the alpha = r or 2r rule is calibrated on it. Other schemes (Gaussian, PiSSA, OLoRA, LoftQ, EVA,
+    CorDA, orthogonal, LoRA-GA) start from other weights, and their papers tune alpha and the
+    learning rate for them; ``False`` leaves A and B random, so the model's outputs change before the
+    first step (peft: "only for debugging").
+    """
+
+    code, slug, severity = "LD113", "custom-init", Severity.INFO
+    phases = frozenset({Phase.SETUP})
+    needs_lora = True
+
+    def run(self, ctx: Context) -> Iterable[Finding]:
+        for name, a in ctx.facts.adapters.items():
+            if not _custom_init(ctx, name):
+                continue
+            value = a.init_lora_weights
+            if value is False or str(value).lower() == "false":
+                yield self.finding(
+                    ctx,
+                    f"Adapter '{name}' uses init_lora_weights=False: A and B start random",
+                    f"init_lora_weights=False leaves adapter '{name}' with random A and B, so the "
+                    "model's outputs change before the first step and training starts from a "
+                    "damaged model; peft meant this for debugging. Remove init_lora_weights (the "
+                    "default, True, starts B at zero).",
+                    evidence={"adapter": name, "init_lora_weights": False},
+                    recommendation=Recommendation(
+                        summary="Use the default init: init_lora_weights=True",
+                        steps=("Set init_lora_weights=True (or drop the argument) and restart",),
+                        config_changes={"init_lora_weights": True},
+                        restart_from_scratch=True,
+                    ),
+                    severity=Severity.WARNING,
+                )
+                continue
+            scheme = _init_scheme(value)
+            note = _INIT_NOTES.get(
+                scheme, "a scheme other than the default Kaiming-uniform A, zero B"
+            )
+            yield self.finding(
+                ctx,
+                f"Adapter '{name}' uses init_lora_weights={value!r}",
+                f"Adapter '{name}' is initialised with init_lora_weights={value!r}: {note}. The "
+                "alpha = r or 2r rule and the usual LoRA learning rates are calibrated on the "
+                "default init and no longer hold: take lora_alpha and the learning rate from the "
+                f"{scheme} recipe, so alpha-rank-ratio is not judged for this adapter.",
+                evidence={"adapter": name, "init_lora_weights": value, "scheme": scheme},
+            )
+
+    def dedup_key(self, finding: Finding) -> str:
+        return str(finding.evidence.get("adapter", ""))
+
+
+class BaseWeightsTrainable(Check):
+    """Base-model weights that LoRA should leave frozen are trainable.
+
+    ``get_peft_model`` freezes the base model and trains only the adapters (plus ``modules_to_save``
+    and, with ``bias='all'``/``'lora_only'``, biases). A base weight made trainable afterwards (a
+    ``requires_grad_(True)`` loop, ``model.train()`` mix-ups with custom code, a layer unfrozen by
+    hand) trains at full size: its gradient and optimizer state cost memory, and the saved adapter
+    does not contain it, so the change is lost at ``save_pretrained`` (peft docs,
+    ``modules_to_save``).
+    """
+
+    code, slug, severity = "LD122", "base-weights-trainable", Severity.WARNING
+    phases = frozenset({Phase.SETUP})
+    needs_lora = True
+
+    def run(self, ctx: Context) -> Iterable[Finding]:
+        facts = ctx.facts
+        names = facts.trainable_base
+        if not names:
+            return
+        share = facts.trainable_base_params / facts.base_params if facts.base_params else 0.0
+        modules = sorted({n.rsplit(".", 1)[0] for n in names})
+        yield self.finding(
+            ctx,
+            f"{len(names)} base-model parameters are trainable ({facts.trainable_base_params:,}, "
+            f"{_pct(share)} of the base)",
+            f"{len(names)} parameters of the base model ({_names(names)}) have requires_grad=True "
+            f"although LoRA should leave the base frozen: {facts.trainable_base_params:,} "
+            "parameters train at full size, with gradients and optimizer state in memory, and "
+            "save_pretrained does not save them, so their training is lost. If you mean to train "
+            "these modules fully, list them in LoraConfig(modules_to_save=[...]); otherwise do not "
+            "set requires_grad=True on base parameters after get_peft_model.",
+            evidence={
+                "parameters": names,
+                "modules": modules,
+                "trainable_base_params": facts.trainable_base_params,
+                "share_of_base": share,
+            },
+            recommendation=Recommendation(
+                summary="Freeze the base weights, or train them through modules_to_save",
+                steps=(
+                    "Remove the code that sets requires_grad=True on base parameters",
+                    f"Or set modules_to_save={sorted({m.rsplit('.', 1)[-1] for m in modules})[:5]} "
+                    "in LoraConfig so they are trained and saved on purpose",
+                ),
+            ),
+        )
+
+
+class AdapterShape(Check):
+    """An adapter whose A is not (r, d_in) or B not (d_out, r), or a full-rank "low-rank" pair.
+
+    LoRA replaces the update of a d_out x d_in weight by B @ A with A (r, d_in) and B (d_out, r)
+    (Hu et al. 2021). Shapes are read at their true size under DeepSpeed ZeRO-3 (``ds_shape``),
+    FSDP (flat parameters) and 4-bit bases; GPT-2's Conv1D (fan_in_fan_out) stores its base weight
+    transposed but its LoRA pair in the usual orientation, and DoRA's magnitude vector is expected.
+    With r >= min(d_in, d_out) the pair is at least as large as the matrix it adapts: a full-size
+    update where a low-rank pair belongs.
+    """
+
+    code, slug, severity = "LD120", "adapter-shape", Severity.ERROR
+    phases = frozenset({Phase.FIRST_STEPS})
+    needs_lora = True
+
+    def run(self, ctx: Context) -> Iterable[Finding]:
+        wrong = [(lf, why) for lf in ctx.facts.layers if (why := _shape_problem(lf))]
+        if wrong:
+            lf, why = wrong[0]
+            yield self.finding(
+                ctx,
+                f"{len(wrong)} LoRA layers have unexpected adapter shapes",
+                f"In {len(wrong)} LoRA layers the low-rank pair does not match the layer: "
+                f"{lf.name} ({lf.adapter}): {why}"
+                + (f"; also {_names([w.name for w, _ in wrong[1:]])}" if len(wrong) > 1 else "")
+                + ". The adapter then does not compute the update LoRA intends (often a checkpoint "
+                "saved with another rank or for another model). Re-create the adapter with "
+                "get_peft_model on this base model, or load the checkpoint that matches it.",
+                evidence={
+                    "layers": [
+                        {"name": w.name, "adapter": w.adapter, "problem": p} for w, p in wrong
+                    ]
+                },
+                recommendation=Recommendation(
+                    summary="Re-create the adapter for this base model and restart",
+                    steps=(
+                        "Stop training",
+                        "Build the adapter with get_peft_model(base, LoraConfig(...)) on this base",
+                        "Never resume a checkpoint saved with another rank",
+                    ),
+                    restart_from_scratch=True,
+                ),
+            )
+        full = [
+            lf for lf in ctx.facts.layers if lf.d_in and lf.d_out and lf.r >= min(lf.d_in, lf.d_out)
+        ]
+        if full:
+            lf = full[0]
+            yield self.finding(
+                ctx,
+                f"{len(full)} LoRA layers are full rank (r={lf.r} >= min(d_in, d_out))",
+                f"In {len(full)} layers (e.g. {lf.name}: r={lf.r}, d_in={lf.d_in}, "
+                f"d_out={lf.d_out}) the rank is at least the smaller side of the matrix, so A and B "
+                f"hold {lf.r * (lf.d_in + lf.d_out):,} parameters for a {lf.d_in * lf.d_out:,}-"
+                "parameter matrix: a full-size update where a low-rank pair belongs, with none of "
+                "LoRA's savings. Lower r well below min(d_in, d_out), or train the module fully "
+                "through modules_to_save.",
+                evidence={
+                    "layers": [
+                        {
+                            "name": f.name,
+                            "adapter": f.adapter,
+                            "r": f.r,
+                            "d_in": f.d_in,
+                            "d_out": f.d_out,
+                        }
+                        for f in full
+                    ]
+                },
+                recommendation=Recommendation(
+                    summary=f"Lower r below {min(lf.d_in or 0, lf.d_out or 0)} for these layers",
+                    steps=(
+                        "Set a smaller r (or a rank_pattern entry for these layers) and restart",
+                    ),
+                    restart_from_scratch=True,
+                ),
+                severity=Severity.WARNING,
+            )
+
+    def dedup_key(self, finding: Finding) -> str:
+        return finding.severity.value
+
+
+def _shape_problem(lf: LayerFacts) -> str:
+    """Why a layer's A/B shapes do not fit (r, d_in) / (d_out, r); empty when they fit or are
+    unknown."""
+    if lf.a_shape is None or lf.b_shape is None or lf.r <= 0:
+        return ""
+    a, b = lf.a_shape, lf.b_shape
+    if lf.kind == "conv":  # conv pairs: A (r, in/groups, *k), B (out, r, 1, ...)
+        ok = a[0] == lf.r and b[:2] == (lf.d_out, lf.r)
+        want = f"A ({lf.r}, ...), B ({lf.d_out}, {lf.r}, ...)"
+    else:
+        ok = a == (lf.r, lf.d_in) and b == (lf.d_out, lf.r)
+        want = f"A ({lf.r}, {lf.d_in}), B ({lf.d_out}, {lf.r})"
+    if ok or lf.d_in is None or lf.d_out is None:
+        return ""
+    return f"A is {a}, B is {b}, expected {want} for r={lf.r}"
+
+
+class AdapterNotLearning(Check):
+    """After the first optimizer steps the adapters got no gradient, or B has not moved from zero.
+
+    Read from the live run: which LoRA layers got a non-zero gradient in the first
+    ``check_after_steps`` steps (``on_pre_optimizer_step``, while gradients exist), and whether A
+    and B moved from their values at the start. "Moved" is judged against that copy, not against
+    zero, so init schemes whose B does not start at zero (PiSSA, OLoRA, orthogonal) are no false
+    alarm; steps with a zero learning rate (warm-up) or skipped for fp16 overflow are not counted.
+    With the default init B starts at zero, so a B still zero means the adapter changes nothing
+    (Hu et al. 2021; peft ``init_lora_weights``).
+    """
+
+    code, slug, severity = "LD121", "adapter-not-learning", Severity.ERROR
+    phases = frozenset({Phase.FIRST_STEPS})
+    needs_lora = True
+
+    def run(self, ctx: Context) -> Iterable[Finding]:
+        facts = ctx.facts
+        no_grad, b_zero, frozen = (
+            facts.no_grad_layers,
+            facts.b_still_zero_layers,
+            facts.frozen_in_place,
+        )
+        stuck = list(dict.fromkeys([*no_grad, *b_zero, *frozen]))
+        if not stuck:
+            return
+        total = sum(1 for lf in facts.layers if lf.active) or len(facts.layers)
+        steps = ctx.config.check_after_steps
+        parts = []
+        if no_grad:
+            parts.append(f"{len(no_grad)} got no gradient")
+        if b_zero:
+            parts.append(f"{len(b_zero)} still have B exactly zero")
+        if frozen:
+            parts.append(f"{len(frozen)} did not change at all")
+        if facts.trainable_lora_params == 0:
+            cause = (
+                "No LoRA parameter is trainable (requires_grad=False): load adapters with "
+                "PeftModel.from_pretrained(..., is_trainable=True) and do not freeze them."
+            )
+        elif facts.not_in_optimizer:
+            cause = (
+                f"{len(facts.not_in_optimizer)} LoRA parameters are in no optimizer param group: "
+                "build the optimizer after get_peft_model from the trainable parameters."
+            )
+        elif no_grad:
+            cause = (
+                "Layers without gradient are not on the forward path (adapters disabled or not "
+                "active, merged, or targeting modules the loss does not reach) or frozen: check "
+                "model.active_adapters and requires_grad of their lora_A/lora_B."
+            )
+        else:
+            cause = (
+                "The adapters get gradients but do not change: check that the optimizer holds "
+                "them and that the learning rate is not zero (a learning-rate schedule or "
+                "warm-up stuck at 0)."
+            )
+        yield self.finding(
+            ctx,
+            f"{len(stuck)} of {total} LoRA layers are not learning after {steps} steps",
+            f"After {steps} optimizer steps, of {total} active LoRA layers "
+            + ", ".join(parts)
+            + f" (e.g. {_names(stuck, 3)}). These adapters change nothing and the run trains "
+            f"nothing useful in them. {cause}",
+            evidence={
+                "no_grad_layers": no_grad,
+                "b_still_zero_layers": b_zero,
+                "frozen_in_place": frozen,
+                "active_layers": total,
+                "after_steps": steps,
+                "trainable_lora_params": facts.trainable_lora_params,
+            },
+            recommendation=Recommendation(
+                summary="Make the adapters trainable and updated by the optimizer, then restart",
+                steps=(
+                    "Stop training: these steps did not train the adapters",
+                    "Check model.print_trainable_parameters() shows the LoRA parameters",
+                    "Load adapters with is_trainable=True; build the optimizer after get_peft_model",
+                    "Restart from step 0",
+                ),
+                restart_from_scratch=True,
+            ),
+        )
+
+
+CHECKS: tuple[type[Check], ...] = (
+    NoLoraAdapter,
+    NoTrainableParams,
+    AdapterNotInOptimizer,
+    AlphaRankRatio,
+    LoraParamBudget,
+    AttentionOnlyTargets,
+    CustomInit,
+    BaseWeightsTrainable,
+    AdapterShape,
+    AdapterNotLearning,
+)

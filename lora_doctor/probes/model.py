@@ -238,6 +238,7 @@ def _layer_facts(
         if isinstance(base_weight, torch.Tensor)
         else 0
     )
+    active = _active_adapters(module)
     out: list[LayerFacts] = []
     for adapter in list(getattr(module, "r", {}) or {}):
         a, b = _lora_pair(module, adapter)
@@ -277,6 +278,7 @@ def _layer_facts(
                 base_type=type(base).__name__,
                 fan_in_fan_out=fan_in_fan_out,
                 base_numel=base_numel,
+                active=active is None or adapter in active,
             )
         )
     return out
@@ -298,17 +300,35 @@ def _optimizer_param_ids(optimizer: Any) -> set[int]:
 
 
 # --- the probe ----------------------------------------------------------------------------------------
-@dataclass
-class _Watched:
-    """The LoRA weights of one (layer, adapter) that the first-steps checks follow."""
+#: Names of the module dicts that hold LoRA's own parameters, keyed by adapter name.
+_LORA_HOLDERS = (
+    "lora_A",
+    "lora_B",
+    "lora_embedding_A",
+    "lora_embedding_B",
+    "lora_magnitude_vector",
+)
 
-    key: str
-    a: torch.Tensor | None
-    b: torch.Tensor | None
-    a0: torch.Tensor | None = None
-    b0: torch.Tensor | None = None
-    got_grad: bool = False
-    grad_known: bool = False
+
+def _lora_adapter_of(name: str) -> str | None:
+    """The adapter a LoRA parameter belongs to, from its name (``...lora_A.<adapter>.weight``)."""
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part in _LORA_HOLDERS:
+            return parts[i + 1]
+    return None
+
+
+def _active_adapters(module: nn.Module) -> set[str] | None:
+    """The adapters a LoRA layer runs in its forward; None when the layer does not say."""
+    if getattr(module, "disable_adapters", False) is True:
+        return set()
+    active = getattr(module, "active_adapters", None)
+    if active is None:
+        active = getattr(module, "active_adapter", None)
+    if isinstance(active, str):
+        return {active}
+    return {str(a) for a in active} if isinstance(active, list | tuple | set) else None
 
 
 def read_facts(model: Any, facts: RunFacts, optimizer: Any = None) -> list[tuple[str, nn.Module]]:
@@ -334,58 +354,115 @@ def read_facts(model: Any, facts: RunFacts, optimizer: Any = None) -> list[tuple
     facts.layers = [
         lf for name, m in layers for lf in _layer_facts(name, m, facts.adapters, records)
     ]
+    _count_params(model, layers, facts, records, optimizer)
+    return layers
 
-    lora_ids = {id(p) for _, m in layers for p in _lora_parameters(m)}
-    in_optimizer = _optimizer_param_ids(optimizer) if optimizer is not None else set()
+
+def _count_params(
+    model: nn.Module,
+    layers: list[tuple[str, nn.Module]],
+    facts: RunFacts,
+    records: dict[str, tuple[tuple[int, ...], int]],
+    optimizer: Any,
+) -> None:
+    """Parameter counts, trainable base weights and LoRA parameters missing from the optimizer."""
+    lora_ids = {
+        id(p)
+        for _, m in layers
+        for attr in _LORA_HOLDERS
+        if isinstance(getattr(m, attr, None), nn.Module)
+        for p in getattr(m, attr).parameters()
+    }
     biases_trained = any(a.bias in ("all", "lora_only") for a in facts.adapters.values())
     facts.lora_params = facts.base_params = facts.trainable_params = 0
-    facts.trainable_base, facts.not_in_optimizer = [], []
+    facts.trainable_lora_params = facts.trainable_base_params = 0
+    facts.lora_params_by_adapter, facts.trainable_base, facts.not_in_optimizer = {}, [], []
     lora_trainable: list[_Param] = []
     model_ids: set[int] = set()
     for prm in _params(model, records):
         model_ids.add(id(prm.tensor))
-        is_lora = id(prm.tensor) in lora_ids or ".lora_" in f".{prm.name}"
+        adapter = _lora_adapter_of(prm.name)
         if prm.trainable:
             facts.trainable_params += prm.numel
-        if is_lora:
+        if adapter is not None or id(prm.tensor) in lora_ids:
             facts.lora_params += prm.numel
+            key = adapter or "default"
+            facts.lora_params_by_adapter[key] = facts.lora_params_by_adapter.get(key, 0) + prm.numel
             if prm.trainable:
+                facts.trainable_lora_params += prm.numel
                 lora_trainable.append(prm)
         elif not any(marker in prm.name for marker in _AUX_MARKERS):
             facts.base_params += prm.numel
             if prm.trainable and not (biases_trained and prm.name.endswith(".bias")):
                 facts.trainable_base.append(prm.name)
+                facts.trainable_base_params += prm.numel
     # Judge optimizer coverage only when the optimizer visibly holds some of this model's params
     # (DeepSpeed or FSDP flat buffers we cannot see through make it unknown, not a finding).
+    in_optimizer = _optimizer_param_ids(optimizer) if optimizer is not None else set()
     if in_optimizer & model_ids:
         facts.not_in_optimizer = [
             p.name for p in lora_trainable if id(p.tensor) not in in_optimizer
         ]
-    return layers
 
 
-def _lora_parameters(module: nn.Module) -> Iterator[torch.Tensor]:
-    for attr in (
-        "lora_A",
-        "lora_B",
-        "lora_embedding_A",
-        "lora_embedding_B",
-        "lora_magnitude_vector",
-    ):
-        holder = getattr(module, attr, None)
-        if isinstance(holder, nn.Module):
-            yield from holder.parameters()
+def _data(t: torch.Tensor | None) -> torch.Tensor | None:
+    """The local data of ``t`` (a DTensor's shard); None when there is none here (empty ZeRO-3 or
+    FSDP shard)."""
+    if t is None:
+        return None
+    to_local = getattr(t, "to_local", None)
+    local = to_local() if callable(to_local) else t
+    return local.detach() if local.numel() > 0 else None
+
+
+def _lr(optimizer: Any) -> float | None:
+    """The largest learning rate of the optimizer's param groups; None when unknown."""
+    groups = getattr(optimizer, "param_groups", None)
+    if not groups:
+        return None
+    try:
+        return max(float(g.get("lr", 0.0)) for g in groups)
+    except (TypeError, ValueError):
+        return None
+
+
+def _peaks(tensors: list[torch.Tensor]) -> list[float]:
+    """max |t| of each tensor with one fused reduction and one device sync."""
+    if not tensors:
+        return []
+    device = tensors[0].device
+    norms = torch._foreach_norm(tensors, float("inf"))
+    return torch.stack([n.float().to(device) for n in norms]).tolist()
+
+
+@dataclass
+class _Watched:
+    """The LoRA weights of one (layer, adapter) that the first-steps checks follow."""
+
+    key: str
+    a: torch.Tensor | None
+    b: torch.Tensor | None
+    a0: torch.Tensor | None = None
+    b0: torch.Tensor | None = None
+    got_grad: bool = False
+    grad_known: bool = False
+
+    @property
+    def trainable(self) -> bool:
+        return any(t is not None and t.requires_grad for t in (self.a, self.b))
 
 
 class AdapterProbe(Probe):
     """Reads the LoRA adapter from the live model and follows it through the first steps.
 
     At ``train_begin`` it fills the run facts (layers, configs, counts, optimizer coverage) and keeps
-    a copy of the small LoRA tensors. During the first ``config.check_after_steps`` optimizer steps it
-    records, with one fused reduction and one device sync per step, which layers got a non-zero
-    gradient; at step ``check_after_steps`` it compares the LoRA weights with their copy (judging
+    a copy of the active adapters' A and B. During the first ``config.check_after_steps`` optimizer
+    steps it records, with one fused reduction and one device sync per step, which layers got a
+    non-zero gradient; at step ``check_after_steps`` it compares A and B with their copy (judging
     "moved" against the start, not against zero, so that pissa/olora inits are no false alarm),
     fills ``no_grad_layers``, ``b_still_zero_layers`` and ``frozen_in_place`` and frees the copy.
+    Movement is judged only when some step had a positive learning rate and finite gradients
+    (warm-up from 0 and fp16 overflow-skipped steps leave weights in place legitimately).
     """
 
     name = "adapter"
@@ -393,40 +470,46 @@ class AdapterProbe(Probe):
     def __init__(self) -> None:
         self._watched: list[_Watched] = []
         self._grad_steps = 0
+        self._moving_steps = 0
         self._done = False
 
     def train_begin(self, event: Event) -> None:
         layers = read_facts(event.model, event.doctor.facts, event.optimizer)
         self._watched = []
         for name, module in layers:
-            for adapter in list(getattr(module, "r", {}) or {}):
-                a, b = (_local(_weight(h)) for h in _lora_pair(module, adapter))
+            active = _active_adapters(module)
+            adapters = list(getattr(module, "r", {}) or {})
+            for adapter in adapters:
+                if active is not None and adapter not in active:
+                    continue
+                a, b = (_weight(h) for h in _lora_pair(module, adapter))
+                a, b = (t if _data(t) is not None else None for t in (a, b))
                 if a is None and b is None:  # empty ZeRO-3/FSDP shards: nothing to follow here
                     continue
-                key = f"{name} ({adapter})" if len(module.r) > 1 else name
+                key = f"{name} ({adapter})" if len(adapters) > 1 else name
                 self._watched.append(_Watched(key, a, b))
         with torch.no_grad():
             for w in self._watched:
-                w.a0 = w.a.detach().clone() if w.a is not None else None
-                w.b0 = w.b.detach().clone() if w.b is not None else None
+                w.a0, w.b0 = (None if d is None else d.clone() for d in (_data(w.a), _data(w.b)))
 
     def pre_optimizer_step(self, event: Event) -> None:
         if not self._watched or self._grad_steps >= event.doctor.config.check_after_steps:
             return
         self._grad_steps += 1
         tensors = [(w, t) for w in self._watched for t in (w.a, w.b) if t is not None]
-        grads = [(w, t.grad) for w, t in tensors if t.grad is not None]
+        grads = [(w, g) for w, t in tensors if (g := _data(t.grad)) is not None]
         if not grads:  # gradients live elsewhere (DeepSpeed ZeRO buffers): unknown, not "none"
             return
-        device = grads[0][1].device
-        with torch.no_grad():  # one fused reduction, one device sync
-            peaks = torch.stack([g.detach().abs().amax().float().to(device) for _, g in grads])
-            values = peaks.tolist()
+        with torch.no_grad():
+            peaks = _peaks([g for _, g in grads])
         for w, _ in tensors:
             w.grad_known = True
-        for (w, _), peak in zip(grads, values, strict=True):
+        for (w, _), peak in zip(grads, peaks, strict=True):
             if peak != 0:
                 w.got_grad = True
+        lr = _lr(event.optimizer)
+        if all(math.isfinite(p) for p in peaks) and (lr is None or lr > 0):
+            self._moving_steps += 1
 
     def step_end(self, event: Event) -> None:
         if self._done or event.step < event.doctor.config.check_after_steps:
@@ -434,19 +517,17 @@ class AdapterProbe(Probe):
         self._done = True
         facts = event.doctor.facts
         rows: list[tuple[_Watched, str]] = []
-        reductions: list[torch.Tensor] = []
+        tensors: list[torch.Tensor] = []
         with torch.no_grad():
             for w in self._watched:
-                for tag, now, start in (("a", w.a, w.a0), ("b", w.b, w.b0)):
-                    if now is None or start is None:
-                        continue
-                    reductions.append((now.detach() - start).abs().amax().float())
-                    rows.append((w, "moved"))
-                    if tag == "b":
-                        reductions.append(now.detach().abs().amax().float())
-                        rows.append((w, "b_abs"))
-            device = reductions[0].device if reductions else None
-            values = torch.stack([r.to(device) for r in reductions]).tolist() if reductions else []
+                for now, start in ((_data(w.a), w.a0), (_data(w.b), w.b0)):
+                    if now is not None and start is not None:
+                        tensors.append(now - start)
+                        rows.append((w, "moved"))
+                if (b := _data(w.b)) is not None:
+                    tensors.append(b)
+                    rows.append((w, "b_abs"))
+            values = _peaks(tensors)
         moved: dict[int, bool] = {}
         b_zero: set[int] = set()
         for (w, what), value in zip(rows, values, strict=True):
@@ -454,19 +535,12 @@ class AdapterProbe(Probe):
                 b_zero.add(id(w))
             elif what == "moved":
                 moved[id(w)] = moved.get(id(w), False) or value != 0
+        judge_movement = self._moving_steps > 0
         for w in self._watched:
-            trainable = any(t is not None and t.requires_grad for t in (w.a, w.b))
-            if not trainable or (w.grad_known and not w.got_grad):
+            if not w.trainable or (w.grad_known and not w.got_grad):
                 facts.no_grad_layers.append(w.key)
-            if id(w) in b_zero:
+            if judge_movement and id(w) in b_zero:
                 facts.b_still_zero_layers.append(w.key)
-            if moved.get(id(w)) is False:
+            if judge_movement and moved.get(id(w)) is False:
                 facts.frozen_in_place.append(w.key)
             w.a0 = w.b0 = None  # free the copies
-
-
-def _local(t: torch.Tensor | None) -> torch.Tensor | None:
-    """``t`` when it holds local data worth watching; None for empty ZeRO-3/FSDP shards."""
-    if t is None or t.numel() == 0:
-        return None
-    return t
