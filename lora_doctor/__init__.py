@@ -17,6 +17,7 @@ from lora_doctor.report import Diagnosis
 
 if TYPE_CHECKING:
     from lora_doctor.integrations.hf import LoraDoctorCallback
+    from lora_doctor.integrations.watch import watch
 
 __all__ = [
     "Diagnosis",
@@ -26,9 +27,13 @@ __all__ = [
     "Recommendation",
     "Severity",
     "__version__",
+    "watch",
 ]
 
-_LAZY = {"LoraDoctorCallback": "lora_doctor.integrations.hf"}
+_LAZY = {
+    "LoraDoctorCallback": "lora_doctor.integrations.hf",
+    "watch": "lora_doctor.integrations.watch",
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -97,8 +97,10 @@ class MemoryFacts:
     out-of-memory (``oom``). ``lora_doctor.memory_estimate`` turns it into an estimate by component.
 
     Attributes:
-        available: False when there is no CUDA device to read (the memory checks are then off).
-        reason: why the memory checks are off, when they are.
+        available: False when there is no CUDA device to read (the memory checks are then off,
+            said in one INFO log line).
+        reason: why the memory checks are off, when they are (e.g. "torch 2.13.0 sees no CUDA
+            device").
         device: the device read, e.g. ``"cuda:0"``.
         capacity: total memory of the device.
         peaks_reset: True when each reading's peak covers only the interval since the previous

@@ -114,16 +114,6 @@ def test_oom_risk_static_before_training() -> None:
     assert Doctor(None, RunFacts(memory=mem), emit=False).run_phase(Phase.SETUP) == []
 
 
-@pytest.mark.parametrize(
-    ("mem", "fires"),
-    [(MemoryFacts(available=False, reason="no CUDA"), True), (MemoryFacts(available=True), False)],
-    ids=["no-cuda", "cuda"],
-)
-def test_memory_checks_off(mem: MemoryFacts, fires: bool) -> None:
-    found = Doctor(None, RunFacts(memory=mem), emit=False).run_phase(Phase.SETUP)
-    assert ("memory-checks-off" in {f.slug for f in found}) is fires
-
-
 def test_no_memory_facts_no_memory_findings() -> None:
     """Offline (no probe ran): the memory checks say nothing."""
     doctor = Doctor(emit=False)

@@ -28,7 +28,6 @@ __all__ = [
     "KEY_OOMS",
     "KEY_PEAK_ALLOC",
     "KEY_PEAK_RESERVED",
-    "MemoryChecksOff",
     "OomRisk",
     "OutOfMemory",
 ]
@@ -112,29 +111,6 @@ def _fixes(ctx: Context, where: str = "training") -> tuple[tuple[str, ...], dict
 def _estimate_note(mem: MemoryFacts | None) -> str:
     est = estimate_memory(mem) if mem is not None else None
     return f" Where the memory goes: {est.describe()}." if est is not None else ""
-
-
-class MemoryChecksOff(Check):
-    """No CUDA device to read: the memory checks are off (one info line, training untouched).
-
-    The probe reads CUDA allocator counters only; CPU torch's CUDA functions raise, so nothing is
-    called on a machine without a CUDA device.
-    """
-
-    code, slug, severity = "LD310", "memory-checks-off", Severity.INFO
-    phases = frozenset({Phase.SETUP})
-
-    def run(self, ctx: Context) -> Iterable[Finding]:
-        mem = ctx.facts.memory
-        if mem is not None and not mem.available:
-            yield self.finding(
-                ctx,
-                "Memory checks are off: no CUDA device to read",
-                f"{mem.reason or 'No CUDA device'}: the out-of-memory risk checks and the memory "
-                "estimate need a CUDA device and are switched off; the other checks run. An "
-                "out-of-memory error would still be reported.",
-                evidence={"reason": mem.reason},
-            )
 
 
 class OomRisk(Check):
@@ -369,4 +345,4 @@ class OutOfMemory(Check):
         )
 
 
-CHECKS: tuple[type[Check], ...] = (MemoryChecksOff, OomRisk, OutOfMemory)
+CHECKS: tuple[type[Check], ...] = (OomRisk, OutOfMemory)

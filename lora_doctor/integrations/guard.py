@@ -10,6 +10,11 @@ transformers rebuilds from a checkpoint replaces its earlier self instead of add
 The callback installs the guard when it first sees its Trainer (``on_init_end`` when passed as
 ``callbacks=[...]``, else ``on_train_begin``). A listener that raises is logged once and dropped; it
 never hides the training error.
+
+A guard installed in ``on_train_begin`` (a callback added with ``trainer.add_callback``) comes too
+late for the ``train`` call already running; for that call the callback guards the instance's
+``training_step`` (forward and backward, where nearly every out-of-memory error happens) with
+:func:`guard_steps`, and drops that step guard when the next ``train`` call starts guarded.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["TrainGuard", "find_trainer", "install"]
+__all__ = ["TrainGuard", "find_trainer", "guard_steps", "install", "is_installed", "unguard_steps"]
 
 logger = logging.getLogger("lora_doctor")
 
@@ -78,6 +83,48 @@ def install(trainer: Any) -> TrainGuard:
     trainer.__dict__[_ATTR] = guard
     trainer.train = train
     return guard
+
+
+def is_installed(trainer: Any) -> bool:
+    """True when ``trainer.train`` is already guarded."""
+    return isinstance(trainer.__dict__.get(_ATTR), TrainGuard)
+
+
+def guard_steps(trainer: Any, failed: FailedListener) -> None:
+    """Wraps the instance's ``training_step`` so that ``failed(trainer, exc)`` hears of an error
+    escaping it, before the error goes on unchanged (for a ``train`` call that began unguarded).
+
+    A listener that raises is logged and never hides the training error.
+    """
+    current = trainer.__dict__.get("training_step")
+    if current is not None and getattr(current, _ATTR, False):
+        return
+    original = trainer.training_step
+
+    @functools.wraps(original)
+    def training_step(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return original(*args, **kwargs)
+        except BaseException as exc:
+            try:
+                failed(trainer, exc)
+            except Exception:
+                logger.warning(
+                    "lora-doctor: internal error while recording a training error; the error "
+                    "itself goes on unchanged.",
+                    exc_info=True,
+                )
+            raise
+
+    setattr(training_step, _ATTR, True)
+    trainer.training_step = training_step
+
+
+def unguard_steps(trainer: Any) -> None:
+    """Removes the step guard of :func:`guard_steps`, if there is one."""
+    current = trainer.__dict__.get("training_step")
+    if current is not None and getattr(current, _ATTR, False):
+        del trainer.__dict__["training_step"]
 
 
 def find_trainer(max_depth: int = 12) -> Any:

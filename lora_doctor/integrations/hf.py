@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import logging
 import os
+import weakref
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -40,6 +41,7 @@ from lora_doctor.integrations.resume import (
 from lora_doctor.probes.base import Event, Probe
 from lora_doctor.probes.dist import RankReadings, StepTimeProbe
 from lora_doctor.probes.ecosystem import vllm_max_lora_rank
+from lora_doctor.probes.memory import MemoryProbe, MemoryReader, record_out_of_memory
 from lora_doctor.probes.model import AdapterProbe
 
 __all__ = ["LoraDoctorCallback"]
@@ -94,6 +96,14 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
         config: every other threshold, as a :class:`~lora_doctor.DoctorConfig` (or a dict of its
             fields); ``ignore``, ``stop_on`` and ``check_after_steps`` given here take precedence
             over its fields.
+        memory_reader: reads device memory (a :class:`~lora_doctor.probes.memory.MemoryReader`);
+            the CUDA caching allocator's counters when None. Pass your own for another accelerator
+            or to script readings in tests.
+
+    When training dies of an error (CUDA out-of-memory above all), the diagnosis is still written,
+    with an ``out-of-memory`` finding, and the error goes on unchanged (see
+    :mod:`lora_doctor.integrations.guard`); :func:`lora_doctor.watch` is the explicit form, for
+    ``trainer.evaluate()`` in a notebook or a custom loop.
 
     Raises:
         ValueError: for an option of the wrong type or out of range, naming it and the fix.
@@ -112,6 +122,7 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
         stop_on: Iterable[str] | None = None,
         check_after_steps: int | None = None,
         config: DoctorConfig | dict[str, Any] | None = None,
+        memory_reader: MemoryReader | None = None,
     ) -> None:
         if isinstance(config, dict):  # the form a checkpoint saves (see state())
             unknown = sorted(set(config) - {f.name for f in dataclasses.fields(DoctorConfig)})
@@ -140,7 +151,10 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
         base = config or DoctorConfig()
         self.config = dataclasses.replace(base, **overrides) if overrides else base
         self.report_path = report_path
+        self.memory_reader = memory_reader
         self.doctor: Doctor | None = None
+        self._trainer: weakref.ref[Any] | None = None
+        self._failed_id: int | None = None
         self._probes: list[Probe] = []
         self._broken = False
         self._stopped = False
@@ -150,9 +164,11 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
 
     # --- plumbing ---------------------------------------------------------------------------------
     def _make_probes(self) -> list[Probe]:
-        return [AdapterProbe(), StepTimeProbe()]
+        return [AdapterProbe(), StepTimeProbe(), MemoryProbe(self.memory_reader)]
 
-    def _event(self, args: Any, state: Any, kwargs: dict[str, Any], logs: Any = None) -> Event:
+    def _event(
+        self, args: Any, state: Any, kwargs: dict[str, Any], logs: Any = None, control: Any = None
+    ) -> Event:
         assert self.doctor is not None
         return Event(
             doctor=self.doctor,
@@ -163,6 +179,7 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
             logs=logs,
             kwargs=kwargs,
             ranks=self.ranks,
+            control=control,
         )
 
     def _call(self, hook: str, event: Event) -> None:
@@ -203,7 +220,11 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
 
     @_guarded
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._attach(guard.find_trainer())
+        trainer = guard.find_trainer()
+        if trainer is not None and not guard.is_installed(trainer):
+            guard.guard_steps(trainer, self._train_failed)  # this train() call began unguarded
+        self._attach(trainer)
+        self._failed_id = None
         self.doctor = Doctor(self.config, RunFacts(), emit=bool(state.is_world_process_zero))
         saved = _saved_state(state, type(self).__name__)
         if saved is not None and int(getattr(state, "global_step", 0) or 0) > 0:
@@ -231,7 +252,7 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
     def _step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.doctor is None:
             return
-        self._call("step_end", self._event(args, state, kwargs))
+        self._call("step_end", self._event(args, state, kwargs, control=control))
         if state.global_step == self.config.check_after_steps:
             self._run(Phase.FIRST_STEPS, state, control)
 
@@ -282,6 +303,7 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
         if trainer is None:
             return
         self._trainer_name = type(trainer).__name__
+        self._trainer = weakref.ref(trainer)
         g = guard.install(trainer)
         g.before[_GUARD_KEY] = self._before_train
         g.failed[_GUARD_KEY] = self._train_failed
@@ -324,6 +346,7 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
     # --- resume and failures ----------------------------------------------------------------------
     def _before_train(self, trainer: Any, resume: Any) -> None:
         """``trainer.train`` was called: remembers what the checkpoint to resume holds."""
+        guard.unguard_steps(trainer)  # guarded from here: the step guard's call has ended
         self._resume = None
         args = getattr(trainer, "args", None)
         path = resolve_checkpoint(getattr(args, "output_dir", None), resume)
@@ -341,7 +364,12 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
 
     def _train_failed(self, trainer: Any, error: BaseException) -> None:
         """``trainer.train`` is dying of ``error``: diagnose what can be (a rank changed on resume,
-        what the probes make of the error) and leave the JSON; the error then propagates."""
+        what the probes make of the error) and leave the JSON; the error then propagates.
+
+        The same error is recorded once, however many guards it passes through."""
+        if self._failed_id == id(error):
+            return
+        self._failed_id = id(error)
         args = getattr(trainer, "args", None)
         state = getattr(trainer, "state", None)
         is_main = bool(getattr(trainer, "is_world_process_zero", lambda: True)())
@@ -357,6 +385,8 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
             facts.has_lora = bool(facts.adapters) or None
             self._apply_resume(facts, error)
             self.doctor.run_phase(Phase.SETUP, 0)
+            if record_out_of_memory(self.doctor, error, 0, self.memory_reader):
+                self.doctor.run_phase(Phase.END, 0)
         else:
             event = Event(
                 doctor=self.doctor,
@@ -378,6 +408,29 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
             self.doctor.run_phase(Phase.END, int(getattr(state, "global_step", 0) or 0))
         if is_main and args is not None:
             self.write_report(args)
+
+    def record_failure(self, error: BaseException, trainer: Any = None) -> None:
+        """Records the error that ended training and writes the diagnosis, as the guard does;
+        the caller re-raises ``error`` unchanged (this is what :func:`lora_doctor.watch` calls).
+
+        Args:
+            error: the error.
+            trainer: the Trainer; the one this callback last saw when None.
+        """
+        trainer = trainer if trainer is not None else (self._trainer() if self._trainer else None)
+        if trainer is None:
+            raise ValueError(
+                "LoraDoctorCallback.record_failure needs the Trainer: pass trainer=..., or add the "
+                "callback to a Trainer first"
+            )
+        try:
+            self._train_failed(trainer, error)
+        except Exception:
+            logger.warning(
+                "lora-doctor: could not record the error that ended training; the error itself "
+                "goes on unchanged.",
+                exc_info=True,
+            )
 
     # --- ExportableState (saved in each checkpoint's trainer_state.json) ------------------------
     def state(self) -> dict[str, Any]:

@@ -25,6 +25,8 @@ class Event:
         logs: the logs dict of ``on_log`` (a probe may add ``lora_doctor/...`` metrics to it) or the
             metrics of ``on_evaluate``.
         kwargs: everything else the event passed (train_dataloader, processing_class ...).
+        control: the ``TrainerControl`` at ``step_end`` (``control.should_log`` tells a probe that
+            the Trainer logs after this step), None elsewhere.
         ranks: this process's per-rank readings; a probe ``put``s readings into it at any time and
             reads their min/max over ranks from ``ranks.spread`` in its ``log`` hook (the callback
             exchanges them on every rank just before the Trainer logs; probes never communicate).
@@ -38,6 +40,7 @@ class Event:
     logs: dict[str, Any] | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
     ranks: RankReadings | None = None
+    control: Any = None
 
     @property
     def step(self) -> int:

@@ -13,11 +13,10 @@ On a machine without CUDA, ``torch.cuda.is_available()`` is asked once and nothi
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from lora_doctor.checks.base import Phase
 from lora_doctor.checks.memory import (
     KEY_ALLOC_RETRIES,
     KEY_CAPACITY,
@@ -34,15 +33,15 @@ from lora_doctor.probes.base import Event, Probe
 if TYPE_CHECKING:
     from lora_doctor.engine import Doctor
 
+logger = logging.getLogger("lora_doctor")
+
 __all__ = [
     "CudaMemoryReader",
-    "Gather",
     "MemoryProbe",
     "MemoryReader",
     "MemoryReading",
     "is_out_of_memory",
-    "record_training_error",
-    "worst",
+    "record_out_of_memory",
 ]
 
 
@@ -180,38 +179,15 @@ class CudaMemoryReader:
         )
 
 
-#: Collects every rank's reading (identity on one process). A multi-GPU gather returns the list
-#: of all ranks' readings, and :func:`worst` keeps the figure that matters from each.
-Gather = Callable[[MemoryReading], Sequence[MemoryReading]]
-
-
-def _this_rank_only(reading: MemoryReading) -> Sequence[MemoryReading]:
-    return (reading,)
-
-
-def worst(readings: Sequence[MemoryReading]) -> MemoryReading:
-    """Combines readings of several ranks into the one that matters: the highest peaks, current
-    bytes and counts, the least free memory, and the device of the highest peak.
-
-    Example:
-        >>> a = MemoryReading("cuda:0", 10, 12, 5, 6, 100, 50, 1, 0)
-        >>> b = MemoryReading("cuda:1", 20, 22, 4, 5, 100, 40, 0, 0)
-        >>> w = worst([a, b]); (w.device, w.peak_allocated, w.free, w.alloc_retries)
-        ('cuda:1', 20, 40, 1)
-    """
-    if len(readings) == 1:
-        return readings[0]
-    top = max(readings, key=lambda r: r.peak_allocated)
-    return dataclasses.replace(
-        top,
-        peak_reserved=max(r.peak_reserved for r in readings),
-        allocated=max(r.allocated for r in readings),
-        reserved=max(r.reserved for r in readings),
-        capacity=min(r.capacity for r in readings),
-        free=min(r.free for r in readings),
-        alloc_retries=max(r.alloc_retries for r in readings),
-        ooms=max(r.ooms for r in readings),
-    )
+#: Per-rank keys put into the callback's rank exchange: (reading attribute, worst is the max).
+_RANK_KEYS = {
+    "peak_allocated": True,
+    "peak_reserved": True,
+    "free": False,
+    "headroom": False,
+    "alloc_retries": True,
+    "ooms": True,
+}
 
 
 class MemoryProbe(Probe):
@@ -221,25 +197,27 @@ class MemoryProbe(Probe):
       bf16 ...), trainable and LoRA parameters, the optimizer; the peak counters are reset.
     - after ``check_after_steps`` steps (once): the static memory between steps, the peak of the
       first steps and the optimizer states, hence the activations; estimates for r, 2r and r/2.
-    - each log: one reading, its ``lora_doctor/mem_*`` metrics added to the logs (the engine
-      records them from there), then the peak counters reset.
+    - at the end of a step after which the Trainer logs (``control.should_log``): one reading,
+      then the peak counters reset; its figures go into the rank exchange (every rank reads its
+      own device), and at the log the ``lora_doctor/mem_*`` metrics (the worst rank's: highest
+      peak, least headroom) are added to the logs, which the engine records. A log with no
+      reading of its own (after an evaluation, the end-of-training summary) reads then.
+    - training dies of out-of-memory: a last reading and the error, for the ``out-of-memory``
+      report.
 
     Args:
         reader: reads the device; :class:`CudaMemoryReader` when None.
-        gather: collects all ranks' readings (every rank reads its own device); identity by
-            default. The worst figures over ranks are reported (:func:`worst`).
     """
 
     name = "memory"
 
-    def __init__(self, reader: MemoryReader | None = None, gather: Gather | None = None) -> None:
+    def __init__(self, reader: MemoryReader | None = None) -> None:
         self.reader: MemoryReader = reader if reader is not None else CudaMemoryReader()
-        self.gather: Gather = gather or _this_rank_only
         self.active = False
         self._device: Any = None
         self._measured = False
         self._reset = True
-        self.ranks = 1
+        self._pending: MemoryReading | None = None
 
     def train_begin(self, event: Event) -> None:
         mem = MemoryFacts(
@@ -248,61 +226,85 @@ class MemoryProbe(Probe):
         )
         event.doctor.facts.memory = mem
         self._measured = False
+        self._pending = None
         device = getattr(event.args, "device", None)
         kind = getattr(device, "type", None) or self.reader.device_type
         if not self.reader.available() or kind != self.reader.device_type:
             mem.reason = getattr(self.reader, "reason", "") or f"training runs on {kind}"
             self.active = False
+            if event.is_main:  # the one line: no finding, so CPU runs keep a clean report
+                logger.info(
+                    "lora-doctor: %s: the memory checks are off (an out-of-memory error would "
+                    "still be reported).",
+                    mem.reason,
+                )
             return
         self.active = True
         self._device = device if getattr(device, "index", None) is not None else None
         # The Trainer's own memory metrics (skip_memory_metrics=False) read the peak since the
         # start: leave the peak counters alone then, and let each reading cover the run so far.
         self._reset = getattr(event.args, "skip_memory_metrics", True) is not False
-        reading = self._read(reset=self._reset)
+        reading = self.reader.read(self._device, reset=self._reset)
         mem.available = True
         mem.device = reading.device
         mem.capacity = reading.capacity
         mem.peaks_reset = self._reset
-        mem.ranks = self.ranks
         mem.outside_bytes = reading.outside
         event.doctor.facts.device_total_memory = reading.capacity
         if event.model is not None:
             _measure_model(mem, event.model, kind, event.doctor)
-        mem.optimizer = (
-            type(_unwrap_optimizer(event.optimizer)).__name__ if event.optimizer else None
-        )
+        optimizer = _unwrap_optimizer(event.optimizer)
+        mem.optimizer = type(optimizer).__name__ if optimizer is not None else None
         mem.estimates = estimates_by_rank(mem)
 
     def step_end(self, event: Event) -> None:
-        if not self.active or self._measured:
+        if not self.active:
             return
-        if event.step < event.doctor.config.check_after_steps:
-            return
-        self._measured = True
         mem = event.doctor.facts.memory
-        if mem is None:
-            return
-        reading = self._read(reset=False)
-        mem.static_bytes = reading.allocated
-        mem.first_peak_bytes = reading.peak_allocated
-        mem.outside_bytes = reading.outside
-        mem.optimizer_state_bytes = _optimizer_state_bytes(event.optimizer)
-        mem.estimates = estimates_by_rank(mem)
+        if not self._measured and event.step >= event.doctor.config.check_after_steps:
+            self._measured = True
+            reading = self.reader.read(self._device, reset=False)
+            if mem is not None:
+                mem.static_bytes = reading.allocated
+                mem.first_peak_bytes = reading.peak_allocated
+                mem.outside_bytes = reading.outside
+                mem.optimizer_state_bytes = _optimizer_state_bytes(event.optimizer)
+                mem.estimates = estimates_by_rank(mem)
+        if getattr(event.control, "should_log", False):
+            self._pending = self.reader.read(self._device, reset=self._reset)
+            if event.ranks is not None:
+                for key in _RANK_KEYS:
+                    event.ranks.put(f"mem_{key}", getattr(self._pending, key))
 
     def log(self, event: Event) -> None:
         if not self.active or event.logs is None:
             return
-        reading = self._read(reset=self._reset)
-        event.logs.update(reading.metrics())
+        reading, self._pending = self._pending, None
+        spread = event.ranks.spread if event.ranks is not None and reading is not None else {}
+        if reading is None:
+            reading = self.reader.read(self._device, reset=self._reset)
+        metrics = reading.metrics()
+        ranks = spread.get("mem_peak_allocated")
+        if ranks is not None and ranks.ranks > 1:
+            worst = {
+                key: int(spread[f"mem_{key}"].max if high else spread[f"mem_{key}"].min)
+                for key, high in _RANK_KEYS.items()
+                if f"mem_{key}" in spread
+            }
+            headroom = worst.pop("headroom", reading.headroom)
+            metrics = dataclasses.replace(reading, **worst).metrics()
+            metrics[KEY_HEADROOM] = round(headroom / GIB, 4)
+            metrics[KEY_PEAK_ALLOC + "_min"] = round(ranks.min / GIB, 4)
+            metrics[KEY_PEAK_ALLOC + "_max"] = round(ranks.max / GIB, 4)
+            metrics[KEY_PEAK_ALLOC + "_max_rank"] = ranks.max_rank
+        event.logs.update(metrics)
         mem = event.doctor.facts.memory
         if mem is not None:
             mem.outside_bytes = reading.outside
+            mem.ranks = ranks.ranks if ranks is not None else 1
 
-    def _read(self, reset: bool) -> MemoryReading:
-        readings = self.gather(self.reader.read(self._device, reset=reset))
-        self.ranks = len(readings)
-        return worst(readings)
+    def train_failed(self, event: Event, error: BaseException) -> None:
+        record_out_of_memory(event.doctor, error, event.step, self.reader if self.active else None)
 
 
 def _unwrap_optimizer(optimizer: Any) -> Any:
@@ -401,39 +403,47 @@ def _where(exc: BaseException) -> str:
     return "the training step" if "training_step" in names else "training"
 
 
-def record_training_error(
+def record_out_of_memory(
     doctor: Doctor, exc: BaseException, completed_steps: int, reader: MemoryReader | None = None
-) -> None:
-    """Records the error that ended training in the engine and runs the END checks.
-
-    An out-of-memory error is recorded with a last (non-resetting) memory reading in
-    ``facts.memory.oom``, where the ``out-of-memory`` check reads it. Never synchronizes, never
-    raises for an unreadable device.
+) -> bool:
+    """Records a CUDA out-of-memory error in ``doctor.facts.memory.oom`` with a last memory
+    reading (never resetting, never synchronizing), where the ``out-of-memory`` check reads it at
+    the END phase. Any other error is left alone.
 
     Args:
         doctor: the run's engine.
         exc: the error, which the caller re-raises unchanged.
         completed_steps: optimizer steps finished before the error.
         reader: reads the device; :class:`CudaMemoryReader` when None.
+
+    Returns:
+        True when ``exc`` was an out-of-memory error (and is now recorded).
+
+    Example:
+        >>> from lora_doctor.engine import Doctor
+        >>> doctor = Doctor(emit=False)
+        >>> record_out_of_memory(doctor, RuntimeError("CUDA out of memory."), 3)  # doctest: +SKIP
+        True
     """
-    if is_out_of_memory(exc):
-        reader = reader if reader is not None else CudaMemoryReader()
-        reading = None
-        if reader.available():
-            try:
-                reading = reader.read(None, reset=False)
-            except Exception:  # the device may be in no state to answer; the report goes on
-                reading = None
-        where = _where(exc)
-        mem = doctor.facts.memory
-        if mem is None:
-            mem = doctor.facts.memory = MemoryFacts(available=reading is not None)
-        mem.oom = {
-            "step": completed_steps if where == "evaluation" else completed_steps + 1,
-            "completed_steps": completed_steps,
-            "where": where,
-            "exception": f"{type(exc).__module__}.{type(exc).__qualname__}",
-            "error": str(exc)[:1000],
-            "reading": reading.figures() if reading is not None else None,
-        }
-    doctor.run_phase(Phase.END, completed_steps)
+    if not is_out_of_memory(exc):
+        return False
+    reader = reader if reader is not None else CudaMemoryReader()
+    reading = None
+    if reader.available():
+        try:
+            reading = reader.read(None, reset=False)
+        except Exception:  # the device may be in no state to answer; the report goes on
+            reading = None
+    where = _where(exc)
+    mem = doctor.facts.memory
+    if mem is None:
+        mem = doctor.facts.memory = MemoryFacts(available=reading is not None)
+    mem.oom = {
+        "step": completed_steps if where == "evaluation" else completed_steps + 1,
+        "completed_steps": completed_steps,
+        "where": where,
+        "exception": f"{type(exc).__module__}.{type(exc).__qualname__}",
+        "error": str(exc)[:1000],
+        "reading": reading.figures() if reading is not None else None,
+    }
+    return True
