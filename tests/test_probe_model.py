@@ -29,7 +29,8 @@ from lora_doctor.config import DoctorConfig
 from lora_doctor.engine import Doctor
 from lora_doctor.facts import RunFacts
 from lora_doctor.integrations.hf import LoraDoctorCallback
-from lora_doctor.probes.model import read_facts
+from lora_doctor.probes.base import Event
+from lora_doctor.probes.model import AdapterProbe, read_facts
 from lora_doctor.report import load_schema
 
 VOCAB = 128
@@ -393,3 +394,54 @@ def test_model_without_lora_trains_untouched(tmp_path: Path) -> None:
     assert [(f.slug, f.severity.value) for f in callback.doctor.findings] == [
         ("no-lora-adapter", "info")
     ]
+
+
+class _PatchedLoraLinear(nn.Module):
+    """A LoRA layer that is not a peft LoraLayer (as patched kernels such as Unsloth's may be)."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float) -> None:
+        super().__init__()
+        self.base_layer = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.r, self.lora_alpha, self.scaling = (
+            {"default": r},
+            {"default": alpha},
+            {"default": alpha / r},
+        )
+        self.lora_A = nn.ModuleDict({"default": nn.Linear(base.in_features, r, bias=False)})
+        self.lora_B = nn.ModuleDict({"default": nn.Linear(r, base.out_features, bias=False)})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (
+            self.base_layer(x)
+            + self.lora_B["default"](self.lora_A["default"](x)) * self.scaling["default"]
+        )
+
+
+def test_duck_typed_lora_layer_found() -> None:
+    model = tiny_llama()
+    model.requires_grad_(False)
+    attn = model.model.layers[0].self_attn
+    attn.q_proj = _PatchedLoraLinear(attn.q_proj, r=4, alpha=2)
+    facts = facts_of(model)
+    assert facts.has_lora is True
+    ((lf),) = facts.layers
+    assert (lf.name, lf.r, lf.scaling, lf.a_shape, lf.b_shape) == (
+        "model.layers.0.self_attn.q_proj",
+        4,
+        0.5,
+        (4, 64),
+        (64, 4),
+    )
+    assert facts.lora_params == facts.trainable_lora_params == 4 * 64 * 2
+    assert "alpha-rank-ratio" in setup_slugs(facts)
+
+
+def test_resumed_past_first_steps_takes_no_copy() -> None:
+    model = get_peft_model(tiny_llama(), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj"]))
+    probe = AdapterProbe()
+    doctor = Doctor(DoctorConfig(), RunFacts(), emit=False)
+    state = type("State", (), {"global_step": 10})()
+    probe.train_begin(Event(doctor=doctor, args=None, state=state, model=model))
+    assert doctor.facts.has_lora is True
+    assert probe._watched == []

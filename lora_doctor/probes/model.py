@@ -37,7 +37,13 @@ def unwrap_model(model: Any) -> Any:
     """The model under DDP, FSDP, DeepSpeed and ``torch.compile`` wrappers.
 
     Example:
-        >>> unwrap_model(torch.nn.parallel.DistributedDataParallel.__new__(...))  # doctest: +SKIP
+        >>> class Wrapper(nn.Module):
+        ...     def __init__(self, module):
+        ...         super().__init__()
+        ...         self.module = module
+        >>> inner = nn.Linear(2, 2)
+        >>> unwrap_model(Wrapper(Wrapper(inner))) is inner
+        True
     """
     seen = 0
     while model is not None and seen < 8 and not hasattr(model, "peft_config"):
@@ -476,6 +482,9 @@ class AdapterProbe(Probe):
     def train_begin(self, event: Event) -> None:
         layers = read_facts(event.model, event.doctor.facts, event.optimizer)
         self._watched = []
+        if event.step >= event.doctor.config.check_after_steps:  # resumed past the first steps
+            self._done = True
+            return
         for name, module in layers:
             active = _active_adapters(module)
             adapters = list(getattr(module, "r", {}) or {})
