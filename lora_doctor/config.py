@@ -151,6 +151,132 @@ class DoctorConfig:
         "a number in (0, 1)",
     )
 
+    # --- curves -----------------------------------------------------------------------------------
+    plateau_early_fraction: float = _opt(
+        0.1,
+        "Share of training treated as the early phase (fast initial fall) before plateau windows start.",
+        _fraction,
+        "a number in [0, 1]",
+    )
+    plateau_latest_start: float = _opt(
+        0.3,
+        "Latest start of a plateau window, as a share of training: a loss that only flattens later "
+        "has converged.",
+        _fraction,
+        "a number in [0, 1]",
+    )
+    plateau_start_stride: float = _opt(
+        0.05,
+        "Spacing of the plateau window starts, as a share of training.",
+        _positive,
+        "a number > 0",
+    )
+    plateau_min_span: float = _opt(
+        0.1,
+        "Shortest plateau window, as a share of training (a plateau from 10% is reported at 20%).",
+        _fraction,
+        "a number in [0, 1]",
+    )
+    plateau_min_points: int = _opt(
+        8, "Fewest loss logs in a plateau window.", _positive_int, "an integer >= 1"
+    )
+    plateau_max_gain: float = _opt(
+        0.01,
+        "Plateau when the Theil-Sen loss improvement per 10% of training, relative to the loss, is below this.",
+        _non_negative,
+        "a number >= 0",
+    )
+    plateau_max_gain_bound: float = _opt(
+        0.03,
+        "... and the steepest improvement within the confidence interval is below this.",
+        _non_negative,
+        "a number >= 0",
+    )
+    plateau_confidence: float = _opt(
+        0.9,
+        "Confidence level of the Theil-Sen slope interval (Sen's interval from Kendall's tau).",
+        lambda v: _fraction(v) and 0 < v < 1,
+        "a number in (0, 1)",
+    )
+    plateau_converged_drop: float = _opt(
+        0.9,
+        "A loss already down by this share of its first logged value has converged: no plateau.",
+        _fraction,
+        "a number in [0, 1]",
+    )
+    plateau_check_every: float = _opt(
+        0.01,
+        "Run the plateau statistics at most once per this share of training.",
+        _fraction,
+        "a number in [0, 1]",
+    )
+    plateau_max_points: int = _opt(
+        100,
+        "Loss logs beyond this are binned (medians) before the Theil-Sen fit.",
+        lambda v: _positive_int(v) and v >= 8,
+        "an integer >= 8",
+    )
+    plateau_low_lr: float = _opt(
+        5e-5,
+        "A learning rate below this is named as a plateau cause (LoRA usually needs 1e-4 to 5e-4).",
+        _positive,
+        "a number > 0",
+    )
+    overfit_patience: int = _opt(
+        3,
+        "Evaluations in a row above the best eval loss before overfit is reported.",
+        _positive_int,
+        "an integer >= 1",
+    )
+    overfit_min_rise: float = _opt(
+        0.05,
+        "Relative rise of the eval loss above its best that counts (5%).",
+        _non_negative,
+        "a number >= 0",
+    )
+    overfit_min_abs_rise: float = _opt(
+        0.01,
+        "Absolute rise of the eval loss above its best that counts (tiny, flat losses are not overfitting).",
+        _non_negative,
+        "a number >= 0",
+    )
+    overfit_small_dataset: int = _opt(
+        1000,
+        "Training sets smaller than this get weight decay in the overfit fix.",
+        _positive_int,
+        "an integer >= 1",
+    )
+    divergence_window: int = _opt(
+        5,
+        "Loss logs in the rolling median of loss-divergence, and how long the rise must last.",
+        _positive_int,
+        "an integer >= 1",
+    )
+    divergence_rise: float = _opt(
+        0.5,
+        "Divergence when the rolling median rises above its best by this share of the best ...",
+        _positive,
+        "a number > 0",
+    )
+    divergence_giveback: float = _opt(
+        0.5,
+        "... and gives back at least this share of the drop achieved before.",
+        _non_negative,
+        "a number >= 0",
+    )
+    spike_factor: float = _opt(
+        10.0,
+        "A grad norm this many times the median of the previous ones is a spike.",
+        lambda v: _positive(v) and v > 1,
+        "a number > 1",
+    )
+    spike_window: int = _opt(
+        20, "Previous grad norms in the spike median.", _positive_int, "an integer >= 1"
+    )
+    spike_min_points: int = _opt(
+        10, "Grad norms needed before spikes are judged.", _positive_int, "an integer >= 1"
+    )
+
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
@@ -166,6 +292,11 @@ class DoctorConfig:
             raise ValueError(
                 "DoctorConfig.scaling_low must be <= scaling_high, "
                 f"got {self.scaling_low!r} > {self.scaling_high!r}"
+            )
+        if self.plateau_early_fraction > self.plateau_latest_start:
+            raise ValueError(
+                "DoctorConfig.plateau_early_fraction must be <= plateau_latest_start, "
+                f"got {self.plateau_early_fraction!r} > {self.plateau_latest_start!r}"
             )
         if self.budget_low > self.budget_high:
             raise ValueError(

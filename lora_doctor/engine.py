@@ -52,6 +52,19 @@ class Doctor:
         self.findings: list[Finding] = []
         self.step = 0
         self._checks: list[Check] = [cls() for cls in (ALL_CHECKS if checks is None else checks)]
+        # per phase, the checks the user did not silence (run_phase is called at every log entry)
+        self._by_phase: dict[Phase, list[Check]] = {
+            phase: [
+                c
+                for c in self._checks
+                if phase in c.phases and not self.config.silenced(c.slug, c.code)
+            ]
+            for phase in Phase
+        }
+        # LOG checks marked ``batched`` run at every log entry for the first 256 entries, then once
+        # per n/256 new entries (a geometric schedule): a 100,000-entry log costs linear time.
+        self._unbatched_log = [c for c in self._by_phase[Phase.LOG] if not c.batched]
+        self._next_batch = 0
         self._seen: set[tuple[str, Hashable]] = set()
         self._disabled: set[str] = set()
         self._stop_reason: Finding | None = None
@@ -70,6 +83,15 @@ class Doctor:
         """
         if step is not None:
             self.step = max(self.step, int(step))
+        checks = self._by_phase[phase]
+        if phase is Phase.LOG:
+            n = len(self.history)
+            if n >= self._next_batch:
+                self._next_batch = n + max(1, n >> 8)
+            else:
+                checks = self._unbatched_log
+        if not checks:
+            return []
         ctx = Context(
             facts=self.facts,
             history=self.history,
@@ -79,12 +101,10 @@ class Doctor:
             findings=self.findings,
         )
         new: list[Finding] = []
-        for check in self._checks:
-            if phase not in check.phases or check.code in self._disabled:
+        for check in checks:
+            if check.code in self._disabled:
                 continue
             if check.needs_lora and self.facts.has_lora is False:
-                continue
-            if self.config.silenced(check.slug, check.code):
                 continue
             try:
                 produced = list(check.run(ctx))
@@ -98,7 +118,8 @@ class Doctor:
                     exc_info=True,
                 )
                 continue
-            new.extend(f for f in produced if self._record(f, check.dedup_key(f)))
+            if produced:
+                new.extend(f for f in produced if self._record(f, check.dedup_key(f)))
         return new
 
     def add_finding(self, finding: Finding) -> bool:
@@ -178,7 +199,9 @@ class Doctor:
     # --- output -----------------------------------------------------------------------------------
     def diagnosis(self, source: str = "live") -> Diagnosis:
         """The diagnosis so far: run facts and every finding reported, in order."""
-        return Diagnosis.build(self.facts, self.findings, source=source, global_step=self.step)
+        diagnosis = Diagnosis.build(self.facts, self.findings, source=source, global_step=self.step)
+        diagnosis.history = self.history
+        return diagnosis
 
 
 def _hashable(value: Any) -> Hashable:

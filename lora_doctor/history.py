@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-__all__ = ["History", "Series"]
+__all__ = ["History", "Series", "is_eval_entry"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,21 @@ def _number(value: Any) -> float | None:
     return None
 
 
+def is_eval_entry(entry: Mapping[str, Any]) -> bool:
+    """True for a log entry written by an evaluation (its metrics carry the ``eval_`` prefix).
+
+    The live callback and the offline replay both use it to run the EVAL phase instead of LOG.
+
+    Example:
+        >>> is_eval_entry({"eval_loss": 0.5, "epoch": 1.0}), is_eval_entry({"loss": 0.7})
+        (True, False)
+    """
+    for key in entry:  # noqa: SIM110 (a plain loop is faster, and this runs per log entry)
+        if isinstance(key, str) and key.startswith("eval_"):
+            return True
+    return False
+
+
 class History:
     """Metrics logged during a run, by key, each with the step it was logged at.
 
@@ -89,27 +104,55 @@ class History:
         entry = dict(logs)
         entry.setdefault("step", int(step_f))
         self._entries.append(entry)
-        self.last_step = max(self.last_step, int(step_f))
+        if step_f > self.last_step:
+            self.last_step = int(step_f)
+        steps, values = self._steps, self._values
         for key, raw in logs.items():
+            kind = type(raw)
+            if kind is float or kind is int:  # the common case, without _number's checks
+                value: float | None = float(raw)
+            else:
+                value = _number(raw)
+                if value is None:
+                    continue
             if key == "step":
                 continue
-            value = _number(raw)
-            if value is None:
-                continue
-            self._steps.setdefault(key, []).append(step_f)
-            self._values.setdefault(key, []).append(value)
-            self._cache.pop(key, None)
+            if key in values:
+                steps[key].append(step_f)
+                values[key].append(value)  # type: ignore[arg-type]
+            else:
+                steps[key] = [step_f]
+                values[key] = [value]  # type: ignore[list-item]
 
     def series(self, key: str) -> Series:
-        """The series of ``key``; empty when the key was never logged."""
+        """The series of ``key``; empty when the key was never logged.
+
+        The arrays are cached until the key gets a new point.
+        """
         cached = self._cache.get(key)
-        if cached is not None:
+        if cached is not None and len(cached) == self.count(key):
             return cached
         steps = np.asarray(self._steps.get(key, ()), dtype=float)
         values = np.asarray(self._values.get(key, ()), dtype=float)
         out = Series(key, steps, values)
         self._cache[key] = out
         return out
+
+    def count(self, key: str) -> int:
+        """How many points ``key`` has (cheap: no array is built)."""
+        return len(self._values.get(key, ()))
+
+    def points(self, key: str, start: int = 0) -> tuple[Sequence[float], Sequence[float]]:
+        """The steps and values of ``key`` from its ``start``-th point on (read-only sequences).
+
+        Checks that run at every log read only the new points through this, so that a long log
+        costs time linear in its length; with ``start=0`` the history's own lists are returned
+        without a copy.
+        """
+        steps, values = self._steps.get(key, []), self._values.get(key, [])
+        if start:
+            return steps[start:], values[start:]
+        return steps, values
 
     def keys(self) -> Iterator[str]:
         """The keys with at least one numeric value, in first-seen order."""

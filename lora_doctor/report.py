@@ -13,6 +13,7 @@ from typing import Any
 from lora_doctor import __version__
 from lora_doctor.facts import RunFacts
 from lora_doctor.findings import Finding, Severity, to_jsonable
+from lora_doctor.history import History
 
 __all__ = ["SCHEMA_VERSION", "Diagnosis", "load_schema", "write_json_atomic"]
 
@@ -49,6 +50,8 @@ class Diagnosis:
     source: str = "live"
     schema_version: int = SCHEMA_VERSION
     tool_version: str = __version__
+    #: The curves the diagnosis was made from (not written to JSON; used by :meth:`plot`).
+    history: History | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def build(
@@ -104,6 +107,15 @@ class Diagnosis:
             if isinstance(tool, Mapping)
             else __version__,
         )
+
+    def plot(self, path: str | os.PathLike[str]) -> Path:
+        """Draws loss, eval loss and grad norm with each finding marked at its step, to ``path``.
+
+        Needs matplotlib (``pip install 'lora-doctor[plot]'``); see :func:`lora_doctor.plot.plot_diagnosis`.
+        """
+        from lora_doctor.plot import plot_diagnosis
+
+        return plot_diagnosis(self, path)
 
     def summary(self) -> str:
         """A short human-readable report: one line per finding, worst first."""

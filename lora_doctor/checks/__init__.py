@@ -4,12 +4,17 @@ from __future__ import annotations
 
 from functools import cache
 
-from lora_doctor.checks import adapter, ecosystem, memory
+from lora_doctor.checks import adapter, curves, ecosystem, memory
 from lora_doctor.checks.base import Check, Context, Phase
 
 __all__ = ["ALL_CHECKS", "Check", "Context", "Phase", "known_names"]
 
-ALL_CHECKS: tuple[type[Check], ...] = (*adapter.CHECKS, *ecosystem.CHECKS, *memory.CHECKS)
+ALL_CHECKS: tuple[type[Check], ...] = (
+    *adapter.CHECKS,
+    *ecosystem.CHECKS,
+    *memory.CHECKS,
+    *curves.CHECKS,
+)
 
 
 @cache

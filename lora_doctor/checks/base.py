@@ -78,6 +78,10 @@ class Check:
     phases: ClassVar[frozenset[Phase]] = frozenset()
     #: Checks that read the model or its config: switched off when the model has no LoRA layers.
     needs_lora: ClassVar[bool] = False
+    #: Incremental LOG checks that read only the points logged since their last run: past the first
+    #: 256 log entries the engine runs them once per n/256 new entries; their findings carry the
+    #: step of the point that made them, so live and offline agree.
+    batched: ClassVar[bool] = False
 
     def run(self, ctx: Context) -> Iterable[Finding]:
         raise NotImplementedError

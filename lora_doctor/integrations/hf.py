@@ -32,6 +32,7 @@ from lora_doctor.config import DoctorConfig
 from lora_doctor.engine import Doctor
 from lora_doctor.facts import AdapterFacts, RunFacts
 from lora_doctor.findings import Severity, to_jsonable
+from lora_doctor.history import is_eval_entry
 from lora_doctor.integrations import guard
 from lora_doctor.integrations.resume import (
     checkpoint_adapters,
@@ -161,6 +162,7 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
         self.ranks = RankReadings()
         self._resume: tuple[str, dict[str, AdapterFacts]] | None = None
         self._trainer_name: str | None = None
+        self._eval_logged = False
 
     # --- plumbing ---------------------------------------------------------------------------------
     def _make_probes(self) -> list[Probe]:
@@ -273,8 +275,12 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
         if self.doctor is None or not isinstance(logs, dict):
             return
         self._call("log", self._event(args, state, kwargs, logs))
+        # the Trainer logs evaluation metrics through on_log, then calls on_evaluate: the entry is
+        # observed here, once, and runs the EVAL phase, as the offline replay of log_history does
+        evaluation = is_eval_entry(logs)
+        self._eval_logged = evaluation
         self.doctor.observe(state.global_step, logs)
-        self._run(Phase.LOG, state, control)
+        self._run(Phase.EVAL if evaluation else Phase.LOG, state, control)
         self._publish(state, logs)
 
     @_guarded
@@ -284,6 +290,9 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
         if self.doctor is None or not isinstance(metrics, dict):
             return
         self._call("evaluate", self._event(args, state, kwargs, metrics))
+        if self._eval_logged:  # already observed and judged in on_log
+            self._eval_logged = False
+            return
         self.doctor.observe(state.global_step, metrics)
         self._run(Phase.EVAL, state, control)
 

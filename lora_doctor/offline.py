@@ -1,0 +1,230 @@
+"""The offline doctor: diagnoses a finished (or stopped) run from the files it saved.
+
+It reads a ``trainer_state.json`` (from a run folder, a checkpoint folder, or the file itself) and the
+``adapter_config.json`` beside it, then replays the log entry by entry through the same
+:class:`~lora_doctor.engine.Doctor` phases as the live callback (SETUP, then LOG for each training
+entry and EVAL for each evaluation entry, then END), so the same logs give the same verdicts at the
+same steps. No torch is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lora_doctor.checks import Phase
+from lora_doctor.config import DoctorConfig
+from lora_doctor.engine import Doctor
+from lora_doctor.facts import AdapterFacts, RunFacts
+from lora_doctor.history import is_eval_entry
+from lora_doctor.report import Diagnosis
+
+__all__ = ["RunFiles", "RunReadError", "diagnose", "load_run", "replay"]
+
+STATE_NAME = "trainer_state.json"
+ADAPTER_NAME = "adapter_config.json"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+PathLike = str | os.PathLike[str]
+
+
+class RunReadError(ValueError):
+    """The run's files could not be read; the message is one line that names the problem."""
+
+
+@dataclass
+class RunFiles:
+    """What a saved run tells: its log, the trainer state's scalars, and its adapter config.
+
+    Attributes:
+        log_history: the entries of ``trainer_state.json``'s ``log_history``, in order.
+        state: the other top-level fields of the trainer state (``max_steps``, ``global_step`` ...).
+        adapter_config: the parsed ``adapter_config.json``, or None when there is none.
+        state_path: the file the log was read from (None for in-memory input).
+    """
+
+    log_history: list[dict[str, Any]]
+    state: dict[str, Any] = field(default_factory=dict)
+    adapter_config: dict[str, Any] | None = None
+    state_path: Path | None = None
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise RunReadError(f"cannot read {what} {path}: {err.strerror or err}") from None
+    except UnicodeDecodeError:
+        raise RunReadError(f"{what} {path} is not UTF-8 text") from None
+    try:
+        return json.loads(text)  # accepts the NaN and Infinity literals Python's json writes
+    except json.JSONDecodeError as err:
+        raise RunReadError(
+            f"{what} {path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})"
+        ) from None
+
+
+def _find_state(path: Path) -> Path:
+    """The trainer_state.json a path names: the file, the folder's own, or its latest checkpoint's."""
+    if not path.exists():
+        raise RunReadError(f"{path} does not exist")
+    if path.is_file():
+        return path
+    own = path / STATE_NAME
+    if own.is_file():
+        return own
+    checkpoints = []
+    for child in path.iterdir():
+        m = _CHECKPOINT.match(child.name)
+        if m and (child / STATE_NAME).is_file():
+            checkpoints.append((int(m.group(1)), child / STATE_NAME))
+    if checkpoints:
+        return max(checkpoints)[1]
+    raise RunReadError(f"no {STATE_NAME} in {path} (nor in a checkpoint-N folder inside it)")
+
+
+def load_run(
+    source: PathLike, adapter_config: PathLike | Mapping[str, Any] | None = None
+) -> RunFiles:
+    """Reads a saved run: a run folder, a checkpoint folder or a ``trainer_state.json``.
+
+    A run folder without its own trainer_state.json is read from its latest ``checkpoint-N``. The
+    ``adapter_config.json`` is looked for beside the trainer state, then in the folder named.
+
+    Raises:
+        RunReadError: a missing file, unreadable JSON, or a file that is not a trainer state.
+
+    Example:
+        >>> run = load_run("outputs/checkpoint-500")  # doctest: +SKIP
+        >>> run.state["max_steps"]  # doctest: +SKIP
+        1000
+    """
+    path = Path(source)
+    state_path = _find_state(path)
+    data = _read_json(state_path, "trainer state")
+    if not isinstance(data, Mapping):
+        raise RunReadError(f"{state_path} is not a trainer state (a JSON object with log_history)")
+    log = data.get("log_history")
+    if not isinstance(log, list):
+        raise RunReadError(f"{state_path} has no log_history list: not a trainer_state.json")
+    state = {k: v for k, v in data.items() if k != "log_history"}
+    if isinstance(adapter_config, Mapping):
+        adapter: dict[str, Any] | None = dict(adapter_config)
+    elif adapter_config is not None:
+        adapter = _read_adapter(Path(adapter_config))
+    else:
+        adapter = None
+        folders = [state_path.parent] + ([path] if path.is_dir() else [])
+        for folder in folders:
+            if (folder / ADAPTER_NAME).is_file():
+                adapter = _read_adapter(folder / ADAPTER_NAME)
+                break
+    entries = [e for e in log if isinstance(e, Mapping)]
+    return RunFiles(entries, state, adapter, state_path)
+
+
+def _read_adapter(path: Path) -> dict[str, Any]:
+    data = _read_json(path, "adapter config")
+    if not isinstance(data, Mapping):
+        raise RunReadError(f"adapter config {path} is not a JSON object")
+    return dict(data)
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return 0
+    return int(value)
+
+
+def facts_from_files(run: RunFiles) -> RunFacts:
+    """The run facts a saved run tells: planned length, peak learning rate, adapter config."""
+    facts = RunFacts()
+    facts.max_steps = _int(run.state.get("max_steps"))
+    epochs = run.state.get("num_train_epochs")
+    # an "infinite" epoch count (sys.maxsize when max_steps drives the run) is not a plan
+    if isinstance(epochs, (int, float)) and not isinstance(epochs, bool) and 0 < epochs < 1e6:
+        facts.num_train_epochs = float(epochs)
+    lrs = [e.get("learning_rate") for e in run.log_history]
+    lrs = [v for v in lrs if type(v) in (int, float) and math.isfinite(v)]
+    # the configured rate is the peak of the schedule, not the first (warm-up) value
+    facts.learning_rate = float(max(lrs)) if lrs else None
+    if run.adapter_config is not None:
+        facts.adapters = {"default": AdapterFacts.from_config("default", run.adapter_config)}
+        peft_type = str(run.adapter_config.get("peft_type", "LORA")).upper()
+        facts.has_lora = True if peft_type in ("LORA", "ADALORA") else None
+    return facts
+
+
+def replay(doctor: Doctor, entries: Iterable[Mapping[str, Any]]) -> Doctor:
+    """Feeds saved log entries to ``doctor`` as the live callback would, then ends the run.
+
+    SETUP runs first, then each entry is observed and its phase run (EVAL for evaluation entries,
+    LOG for the others) at the entry's step, and END last.
+    """
+    doctor.run_phase(Phase.SETUP, 0)
+    for entry in entries:
+        step = entry.get("step")
+        step_i = step if type(step) is int else (_int(step) if step is not None else None)
+        doctor.observe(step_i, entry)
+        doctor.run_phase(Phase.EVAL if is_eval_entry(entry) else Phase.LOG, step_i)
+    doctor.run_phase(Phase.END)
+    return doctor
+
+
+def diagnose(
+    path_or_log_history: PathLike | Iterable[Mapping[str, Any]] | Mapping[str, Any],
+    adapter_config: PathLike | Mapping[str, Any] | None = None,
+    *,
+    config: DoctorConfig | None = None,
+) -> Diagnosis:
+    """Diagnoses a finished run from its saved files or its log history.
+
+    Args:
+        path_or_log_history: a run folder, a ``checkpoint-N`` folder, a ``trainer_state.json``
+            path, a parsed trainer state (a dict with ``log_history``), or the ``log_history``
+            list itself.
+        adapter_config: the LoRA config (path to ``adapter_config.json`` or its dict); by default
+            the one beside the trainer state, if any.
+        config: thresholds; defaults when None.
+
+    Returns:
+        The :class:`~lora_doctor.Diagnosis`, with ``source="offline"``; its ``history`` holds the
+        replayed curves (for :func:`lora_doctor.plot.plot_diagnosis`).
+
+    Raises:
+        RunReadError: (a ``ValueError``) when the input cannot be read or holds no log entry.
+
+    Example:
+        >>> d = diagnose([{"step": 10, "loss": 2.0}, {"step": 20, "loss": 1.9}])
+        >>> d.source
+        'offline'
+    """
+    if isinstance(path_or_log_history, (str, os.PathLike)):
+        run = load_run(path_or_log_history, adapter_config)
+    else:
+        if isinstance(path_or_log_history, Mapping):
+            state = {k: v for k, v in path_or_log_history.items() if k != "log_history"}
+            log = path_or_log_history.get("log_history") or []
+        else:
+            state, log = {}, path_or_log_history
+        adapter = None
+        if isinstance(adapter_config, Mapping):
+            adapter = dict(adapter_config)
+        elif adapter_config is not None:
+            adapter = _read_adapter(Path(adapter_config))
+        run = RunFiles([e for e in log if isinstance(e, Mapping)], dict(state), adapter)
+    if not run.log_history:
+        where = f" in {run.state_path}" if run.state_path else ""
+        raise RunReadError(f"the log is empty{where}: log_history has no entries to diagnose")
+    doctor = Doctor(config, facts_from_files(run), emit=False)
+    replay(doctor, run.log_history)
+    diagnosis = doctor.diagnosis("offline")
+    if run.state_path is not None:
+        diagnosis.run["trainer_state"] = str(run.state_path)
+    return diagnosis
