@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 from lora_doctor.config import DoctorConfig
 from lora_doctor.findings import Finding, Recommendation, Severity
+from lora_doctor.offline import diagnose
 from lora_doctor.report import Diagnosis
 
 if TYPE_CHECKING:
@@ -27,6 +28,7 @@ __all__ = [
     "Recommendation",
     "Severity",
     "__version__",
+    "diagnose",
     "watch",
 ]
 

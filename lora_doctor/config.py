@@ -187,7 +187,7 @@ class DoctorConfig:
         "a number >= 0",
     )
     plateau_max_gain_bound: float = _opt(
-        0.03,
+        0.02,
         "... and the steepest improvement within the confidence interval is below this.",
         _non_negative,
         "a number >= 0",
@@ -261,6 +261,12 @@ class DoctorConfig:
     divergence_giveback: float = _opt(
         0.5,
         "... and gives back at least this share of the drop achieved before.",
+        _non_negative,
+        "a number >= 0",
+    )
+    divergence_noise: float = _opt(
+        3.0,
+        "... and rises above its best by more than this many noise standard deviations.",
         _non_negative,
         "a number >= 0",
     )

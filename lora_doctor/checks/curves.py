@@ -107,6 +107,17 @@ def _rolling_median(previous: np.ndarray, new: np.ndarray, width: int) -> np.nda
     return np.median(_windows(joined, width), axis=1)
 
 
+_NOISE_POINTS = 200
+
+
+def _noise_sd(points: np.ndarray) -> float:
+    """The noise of a series: a robust standard deviation from its successive differences (a
+    trend or a level shift barely moves it). Gaussian noise: median |diff| = 0.954 sigma."""
+    if len(points) < 3:
+        return 0.0
+    return float(np.median(np.abs(np.diff(points)))) / 0.954
+
+
 class RlRun(Check):
     """A reinforcement-learning or preference run: the loss rules are switched off, once said.
 
@@ -312,7 +323,9 @@ class LossDivergence(Check):
     fraction of the best) and give back at least ``divergence_giveback`` of the drop achieved, for
     ``divergence_window`` consecutive points. A learning rate too high for the LoRA scaling is the
     usual cause (Biderman et al. 2024, "LoRA Learns Less and Forgets Less": LoRA is sensitive to
-    the learning rate).
+    the learning rate). The rise must also exceed ``divergence_noise`` times the noise of the loss
+    (a robust standard deviation of its successive differences), so a tiny, noisy loss is not
+    taken for a divergence.
     """
 
     code, slug, severity = "LD204", "loss-divergence", Severity.ERROR
@@ -322,6 +335,7 @@ class LossDivergence(Check):
     def __init__(self) -> None:
         self._cursor = _Cursor(LOSS)
         self._tail = np.empty(0)
+        self._recent = np.empty(0)
         self._first: float | None = None
         self._best = math.inf
         self._best_step = 0.0
@@ -339,6 +353,7 @@ class LossDivergence(Check):
         x, y = x[keep], y[keep]
         levels = _rolling_median(self._tail, y, w)
         self._tail = np.concatenate([self._tail, y])[-w:]
+        self._recent = np.concatenate([self._recent, y])[-_NOISE_POINTS:]
         if not len(levels):
             return
         lsteps = x[len(x) - len(levels) :]
@@ -351,6 +366,8 @@ class LossDivergence(Check):
         high = (rise > cfg.divergence_rise * np.abs(best)) & (
             rise >= cfg.divergence_giveback * drop
         )
+        if high.any():  # rare: only then is the noise level measured
+            high &= rise > cfg.divergence_noise * _noise_sd(self._recent)
         for i in range(len(levels)):
             if levels[i] <= best[i]:
                 self._best, self._best_step = float(levels[i]), float(lsteps[i])
