@@ -1,8 +1,13 @@
-"""A tiny LoRA run with the doctor under torchrun (DDP or FSDP2), for the multi-process tests.
+"""Two-process CPU (gloo) checks of the doctor, run by tests/test_multiprocess.py under torchrun.
 
-Run: ``torchrun --nproc_per_node 2 tests/dist_worker.py --out DIR [--fsdp]``. Each rank writes
-``DIR/rank<N>.json`` with what it saw (its doctor's findings, the metrics it logged); rank 0's
-callback writes ``DIR/run/lora_doctor.json``.
+``torchrun --nproc_per_node 2 tests/dist_worker.py --out DIR`` does, on every rank:
+
+1. a tiny LoRA run with ``LoraDoctorCallback`` under DDP (the Trainer sets up the gloo group);
+2. ``gather_min_max`` with readings that differ between ranks (a key only rank 1 has);
+3. an FSDP2 ``fully_shard`` of a tiny PEFT model on the same group: the adapter facts read from
+   DTensors and the first-steps gradient and movement readings.
+
+Each rank writes ``DIR/rank<N>.json``; rank 0's callback writes ``DIR/run/lora_doctor.json``.
 """
 
 from __future__ import annotations
@@ -13,93 +18,87 @@ import logging
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
-from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+from multigpu_helpers import Rows, tiny_args, tiny_peft
+from transformers import Trainer
 
 from lora_doctor import LoraDoctorCallback
+from lora_doctor.config import DoctorConfig
+from lora_doctor.engine import Doctor
+from lora_doctor.probes.base import Event
+from lora_doctor.probes.dist import gather_min_max
+from lora_doctor.probes.model import AdapterProbe
 
 
-class _Rows(torch.utils.data.Dataset):
-    def __init__(self, n: int, seq: int, vocab: int) -> None:
-        g = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(0, vocab, (n, seq), generator=g)
+def ddp_run(out: Path) -> dict[str, Any]:
+    doctor = LoraDoctorCallback()
+    # lora_alpha 32 at r 4 (scaling 8): a warning every rank finds, only rank 0 may log.
+    args = tiny_args(out / "run", ddp_backend="gloo", max_steps=3)
+    trainer = Trainer(model=tiny_peft(4, 32), args=args, train_dataset=Rows(32), callbacks=[doctor])
+    trainer.train()
+    assert doctor.doctor is not None
+    return {
+        "findings": [f.slug for f in doctor.doctor.findings],
+        "log_history": trainer.state.log_history,
+    }
 
-    def __len__(self) -> int:
-        return self.ids.shape[0]
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+def fsdp2_readings(rank: int, world: int) -> dict[str, Any]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = tiny_peft(4, 8)
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model.base_model.model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    doctor = Doctor(DoctorConfig(check_after_steps=1), emit=False)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    probe = AdapterProbe()
+
+    def event(step: int) -> Event:
+        state = SimpleNamespace(global_step=step, is_world_process_zero=rank == 0)
+        return Event(doctor=doctor, args=None, state=state, model=model, optimizer=optimizer)
+
+    probe.train_begin(event(0))
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(rank))
+    model(input_ids=ids, labels=ids).loss.backward()
+    probe.pre_optimizer_step(event(0))
+    optimizer.step()
+    probe.step_end(event(1))
+    facts = doctor.facts
+    weight = model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight
+    return {
+        "param_type": type(weight).__name__,
+        "local_shape": list(weight.to_local().shape),
+        "layers": {lf.name: [lf.a_shape, lf.b_shape] for lf in facts.layers},
+        "lora_params": facts.lora_params,
+        "no_grad_layers": facts.no_grad_layers,
+        "b_still_zero_layers": facts.b_still_zero_layers,
+        "frozen_in_place": facts.frozen_in_place,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    parser.add_argument("--fsdp", action="store_true", help="FSDP2 instead of DDP")
-    parser.add_argument("--steps", type=int, default=4)
-    ns = parser.parse_args()
-    out = Path(ns.out)
-    rank = int(os.environ.get("RANK", "0"))
+    out = Path(parser.parse_args().out)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     logging.basicConfig(level=logging.INFO, format=f"rank{rank} %(name)s %(message)s")
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-    )
-    model = get_peft_model(
-        LlamaForCausalLM(cfg),
-        # lora_alpha 32 at r 4 (scaling 8) makes a finding every rank would report.
-        LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"]),
-    )
-    extra: dict = {}
-    if ns.fsdp:
-        extra = {
-            "fsdp": "full_shard",
-            "fsdp_config": {
-                "fsdp_version": 2,
-                "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
-                "reshard_after_forward": True,
-            },
-        }
-    args = TrainingArguments(
-        output_dir=str(out / "run"),
-        max_steps=ns.steps,
-        per_device_train_batch_size=2,
-        logging_steps=1,
-        learning_rate=1e-3,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=not torch.cuda.is_available(),
-        disable_tqdm=True,
-        ddp_backend="gloo" if not torch.cuda.is_available() else None,
-        **extra,
-    )
-    doctor = LoraDoctorCallback()
-    trainer = Trainer(model=model, args=args, train_dataset=_Rows(32, 16, 128), callbacks=[doctor])
-    trainer.train()
-    seen = doctor.doctor
-    record = {
-        "rank": rank,
-        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
-        "findings": [f.slug for f in seen.findings] if seen else [],
-        "layers": [{"name": lf.name, "a": lf.a_shape, "b": lf.b_shape} for lf in seen.facts.layers]
-        if seen
-        else [],
-        "lora_params": seen.facts.lora_params if seen else None,
-        "param_type": type(
-            next(p for n, p in trainer.model.named_parameters() if "lora_A" in n)
-        ).__name__,
-        "log_history": trainer.state.log_history,
-    }
+    record: dict[str, Any] = {"rank": rank, "ddp": ddp_run(out)}
+    readings: dict[str, float] = {"step_seconds": 1.0 + rank, "peak_bytes": 100.0 * (rank + 1)}
+    if rank == 1:
+        readings["only_rank1"] = 7.0
+    record["gather"] = {k: vars(v) for k, v in gather_min_max(readings).items()}
+    record["fsdp2"] = fsdp2_readings(rank, world)
     (out / f"rank{rank}.json").write_text(json.dumps(record, default=str))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,10 @@ from multigpu_helpers import Rows, tiny_args, tiny_peft
 from transformers import Trainer
 
 from lora_doctor import LoraDoctorCallback
+
+
+def _warnings(findings: Iterable[dict]) -> list[str]:
+    return [f["slug"] for f in findings if f["severity"] != "info"]
 
 
 def _train(out: Path, r: int, resume: str | None = None, **overrides: object) -> LoraDoctorCallback:
@@ -30,20 +35,20 @@ def test_resumed_run_keeps_its_diagnosis(tmp_path: Path, caplog: pytest.LogCaptu
     first = _train(tmp_path, r=4)
     state = json.loads((tmp_path / "checkpoint-2" / "trainer_state.json").read_text())
     saved = state["stateful_callbacks"]["LoraDoctorCallback"]["attributes"]["doctor_state"]
-    assert [f["slug"] for f in saved["findings"]] == ["alpha-rank-ratio"]
+    assert _warnings(saved["findings"]) == ["alpha-rank-ratio"]
     assert first.doctor is not None and first.doctor.step == 4
 
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="lora_doctor"):
         resumed = _train(tmp_path, r=4, resume=str(tmp_path / "checkpoint-2"), max_steps=6)
     assert resumed.doctor is not None
-    assert [f.slug for f in resumed.doctor.findings] == ["alpha-rank-ratio"]
+    assert _warnings(f.to_dict() for f in resumed.doctor.findings) == ["alpha-rank-ratio"]
     # History before the checkpoint came back from log_history; steps 3..6 were added on resume.
     assert resumed.doctor.history.series("loss").steps.tolist() == [1, 2, 3, 4, 5, 6]
     assert not [r for r in caplog.records if "alpha-rank-ratio" in r.getMessage()]
     report = json.loads((tmp_path / "lora_doctor.json").read_text())
     assert report["run"]["resumed_from"] == str(tmp_path / "checkpoint-2")
-    assert [f["slug"] for f in report["findings"]] == ["alpha-rank-ratio"]
+    assert _warnings(report["findings"]) == ["alpha-rank-ratio"]
 
 
 @pytest.mark.slow
@@ -77,3 +82,29 @@ def test_rank_read_from_the_error_when_the_checkpoint_config_cannot_be_read(
     report = json.loads((tmp_path / "lora_doctor.json").read_text())
     found = [f for f in report["findings"] if f["slug"] == "rank-changed-on-resume"]
     assert [f["evidence"]["checkpoint_r"] for f in found] == [4]
+
+
+@pytest.mark.slow
+def test_training_dying_of_oom_leaves_the_finding_and_the_error(tmp_path: Path) -> None:
+    """The shared guard: an error escaping trainer.train reaches the probes (here the memory
+    probe's out-of-memory record) and the JSON is written; the error propagates unchanged."""
+    model = tiny_peft(4, 8)
+    forward = model.forward
+    calls = {"n": 0}
+
+    def failing_forward(*args: object, **kwargs: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward(*args, **kwargs)
+
+    model.forward = failing_forward  # type: ignore[method-assign]
+    doctor = LoraDoctorCallback()
+    trainer = Trainer(
+        model=model, args=tiny_args(tmp_path), train_dataset=Rows(), callbacks=[doctor]
+    )
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        trainer.train()
+    report = json.loads((tmp_path / "lora_doctor.json").read_text())
+    oom = [f for f in report["findings"] if f["slug"] == "out-of-memory"]
+    assert len(oom) == 1 and oom[0]["step"] == 3

@@ -109,6 +109,11 @@ def gather_min_max(values: Mapping[str, float | int | None]) -> dict[str, RankSp
         >>> gather_min_max({"step_seconds": 0.5})["step_seconds"].max
         0.5
     """
+    return _spread(_all_gather(values))
+
+
+def _all_gather(values: Mapping[str, float | int | None]) -> list[dict[str, float]]:
+    """Every rank's finite readings, by rank (COLLECTIVE under torch.distributed)."""
     local = {
         str(k): float(v)
         for k, v in values.items()
@@ -116,12 +121,16 @@ def gather_min_max(values: Mapping[str, float | int | None]) -> dict[str, RankSp
     }
     dist = _dist()
     if dist is None or dist.get_world_size() == 1:
-        return {k: RankSpread(v, v) for k, v in local.items()}
+        return [local]
     parts: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(parts, local)
+    return [part if isinstance(part, dict) else {} for part in parts]
+
+
+def _spread(parts: list[dict[str, float]]) -> dict[str, RankSpread]:
     out: dict[str, RankSpread] = {}
     for r, part in enumerate(parts):
-        for k, v in (part or {}).items():
+        for k, v in part.items():
             old = out.get(k)
             if old is None:
                 out[k] = RankSpread(v, v, r, r, 1)
@@ -136,7 +145,8 @@ class RankReadings:
     """This rank's readings between two logs, and their spread over ranks after each exchange.
 
     Probes :meth:`put` readings at any time (no communication); the callback calls :meth:`exchange`
-    once per log on every rank; probes then read :attr:`spread` (per key, min/max over ranks).
+    once per log on every rank; probes then read :attr:`spread` (per key, min/max over ranks) or
+    :attr:`by_rank` (each rank's readings, in rank order).
 
     Example:
         >>> readings = RankReadings()
@@ -148,6 +158,7 @@ class RankReadings:
     def __init__(self) -> None:
         self._local: dict[str, float] = {}
         self.spread: dict[str, RankSpread] = {}
+        self.by_rank: list[dict[str, float]] = []
 
     def put(self, key: str, value: float | int | None) -> None:
         """Records this rank's current value of ``key`` (the latest value wins until the exchange)."""
@@ -157,7 +168,8 @@ class RankReadings:
     def exchange(self) -> dict[str, RankSpread]:
         """COLLECTIVE (see :func:`gather_min_max`): spreads the readings put since the last exchange."""
         local, self._local = self._local, {}
-        self.spread = gather_min_max(local)
+        self.by_rank = _all_gather(local)
+        self.spread = _spread(self.by_rank)
         return self.spread
 
 

@@ -413,12 +413,35 @@ def _count_params(
 
 def _data(t: torch.Tensor | None) -> torch.Tensor | None:
     """The local data of ``t`` (a DTensor's shard); None when there is none here (empty ZeRO-3 or
-    FSDP shard)."""
+    FSDP shard). A ZeRO-3 parameter's full value comes through DeepSpeed's
+    ``safe_get_full_fp32_param`` when deepspeed is importable."""
     if t is None:
         return None
+    if _zero3_utils(t) is not None:
+        return _zero3_utils(t).safe_get_full_fp32_param(t)
     to_local = getattr(t, "to_local", None)
     local = to_local() if callable(to_local) else t
     return local.detach() if local.numel() > 0 else None
+
+
+def _zero3_utils(t: torch.Tensor) -> Any:
+    """``deepspeed.utils`` when ``t`` is a ZeRO-3 partitioned parameter (an empty local tensor
+    with ``ds_shape``) and deepspeed is importable, else None. Its accessors gather the full
+    tensor: a collective, which every rank reaches alike (all ranks hold the same LoRA layers and
+    call the probe's hooks at the same steps)."""
+    if getattr(t, "ds_shape", None) is None or t.numel() != 0:
+        return None
+    try:
+        from deepspeed import utils as ds_utils
+    except Exception:
+        return None
+    return ds_utils
+
+
+def _grad(t: torch.Tensor) -> torch.Tensor | None:
+    """The gradient of ``t``: ``.grad``, or a ZeRO-3 parameter's through ``safe_get_full_grad``."""
+    ds = _zero3_utils(t) if t.grad is None else None
+    return ds.safe_get_full_grad(t) if ds is not None else t.grad
 
 
 def _lr(optimizer: Any) -> float | None:
@@ -506,7 +529,7 @@ class AdapterProbe(Probe):
             return
         self._grad_steps += 1
         tensors = [(w, t) for w in self._watched for t in (w.a, w.b) if t is not None]
-        grads = [(w, g) for w, t in tensors if (g := _data(t.grad)) is not None]
+        grads = [(w, g) for w, t in tensors if (g := _data(_grad(t))) is not None]
         if not grads:  # gradients live elsewhere (DeepSpeed ZeRO buffers): unknown, not "none"
             return
         with torch.no_grad():
