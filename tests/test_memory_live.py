@@ -121,6 +121,7 @@ def no_cuda_calls(monkeypatch: pytest.MonkeyPatch) -> None:
 
     for name in (
         "memory_stats",
+        "memory_stats_as_nested_dict",
         "mem_get_info",
         "reset_peak_memory_stats",
         "current_device",
@@ -294,3 +295,73 @@ def test_probe_reports_worst_rank_and_spread() -> None:
     assert logs["lora_doctor/mem_headroom_gib"] == round((CAP - other) / GIB, 4)
     assert logs[KEY_PEAK_ALLOC + "_min"] == 40.0 and logs[KEY_PEAK_ALLOC + "_max_rank"] == 1
     assert doctor.facts.memory.ranks == 2
+
+
+@pytest.mark.parametrize("reset", [True, False], ids=["reset", "no-reset"])
+def test_cuda_reader_parses_allocator_counters(
+    monkeypatch: pytest.MonkeyPatch, reset: bool
+) -> None:
+    """The CUDA reader on faked torch.cuda calls: which counters it takes, and that it resets the
+    peaks only when asked (it never calls anything that synchronizes)."""
+    from lora_doctor.probes.memory import CudaMemoryReader
+
+    calls: list[str] = []
+    nested = {
+        "allocated_bytes": {"all": {"current": 5, "peak": 30}, "large_pool": {"peak": 99}},
+        "reserved_bytes": {"all": {"current": 40, "peak": 45}},
+        "num_alloc_retries": 7,
+        "num_ooms": 1,
+    }
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "memory_stats_as_nested_dict", lambda d: nested)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (50, 100))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda d: calls.append("reset"))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: calls.append("sync"))
+    reader = CudaMemoryReader()
+    assert reader.available()
+    r = reader.read(reset=reset)
+    assert (r.device, r.peak_allocated, r.peak_reserved, r.allocated, r.reserved) == (
+        "cuda:0",
+        30,
+        45,
+        5,
+        40,
+    )
+    assert (r.capacity, r.free, r.alloc_retries, r.ooms, r.outside, r.headroom) == (
+        100,
+        50,
+        7,
+        1,
+        10,
+        60,
+    )
+    assert calls == (["reset"] if reset else [])
+
+
+def _benchmark() -> Any:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_memory.py"
+    spec = importlib.util.spec_from_file_location("gpu_memory", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_benchmark_refuses_without_cuda(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _benchmark().main(["--out", str(tmp_path)]) == 2
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_dry_run_passes_its_checks(tmp_path: Path) -> None:
+    """The GPU script's logic on CPU with scripted readings: every part passes and leaves its
+    report (the figures are not measurements)."""
+    assert _benchmark().main(["--dry", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "gpu_memory.json").read_text())
+    assert all(results["checks"].values())
+    assert results["a_out_of_memory"]["error"].startswith("OutOfMemoryError")

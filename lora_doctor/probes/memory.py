@@ -1,10 +1,10 @@
 """CUDA memory readings: the allocator's counters at each logging interval, never a device sync.
 
-A reading is one call to ``torch.cuda.memory_stats`` (peaks, current bytes, allocator retries and
-out-of-memory count, all host-side counters of the caching allocator), one ``cudaMemGetInfo``
-(capacity and free memory, a driver query that does not wait for the GPU) and, by default, a
-``torch.cuda.reset_peak_memory_stats`` so that the next reading's peak covers only its own
-interval. The reader is injectable: tests script readings, another accelerator can bring its own.
+A reading is one call to ``torch.cuda.memory_stats_as_nested_dict`` (peaks, current bytes,
+allocator retries and out-of-memory count: host-side counters of the caching allocator), one
+``cudaMemGetInfo`` (capacity and free memory, a driver query that does not wait for the GPU) and,
+by default, a ``torch.cuda.reset_peak_memory_stats`` so that the next reading's peak covers only
+its own interval. The reader is injectable: tests script readings, another accelerator can bring its own.
 
 On a machine without CUDA, ``torch.cuda.is_available()`` is asked once and nothing else of
 ``torch.cuda`` is touched (CPU torch's CUDA functions raise).
@@ -161,17 +161,21 @@ class CudaMemoryReader:
 
         if device is None:
             device = torch.cuda.current_device()
-        stats = torch.cuda.memory_stats(device)
+        # The nested form is what memory_stats() flattens: the same counters, without the cost of
+        # flattening some 150 keys in Python.
+        stats = torch.cuda.memory_stats_as_nested_dict(device)
         free, total = torch.cuda.mem_get_info(device)
         if reset:
             torch.cuda.reset_peak_memory_stats(device)
+        allocated = stats.get("allocated_bytes", {}).get("all", {})
+        reserved = stats.get("reserved_bytes", {}).get("all", {})
         index = device.index if isinstance(device, torch.device) else device
         return MemoryReading(
             device=f"cuda:{index}",
-            peak_allocated=int(stats.get("allocated_bytes.all.peak", 0)),
-            peak_reserved=int(stats.get("reserved_bytes.all.peak", 0)),
-            allocated=int(stats.get("allocated_bytes.all.current", 0)),
-            reserved=int(stats.get("reserved_bytes.all.current", 0)),
+            peak_allocated=int(allocated.get("peak", 0)),
+            peak_reserved=int(reserved.get("peak", 0)),
+            allocated=int(allocated.get("current", 0)),
+            reserved=int(reserved.get("current", 0)),
             capacity=int(total),
             free=int(free),
             alloc_retries=int(stats.get("num_alloc_retries", 0)),
