@@ -647,34 +647,29 @@ class AdapterShape(Check):
                     restart_from_scratch=True,
                 ),
             )
-        full = [
-            lf for lf in ctx.facts.layers if lf.d_in and lf.d_out and lf.r >= min(lf.d_in, lf.d_out)
-        ]
+        full: list[tuple[LayerFacts, int, int]] = []
+        for layer in ctx.facts.layers:
+            if (dims := _full_rank(layer)) is not None:
+                full.append((layer, *dims))
         if full:
-            lf = full[0]
+            lf, d_in, d_out = full[0]
             yield self.finding(
                 ctx,
                 f"{len(full)} LoRA layers are full rank (r={lf.r} >= min(d_in, d_out))",
-                f"In {len(full)} layers (e.g. {lf.name}: r={lf.r}, d_in={lf.d_in}, "
-                f"d_out={lf.d_out}) the rank is at least the smaller side of the matrix, so A and B "
-                f"hold {lf.r * (lf.d_in + lf.d_out):,} parameters for a {lf.d_in * lf.d_out:,}-"
-                "parameter matrix: a full-size update where a low-rank pair belongs, with none of "
-                "LoRA's savings. Lower r well below min(d_in, d_out), or train the module fully "
-                "through modules_to_save.",
+                f"In {len(full)} layers (e.g. {lf.name}: r={lf.r}, d_in={d_in}, d_out={d_out}) "
+                "the rank is at least the smaller side of the matrix, so A and B hold "
+                f"{lf.r * (d_in + d_out):,} parameters for a {d_in * d_out:,}-parameter matrix: a "
+                "full-size update where a low-rank pair belongs, with none of LoRA's savings. "
+                "Lower r well below min(d_in, d_out), or train the module fully through "
+                "modules_to_save.",
                 evidence={
                     "layers": [
-                        {
-                            "name": f.name,
-                            "adapter": f.adapter,
-                            "r": f.r,
-                            "d_in": f.d_in,
-                            "d_out": f.d_out,
-                        }
-                        for f in full
+                        {"name": f.name, "adapter": f.adapter, "r": f.r, "d_in": i, "d_out": o}
+                        for f, i, o in full
                     ]
                 },
                 recommendation=Recommendation(
-                    summary=f"Lower r below {min(lf.d_in or 0, lf.d_out or 0)} for these layers",
+                    summary=f"Lower r below {min(d_in, d_out)} for these layers",
                     steps=(
                         "Set a smaller r (or a rank_pattern entry for these layers) and restart",
                     ),
@@ -685,6 +680,13 @@ class AdapterShape(Check):
 
     def dedup_key(self, finding: Finding) -> str:
         return finding.severity.value
+
+
+def _full_rank(lf: LayerFacts) -> tuple[int, int] | None:
+    """(d_in, d_out) of a layer whose rank reaches min(d_in, d_out); None otherwise or unknown."""
+    if lf.d_in and lf.d_out and lf.r >= min(lf.d_in, lf.d_out):
+        return lf.d_in, lf.d_out
+    return None
 
 
 def _shape_problem(lf: LayerFacts) -> str:

@@ -20,10 +20,13 @@ from lora_doctor.probes.base import Event, Probe
 
 __all__ = ["AdapterProbe", "find_lora_layers", "read_facts", "unwrap_model"]
 
+_LORA_TYPES: tuple[type, ...] = ()
 try:  # peft is optional at import time: duck typing covers its absence and patched layers
-    from peft.tuners.lora import LoraLayer as _PeftLoraLayer
+    from peft.tuners.lora import LoraLayer
+
+    _LORA_TYPES = (LoraLayer,)
 except Exception:  # pragma: no cover - peft is installed with the [hf] extra
-    _PeftLoraLayer = None
+    pass
 
 #: Wrapper prefixes that distributed/compile wrappers add to parameter names.
 _WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
@@ -69,7 +72,7 @@ def _clean(name: str) -> str:
 
 def _is_lora_layer(module: nn.Module) -> bool:
     """peft's ``LoraLayer``, or a layer that looks like one (Unsloth and other patched layers)."""
-    if _PeftLoraLayer is not None and isinstance(module, _PeftLoraLayer):
+    if isinstance(module, _LORA_TYPES):
         return True
     return all(
         isinstance(getattr(module, attr, None), dict | nn.ModuleDict | nn.ParameterDict)
@@ -104,7 +107,7 @@ def _flat_records(model: nn.Module) -> dict[str, tuple[tuple[int, ...], int]]:
 
 def _true_shape(
     p: torch.Tensor, records: dict[str, tuple[tuple[int, ...], int]], name: str
-) -> tuple[int, ...] | None:
+) -> tuple[int, ...]:
     """The logical shape of ``p``: ZeRO-3's ``ds_shape``, FSDP's records, 4-bit's quant state,
     else the tensor's own (a ``DTensor``'s shape is global)."""
     ds = getattr(p, "ds_shape", None)
