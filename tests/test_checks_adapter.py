@@ -294,3 +294,14 @@ def test_not_learning_names_the_frozen_cause() -> None:
     (finding,) = run(facts, Phase.FIRST_STEPS)
     assert finding.title == "2 of 2 LoRA layers are not learning after 2 steps"
     assert "is_trainable=True" in finding.message
+
+
+@pytest.mark.parametrize(
+    ("stuck", "severity"),
+    [([MLP], Severity.WARNING), (["model.layers.0.self_attn.q_proj", MLP], Severity.ERROR)],
+    ids=["some-layers-warning", "all-layers-error"],
+)
+def test_not_learning_severity_by_share(stuck: list[str], severity: Severity) -> None:
+    (finding,) = run(live(no_grad_layers=stuck), Phase.FIRST_STEPS)
+    assert finding.severity is severity
+    assert ("MoE experts" in finding.message) is (severity is Severity.WARNING)

@@ -715,7 +715,8 @@ class AdapterNotLearning(Check):
     zero, so init schemes whose B does not start at zero (PiSSA, OLoRA, orthogonal) are no false
     alarm; steps with a zero learning rate (warm-up) or skipped for fp16 overflow are not counted.
     With the default init B starts at zero, so a B still zero means the adapter changes nothing
-    (Hu et al. 2021; peft ``init_lora_weights``).
+    (Hu et al. 2021; peft ``init_lora_weights``). An error when every active layer is stuck; a
+    warning when only some are (MoE experts or modality towers may not have seen data yet).
     """
 
     code, slug, severity = "LD121", "adapter-not-learning", Severity.ERROR
@@ -753,15 +754,24 @@ class AdapterNotLearning(Check):
             )
         elif no_grad:
             cause = (
-                "Layers without gradient are not on the forward path (adapters disabled or not "
-                "active, merged, or targeting modules the loss does not reach) or frozen: check "
-                "model.active_adapters and requires_grad of their lora_A/lora_B."
+                "Layers without gradient are not on the loss's path (adapters disabled or not "
+                "active, merged, or on modules the loss does not reach) or frozen: check "
+                "model.active_adapters and requires_grad of their lora_A/lora_B. With gradient "
+                "checkpointing (use_reentrant=True) call model.enable_input_require_grads() or set "
+                "gradient_checkpointing_kwargs={'use_reentrant': False}."
             )
         else:
             cause = (
                 "The adapters get gradients but do not change: check that the optimizer holds "
                 "them and that the learning rate is not zero (a learning-rate schedule or "
                 "warm-up stuck at 0)."
+            )
+        partial = len(stuck) < total
+        if partial:
+            cause += (
+                " Some layers can legitimately wait for their first gradient: MoE experts no token "
+                "was routed to yet, or a vision tower these batches did not use; if so, ignore "
+                "this warning."
             )
         yield self.finding(
             ctx,
@@ -788,6 +798,8 @@ class AdapterNotLearning(Check):
                 ),
                 restart_from_scratch=True,
             ),
+            # Every layer stuck is certain trouble; some layers may be waiting for their data.
+            severity=Severity.WARNING if partial else Severity.ERROR,
         )
 
 
