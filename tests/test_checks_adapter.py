@@ -12,6 +12,7 @@ from lora_doctor.config import DoctorConfig
 from lora_doctor.engine import Doctor
 from lora_doctor.facts import AdapterFacts, LayerFacts, RunFacts
 from lora_doctor.findings import Finding, Severity
+from lora_doctor.offline import diagnose
 
 
 def layer(name: str = "model.layers.0.self_attn.q_proj", **kw) -> LayerFacts:
@@ -305,3 +306,32 @@ def test_not_learning_severity_by_share(stuck: list[str], severity: Severity) ->
     (finding,) = run(live(no_grad_layers=stuck), Phase.FIRST_STEPS)
     assert finding.severity is severity
     assert ("MoE experts" in finding.message) is (severity is Severity.WARNING)
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        (
+            {"peft_type": "LORA", "r": 16, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+            {"alpha-rank-ratio", "attention-only-targets"},
+        ),
+        (
+            {
+                "peft_type": "LORA",
+                "r": 16,
+                "lora_alpha": 8,
+                "init_lora_weights": "pissa",
+                "target_modules": "all-linear",
+            },
+            {"custom-init"},
+        ),
+        ({"peft_type": "LORA", "r": 16, "lora_alpha": 32, "target_modules": "all-linear"}, set()),
+    ],
+    ids=["alpha-and-targets", "pissa-no-alpha-verdict", "healthy"],
+)
+def test_offline_adapter_checks_from_adapter_config(config: dict, expected: set[str]) -> None:
+    log = [{"step": s, "loss": 2.0 - 0.01 * s, "learning_rate": 1e-4} for s in range(1, 6)]
+    adapter_slugs = {
+        f.slug for f in diagnose(log, adapter_config=config).findings if f.code.startswith("LD1")
+    }
+    assert adapter_slugs == expected
