@@ -15,6 +15,7 @@ from lora_doctor.config import DoctorConfig
 from lora_doctor.findings import Finding, Recommendation, Severity
 from lora_doctor.offline import diagnose
 from lora_doctor.report import Diagnosis
+from lora_doctor.sweep import SweepResult, SweepRow, rank_sweep
 
 if TYPE_CHECKING:
     from lora_doctor.integrations.hf import LoraDoctorCallback
@@ -27,8 +28,11 @@ __all__ = [
     "LoraDoctorCallback",
     "Recommendation",
     "Severity",
+    "SweepResult",
+    "SweepRow",
     "__version__",
     "diagnose",
+    "rank_sweep",
     "watch",
 ]
 

@@ -1,10 +1,12 @@
 """The ``lora-doctor`` command.
 
     lora-doctor diagnose PATH [--json OUT] [--plot OUT.png] [--fail-on warning|error]
+    lora-doctor sweep MODULE:FUNCTION [--ranks 4 8 16] [--metric eval_loss] [--out DIR]
 
 PATH is a run folder, a checkpoint folder or a ``trainer_state.json``. Exit status: 0 when nothing
 is at or above ``--fail-on`` (default: error), 1 when something is, 2 when the input could not be
-read (with one line naming the problem, no traceback).
+read (with one line naming the problem, no traceback). ``sweep`` is described in
+:mod:`lora_doctor.sweep` (exit 0: a rank was chosen, 1: every rank failed, 2: bad input).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Sequence
 
 from lora_doctor.findings import Severity
 from lora_doctor.offline import RunReadError, diagnose
+from lora_doctor.sweep import add_sweep_parser
 
 __all__ = ["main"]
 
@@ -46,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
         default=Severity.ERROR.value,
         help="exit 1 when a finding is at or above this severity (default: error)",
     )
+    add_sweep_parser(sub)
     return parser
 
 
@@ -57,6 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         1
     """
     args = _parser().parse_args(argv)
+    if args.command == "sweep":
+        return int(args.handler(args))
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         print(
             "lora-doctor: error: --plot needs matplotlib: pip install 'lora-doctor[plot]'",
