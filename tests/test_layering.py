@@ -19,6 +19,8 @@ ENGINE = [
     "lora_doctor.checks",
     "lora_doctor.engine",
     "lora_doctor.report",
+    "lora_doctor.sweep",
+    "lora_doctor.cli",
 ]
 BLOCKED = ["torch", "transformers", "peft", "accelerate", "trl", "deepspeed", "bitsandbytes"]
 
