@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     checks = {
         "a: OOM surfaced and out-of-memory in JSON": bool(a["error"])
         and "out-of-memory" in _slugs(a),
-        "b: oom-risk near capacity": bool(risk),
+        "b: oom-risk near capacity": bool(risk) and not b["error"],
         "c: comfortable run quiet": not ({"oom-risk", "out-of-memory"} & _slugs(c)),
         "d: reading < 0.1% of a step": cost["share_of_step"] < 1e-3,
     }

@@ -33,6 +33,7 @@ __all__ = [
     "estimates_by_rank",
     "fits_rank",
     "optimizer_state_bytes_per_param",
+    "rank_memory_step",
 ]
 
 GIB = 1024**3
@@ -231,3 +232,34 @@ def fits_rank(facts: RunFacts, r: int, max_share: float | None = None) -> bool |
     if est.complete or not fits:
         return fits
     return None
+
+
+def rank_memory_step(facts: RunFacts, r: int, max_share: float | None = None) -> str:
+    """A recommendation step that says whether rank ``r`` fits in memory (see :func:`fits_rank`),
+    for recommendations that change r.
+
+    Example:
+        >>> rank_memory_step(RunFacts(), 16)
+        'If memory allows: r=16 changes the LoRA parameters, their gradients and optimizer states in proportion (this run has no memory reading to check it)'
+    """
+    if max_share is None:
+        max_share = DoctorConfig().oom_peak_share
+    fits = fits_rank(facts, r, max_share)
+    mem = facts.memory
+    est = estimate_memory(mem, r) if mem is not None else None
+    if fits is None or est is None or mem is None or not mem.capacity:
+        return (
+            f"If memory allows: r={r} changes the LoRA parameters, their gradients and optimizer "
+            "states in proportion (this run has no memory reading to check it)"
+        )
+    figures = (
+        f"estimated peak {_gib(est.total)} GiB at r={r} against {_gib(max_share * mem.capacity)} "
+        f"GiB ({max_share:.0%} of {_gib(mem.capacity)} GiB)"
+    )
+    if fits:
+        return f"Memory: r={r} fits ({figures})"
+    return (
+        f"Memory: r={r} does not fit ({figures}): make room first, e.g. halve "
+        "per_device_train_batch_size and double gradient_accumulation_steps, or "
+        "gradient_checkpointing=True"
+    )

@@ -278,3 +278,26 @@ def test_memory_config_errors(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError) as err:
         DoctorConfig(**kwargs)
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("mem", "expected"),
+    [
+        (
+            _measured(peak=60.0),
+            "Memory: r=16 fits (estimated peak 60.65 GiB at r=16 against 72.00 GiB",
+        ),
+        (_measured(peak=71.8), "Memory: r=16 does not fit (estimated peak 72.45 GiB"),
+        (None, "If memory allows: r=16"),
+    ],
+    ids=["fits", "does-not-fit", "no-reading"],
+)
+def test_rank_rollback_says_whether_the_doubled_rank_fits(
+    mem: MemoryFacts | None, expected: str
+) -> None:
+    from lora_doctor.checks.curves import rollback
+
+    rec = rollback(8, 16, RunFacts(memory=mem))
+    (step,) = [s for s in rec.steps if "r=16" in s and "emory" in s]
+    assert step.startswith(expected)
+    assert rec.steps[-1].startswith("Restart from step 0")

@@ -17,7 +17,9 @@ import numpy as np
 from scipy import stats
 
 from lora_doctor.checks.base import Check, Context, Phase
+from lora_doctor.facts import RunFacts
 from lora_doctor.findings import Finding, Recommendation, Severity
+from lora_doctor.memory_estimate import rank_memory_step
 
 __all__ = [
     "CHECKS",
@@ -912,7 +914,11 @@ def plateau_causes(ctx: Context) -> list[Cause]:
             else "no other cause shows"
         )
         causes.append(
-            Cause(f"rank r={r} too small" if r else "rank too small", evidence, rollback(r, alpha))
+            Cause(
+                f"rank r={r} too small" if r else "rank too small",
+                evidence,
+                rollback(r, alpha, facts),
+            )
         )
     if not causes:
         causes.append(
@@ -935,8 +941,11 @@ def plateau_causes(ctx: Context) -> list[Cause]:
     return causes
 
 
-def rollback(r: int | None, alpha: float | None) -> Recommendation:
+def rollback(r: int | None, alpha: float | None, facts: RunFacts | None = None) -> Recommendation:
     """The rank rollback: stop, reload the base model, double r and alpha, restart from step 0.
+
+    With ``facts``, a step says whether the doubled rank fits in memory (from the run's memory
+    estimate; "if memory allows" when the run has none).
 
     Example:
         >>> rollback(8, 16).config_changes
@@ -960,6 +969,7 @@ def rollback(r: int | None, alpha: float | None) -> Recommendation:
             "Stop training now",
             "Reload the base model fresh (not the PeftModel you trained)",
             f"Set {target} in LoraConfig",
+            *([rank_memory_step(facts, 2 * r)] if facts is not None and r else []),
             "Restart from step 0; never resume a checkpoint with a new rank: adapter shapes are "
             "fixed at initialisation",
         ),
