@@ -182,3 +182,51 @@ def test_cli_bad_input(argv: list[str], message: str, capsys: pytest.CaptureFixt
     err = capsys.readouterr().err
     assert message in err
     assert err.count("\n") == 1 and err.startswith("lora-doctor sweep: ")
+
+
+class _FakeWandb:
+    """The part of the ``wandb`` module that transformers' WandbCallback.on_log uses."""
+
+    def __init__(self) -> None:
+        self.logged: list[dict] = []
+        self.run = type("Run", (), {"summary": {}})()
+
+    def log(self, data: dict) -> None:
+        self.logged.append(data)
+
+
+def test_summary_goes_through_wandb_callback() -> None:
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+    from transformers.integrations import WandbCallback
+
+    from lora_doctor.integrations.hf_sweep import Reporter, log_summary
+    from lora_doctor.sweep import SweepResult, SweepRow, summary_logs
+
+    callback = WandbCallback.__new__(WandbCallback)  # wandb itself is not installed here
+    callback._wandb, callback._initialized = _FakeWandb(), True
+    result = SweepResult.from_rows(
+        [SweepRow(8, 16, 92.0, 10.0), SweepRow(16, 32, 94.0, 18.0), SweepRow(32, 64, 94.1, 35.0)],
+        "eval_accuracy",
+        greater_is_better=True,
+    )
+    state = TrainerState()
+    state.global_step = 7
+    args = TrainingArguments(output_dir="unused", report_to="none", use_cpu=True)
+    log_summary(Reporter(args, state, TrainerControl(), [callback]), summary_logs(result))
+
+    (logged,) = callback._wandb.logged
+    assert logged["train/lora_doctor/sweep/chosen_rank"] == 16
+    assert logged["train/lora_doctor/sweep/r32/eval_accuracy"] == 94.1
+    assert logged["train/lora_doctor/sweep/reason"] == result.reason
+    assert logged["train/global_step"] == 7
+
+
+def test_a_failing_integration_does_not_fail_the_sweep(caplog: pytest.LogCaptureFixture) -> None:
+    from lora_doctor.integrations.hf_sweep import Reporter, log_summary
+
+    class Broken:
+        def on_log(self, *args, **kwargs):
+            raise RuntimeError("tracker down")
+
+    log_summary(Reporter(None, None, None, [Broken()]), {"lora_doctor/sweep/chosen_rank": 8})
+    assert "could not log the rank sweep through Broken" in caplog.text
