@@ -9,7 +9,7 @@ A Llama-shaped model of realistic size (hidden 2048, 16 layers, GQA 32/4 heads, 
 from scratch on made-up data (sequences that follow a fixed successor map over 1024 symbols), each
 for a short run, then evaluates it. lora_alpha = 2r.
 
-One more rank, r = 24, is built with a batch 64 times larger so that it truly runs out of GPU
+One more rank, r = 24, is built with a batch 128 times larger so that it truly runs out of GPU
 memory: the sweep must record it as failed ("out of memory") and go on, and the ranks after it must
 train normally (memory freed). On CPU (``--small``: r = 4, 16, 32 and 24) that rank's
 trainer raises ``torch.OutOfMemoryError`` itself.
@@ -118,7 +118,7 @@ def make_build(args: argparse.Namespace, out: Path) -> Any:
         targs = TrainingArguments(
             output_dir=tempfile.mkdtemp(prefix=f"gpu_sweep_r{r}_", dir=out),
             max_steps=steps or args.steps,
-            per_device_train_batch_size=batch * (64 if oom and cuda else 1),
+            per_device_train_batch_size=batch * (128 if oom and cuda else 1),
             per_device_eval_batch_size=batch,
             learning_rate=args.lr,
             lr_scheduler_type="constant",

@@ -41,7 +41,9 @@ def _events(root: Path) -> tuple[dict[str, float], dict[str, str]]:
 
 
 @pytest.mark.slow
-def test_real_sweep_measures_and_logs_to_tensorboard(tmp_path: Path) -> None:
+def test_real_sweep_measures_and_logs_to_tensorboard(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     built: dict[int, Trainer] = {}
 
     def build(r: int, lora_alpha: float) -> Trainer:
@@ -51,7 +53,9 @@ def test_real_sweep_measures_and_logs_to_tensorboard(tmp_path: Path) -> None:
         )
         return built[r]
 
-    result = rank_sweep(build, ranks=(4, 2), progress=False)
+    result = rank_sweep(build, ranks=(4, 2))
+
+    assert "lora-doctor rank sweep: 100%" in capsys.readouterr().err  # the progress bar
 
     assert [(row.r, row.lora_alpha, row.status) for row in result.rows] == [
         (2, 4, "ok"),
@@ -159,7 +163,9 @@ def test_cli_sweep_from_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str
             "--no-progress",
         ]
     )
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "lora-doctor rank sweep:" not in captured.err  # --no-progress
     assert code == 0
     assert "lora-doctor rank sweep (train_loss)" in out and "chosen: r=" in out
     assert {p.name for p in tmp_path.iterdir()} >= {"sweep.json", "sweep.csv", "sweep.png"}
@@ -230,3 +236,39 @@ def test_a_failing_integration_does_not_fail_the_sweep(caplog: pytest.LogCapture
 
     log_summary(Reporter(None, None, None, [Broken()]), {"lora_doctor/sweep/chosen_rank": 8})
     assert "could not log the rank sweep through Broken" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("report_to", "expected"),
+    [(None, ["TensorBoardCallback"]), ("none", []), (["tensorboard"], ["TensorBoardCallback"])],
+    ids=["trainers-own", "none", "named"],
+)
+def test_which_integrations_get_the_summary(report_to, expected: list[str]) -> None:
+    from lora_doctor.integrations.hf_sweep import _reporter
+
+    reporter = _reporter(tiny_trainer(2, 4, report_to="tensorboard"), report_to)
+    names = [type(c).__name__ for c in reporter.callbacks] if reporter is not None else []
+    assert names == expected
+
+
+@pytest.mark.slow
+def test_peak_memory_is_read_when_cuda_is_there(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA faked: the peak is reset before the build and read after the run, even a failed one."""
+    from lora_doctor.integrations import hf_sweep
+
+    calls: list[str] = []
+    monkeypatch.setattr(hf_sweep, "_cuda_ready", lambda: True)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: calls.append("reset"))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 3 * 2**30)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
+
+    def build(r: int, lora_alpha: float) -> Trainer:
+        calls.append("build")
+        return tiny_trainer(r, lora_alpha, trainer_cls=_OutOfMemoryTrainer)
+
+    result = rank_sweep(build, ranks=(2,), progress=False)
+    (row,) = result.rows
+    assert (row.status, row.peak_memory_bytes) == ("failed", 3 * 2**30)
+    assert calls == ["reset", "build", "empty_cache"]
+    assert "| 2 | 4 | n/a | - | 3.00 |" in result.table()
