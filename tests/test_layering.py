@@ -21,6 +21,8 @@ ENGINE = [
     "lora_doctor.report",
     "lora_doctor.sweep",
     "lora_doctor.cli",
+    "lora_doctor.offline",
+    "lora_doctor.plot",
 ]
 BLOCKED = ["torch", "transformers", "peft", "accelerate", "trl", "deepspeed", "bitsandbytes"]
 
