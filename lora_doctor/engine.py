@@ -81,8 +81,8 @@ class Doctor:
 
         A check that raises is logged once and switched off for the rest of the run; the others run.
         """
-        if step is not None:
-            self.step = max(self.step, int(step))
+        if step is not None and step > self.step:
+            self.step = int(step)
         checks = self._by_phase[phase]
         if phase is Phase.LOG:
             n = len(self.history)

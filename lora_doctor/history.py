@@ -109,18 +109,19 @@ class History:
         steps, values = self._steps, self._values
         for key, raw in logs.items():
             kind = type(raw)
-            if kind is float or kind is int:  # the common case, without _number's checks
-                value: float | None = float(raw)
+            if kind is float:  # the common cases first, without _number's checks
+                value: float | None = raw
+            elif kind is int:
+                value = float(raw)
             else:
                 value = _number(raw)
                 if value is None:
                     continue
-            if key == "step":
-                continue
-            if key in values:
+            series = values.get(key)
+            if series is not None:
+                series.append(value)  # type: ignore[arg-type]
                 steps[key].append(step_f)
-                values[key].append(value)  # type: ignore[arg-type]
-            else:
+            elif key != "step":
                 steps[key] = [step_f]
                 values[key] = [value]  # type: ignore[list-item]
 

@@ -297,7 +297,8 @@ class ZeroLoss(Check):
             cause = (
                 "cross-entropy on real tokens is never exactly 0: either every step of that "
                 "logging window was NaN and logging_nan_inf_filter hid it, or a batch had all its "
-                "labels masked"
+                "labels masked, or the loss is so near 0 that the log rounds it (older "
+                "transformers round to 4 decimals), itself a sign of leaked or memorised labels"
             )
             rec = Recommendation(
                 summary="Find the NaN or the fully masked batch",
@@ -645,18 +646,16 @@ def _binned(x: np.ndarray, y: np.ndarray, bins: int) -> tuple[np.ndarray, np.nda
     return medians(x), medians(y)
 
 
-def _trend(x: np.ndarray, y: np.ndarray, horizon: float, ctx: Context) -> _Trend:
+def _trend(x: np.ndarray, y: np.ndarray, horizon: float, ctx: Context, points: int) -> _Trend:
     """Theil-Sen slope of ``y`` over ``x`` with Sen's confidence interval (from Kendall's tau, as
     in the Mann-Kendall test), turned into the relative loss improvement per 10% of training."""
-    cfg = ctx.config
-    bx, by = _binned(x, y, cfg.plateau_max_points)
-    slope, _intercept, low, _high = stats.theilslopes(by, bx, alpha=cfg.plateau_confidence)
-    level = max(float(np.median(by[-max(3, len(by) // 5) :])), 1e-12)
+    slope, _intercept, low, _high = stats.theilslopes(y, x, alpha=ctx.config.plateau_confidence)
+    level = max(float(np.median(y[-max(3, len(y) // 5) :])), 1e-12)
     per = 0.1 * horizon / level
     return _Trend(
         start=float(x[0]),
         end=float(x[-1]),
-        points=len(x),
+        points=points,
         level=level,
         gain=max(0.0, -float(slope)) * per,
         gain_bound=max(0.0, -float(low)) * per,
@@ -731,16 +730,22 @@ class LossPlateau(Check):
     def _flat_window(
         self, x: np.ndarray, y: np.ndarray, horizon: float, ctx: Context
     ) -> _Trend | None:
-        """The earliest window start (in steps of plateau_early_fraction) whose loss is flat."""
+        """The earliest window start (every plateau_start_stride from plateau_early_fraction to
+        plateau_latest_start) whose loss is flat. The points are binned once for all starts."""
         cfg = ctx.config
+        first = np.searchsorted(x, cfg.plateau_early_fraction * horizon)
+        bx, by = _binned(x[first:], y[first:], cfg.plateau_max_points)
         start = cfg.plateau_early_fraction
         while start <= cfg.plateau_latest_start + 1e-9:
-            keep = x >= start * horizon
+            at = start * horizon
+            points = len(x) - int(np.searchsorted(x, at))
+            sel = bx >= at
             if (
-                keep.sum() >= cfg.plateau_min_points
-                and x[-1] - start * horizon >= cfg.plateau_min_span * horizon
+                points >= cfg.plateau_min_points
+                and sel.sum() >= 3
+                and x[-1] - at >= cfg.plateau_min_span * horizon
             ):
-                trend = _trend(x[keep], y[keep], horizon, ctx)
+                trend = _trend(bx[sel], by[sel], horizon, ctx, points)
                 if (
                     trend.gain < cfg.plateau_max_gain
                     and trend.gain_bound < cfg.plateau_max_gain_bound

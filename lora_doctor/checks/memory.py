@@ -133,6 +133,8 @@ class OomRisk(Check):
         if ctx.phase is Phase.SETUP:
             yield from self._static(ctx)
             return
+        if not ctx.history.count(KEY_PEAK_ALLOC):  # no readings (no GPU, or offline): cheap exit
+            return
         peak = ctx.history.series(KEY_PEAK_ALLOC).finite()
         cap = ctx.history.series(KEY_CAPACITY).finite()
         head = ctx.history.series(KEY_HEADROOM).finite()
