@@ -699,7 +699,11 @@ def rank_sweep(
 
     Raises:
         ValueError: for a bad argument, a build that returns no Trainer, or a metric the runs do not
-            report; each names the argument and the value.
+            report; each names the argument and the value. Any other error of ``build`` or of
+            training (not out of memory) stops the sweep as it would stop a run.
+
+    The sweep runs in one process; under ``torchrun`` every process runs it, and only the main
+    one (``RANK`` 0) shows the progress bar and logs the result.
 
     Example:
         >>> def build(r, lora_alpha):
@@ -737,10 +741,16 @@ def rank_sweep(
         min_gain=min_gain,
         alpha_ratio=alpha_ratio,
     )
-    logger.info("%s", result.summary())
+    if is_main_process():
+        logger.info("%s", result.summary())
     if reporter is not None:
         hf_sweep.log_summary(reporter, summary_logs(result))
     return result
+
+
+def is_main_process() -> bool:
+    """False on the non-main processes of a distributed launch (``torchrun`` sets ``RANK``)."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _check_ranks(ranks: Iterable[int]) -> list[int]:

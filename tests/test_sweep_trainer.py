@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -109,11 +110,13 @@ def test_failed_ranks_are_recorded_and_the_sweep_goes_on(tmp_path: Path) -> None
     classes = {2: Trainer, 4: _NaNWeightsTrainer, 8: _OutOfMemoryTrainer, 16: _NaNLossTrainer}
 
     def build(r: int, lora_alpha: float) -> Trainer:
+        if r == 32:  # e.g. the model does not even fit on the device
+            raise torch.OutOfMemoryError("CUDA out of memory while loading")
         trainer = tiny_trainer(r, lora_alpha, str(tmp_path / f"r{r}"), trainer_cls=classes[r])
         trainer.args.logging_nan_inf_filter = False  # else the Trainer hides a NaN training loss
         return trainer
 
-    result = rank_sweep(build, ranks=(2, 4, 8, 16), progress=False)
+    result = rank_sweep(build, ranks=(2, 4, 8, 16, 32), progress=False)
 
     by_rank = {row.r: row for row in result.rows}
     assert by_rank[2].status == "ok"
@@ -122,6 +125,11 @@ def test_failed_ranks_are_recorded_and_the_sweep_goes_on(tmp_path: Path) -> None
     assert by_rank[8].reason == "out of memory: CUDA out of memory. Tried to allocate 2.00 GiB"
     assert by_rank[8].metric is None
     assert (by_rank[16].status, by_rank[16].reason) == ("failed", "diverged: training loss is nan")
+    assert (by_rank[32].status, by_rank[32].reason, by_rank[32].findings) == (
+        "failed",
+        "out of memory: CUDA out of memory while loading",
+        [],
+    )
     assert result.chosen_rank == 2
     assert "Left out: r=4 diverged" in result.reason and "r=8 out of memory" in result.reason
 
@@ -272,3 +280,23 @@ def test_peak_memory_is_read_when_cuda_is_there(monkeypatch: pytest.MonkeyPatch)
     assert (row.status, row.peak_memory_bytes) == ("failed", 3 * 2**30)
     assert calls == ["reset", "build", "empty_cache"]
     assert "| 2 | 4 | n/a | - | 3.00 |" in result.table()
+
+
+def _build_out_of_memory(r: int, lora_alpha: float) -> Trainer:
+    raise torch.OutOfMemoryError("CUDA out of memory while loading")
+
+
+@pytest.mark.parametrize(("rank", "shown"), [("0", True), ("1", False)], ids=["main", "other"])
+def test_only_the_main_process_shows_and_logs(
+    rank: str,
+    shown: bool,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setenv("RANK", rank)
+    with caplog.at_level(logging.INFO, logger="lora_doctor"):
+        result = rank_sweep(_build_out_of_memory, ranks=(2, 4))
+    assert result.chosen_rank is None
+    assert ("lora-doctor rank sweep:" in capsys.readouterr().err) is shown
+    assert ("chosen: none" in caplog.text) is shown

@@ -18,7 +18,7 @@ from transformers import Trainer
 from transformers.integrations import get_reporting_integration_callbacks
 
 from lora_doctor.integrations.hf import LoraDoctorCallback
-from lora_doctor.sweep import SweepRow
+from lora_doctor.sweep import SweepRow, is_main_process
 
 __all__ = ["check_report_to", "log_summary", "run_sweep"]
 
@@ -69,7 +69,7 @@ def run_sweep(
         list(zip(ranks, alphas, strict=True)),
         desc="lora-doctor rank sweep",
         unit="rank",
-        disable=not progress,
+        disable=not progress or not is_main_process(),
     )
     for r, alpha in bar:
         bar.set_postfix_str(f"r={r}")
