@@ -194,7 +194,12 @@ def _train(
     report_path = out / name / "lora_doctor.json"
     report = json.loads(report_path.read_text()) if report_path.exists() else {}
     facts = doctor.doctor.facts if doctor.doctor is not None else None
-    peaks = doctor.doctor.history.series(KEY_PEAK_ALLOC).values if doctor.doctor else []
+    peaks: list[float] = (
+        doctor.doctor.history.series(KEY_PEAK_ALLOC).values.tolist() if doctor.doctor else []
+    )
+    at_oom = (facts.memory.oom or {}).get("reading") if facts and facts.memory else None
+    if not peaks and at_oom:  # died before its first log: the peak at the time of the error
+        peaks = [float(at_oom["peak_alloc_gib"])]
     estimate = estimate_memory(facts.memory) if facts and facts.memory else None
     result = {
         "findings": [
@@ -203,7 +208,7 @@ def _train(
             for f in report.get("findings", [])
         ],
         "error": f"{type(error).__name__}: {str(error)[:200]}" if error else None,
-        "peak_alloc_gib": float(max(peaks)) if len(peaks) else None,
+        "peak_alloc_gib": max(peaks) if peaks else None,
         "capacity_gib": (facts.memory.capacity or 0) / GIB if facts and facts.memory else None,
         "step_seconds": clock.seconds,
         "estimate": estimate.to_dict() if estimate else None,
@@ -348,12 +353,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nlora-doctor memory watch on {results['device']} ({results['seconds']:.0f} s)")
     if oom:
         print(f"  (a) {oom['code']} {oom['slug']} at step {oom['step']}: {oom['title']}")
-        reading = oom["evidence"].get("reading") or {}
-        if reading:
+        at_oom = oom["evidence"].get("reading") or {}
+        if at_oom:
             print(
-                f"      at the time: allocated {reading['allocated_gib']:.2f} GiB, reserved "
-                f"{reading['reserved_gib']:.2f}, free {reading['free_gib']:.2f} of "
-                f"{reading['capacity_gib']:.2f} GiB; tried to allocate "
+                f"      at the time: allocated {at_oom['allocated_gib']:.2f} GiB, reserved "
+                f"{at_oom['reserved_gib']:.2f}, free {at_oom['free_gib']:.2f} of "
+                f"{at_oom['capacity_gib']:.2f} GiB; tried to allocate "
                 f"{oom['evidence'].get('tried_to_allocate')}"
             )
     if risk:

@@ -290,7 +290,7 @@ class MemoryProbe(Probe):
         metrics = reading.metrics()
         ranks = spread.get("mem_peak_allocated")
         if ranks is not None and ranks.ranks > 1:
-            worst = {
+            worst: dict[str, Any] = {
                 key: int(spread[f"mem_{key}"].max if high else spread[f"mem_{key}"].min)
                 for key, high in _RANK_KEYS.items()
                 if f"mem_{key}" in spread
