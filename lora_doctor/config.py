@@ -143,6 +143,12 @@ class DoctorConfig:
         lambda v: _positive_int(v) and v >= 3,
         "an integer >= 3",
     )
+    oom_growth_window: int = _opt(
+        50,
+        "Most recent memory readings the growth fit uses (bounds its cost on long runs).",
+        lambda v: _positive_int(v) and v >= 3,
+        "an integer >= 3",
+    )
     oom_growth_confidence: float = _opt(
         0.95,
         "Confidence of the Theil-Sen slope interval: the growth rule fires only when the whole "
@@ -308,6 +314,11 @@ class DoctorConfig:
             raise ValueError(
                 "DoctorConfig.budget_low must be <= budget_high, "
                 f"got {self.budget_low!r} > {self.budget_high!r}"
+            )
+        if self.oom_growth_min_readings > self.oom_growth_window:
+            raise ValueError(
+                "DoctorConfig.oom_growth_min_readings must be <= oom_growth_window, "
+                f"got {self.oom_growth_min_readings!r} > {self.oom_growth_window!r}"
             )
         if self.oom_retry_intervals > self.oom_retry_window:
             raise ValueError(

@@ -63,6 +63,18 @@ _noise = np.random.default_rng(0).normal(0, 0.02, 30)
         ({"shares": [0.6] * 6 + [0.7] * 6}, []),
         ({"shares": [0.30 + 0.01 * i for i in range(4)], "max_steps": 1000}, []),
         ({"shares": [0.85, 0.86], "config": DoctorConfig(oom_peak_share=0.8)}, ["peak"]),
+        (
+            {"shares": [0.30] * 200 + [0.30 + 0.005 * i for i in range(40)], "max_steps": 5000},
+            ["growth"],
+        ),
+        (
+            {
+                "shares": [0.30] * 200 + [0.30 + 0.005 * i for i in range(40)],
+                "max_steps": 5000,
+                "config": DoctorConfig(oom_growth_window=300),
+            },
+            [],
+        ),
     ],
     ids=[
         "peak-93pct",
@@ -78,6 +90,8 @@ _noise = np.random.default_rng(0).normal(0, 0.02, 30)
         "one-jump-then-flat",
         "growth-too-few-readings",
         "threshold-from-config",
+        "growth-after-long-flat-in-window",
+        "growth-diluted-by-wide-window",
     ],
 )
 def test_oom_risk(kwargs: dict, rules: list[str]) -> None:
@@ -271,8 +285,16 @@ def test_fits_rank(mem: MemoryFacts, r: int, expected: bool | None) -> None:
             {"oom_growth_confidence": 1.0},
             "oom_growth_confidence must be a number in (0, 1), got 1.0",
         ),
+        ({"oom_growth_window": 4}, "oom_growth_min_readings must be <= oom_growth_window"),
     ],
-    ids=["share-zero", "share-above-one", "retries-window", "growth-readings", "confidence"],
+    ids=[
+        "share-zero",
+        "share-above-one",
+        "retries-window",
+        "growth-readings",
+        "confidence",
+        "growth-window",
+    ],
 )
 def test_memory_config_errors(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError) as err:

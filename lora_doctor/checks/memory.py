@@ -233,7 +233,10 @@ class OomRisk(Check):
         if max_steps <= 0 or (mem is not None and not mem.peaks_reset):
             return None
         peak = ctx.history.series(KEY_PEAK_ALLOC).finite()
-        steps, values = peak.steps[1:], peak.values[1:]  # the first reading holds the warm-up
+        # The first reading holds the warm-up; the fit looks at the most recent readings only,
+        # which bounds its cost (Theil-Sen is quadratic) on long runs and follows today's trend.
+        window = ctx.config.oom_growth_window
+        steps, values = peak.steps[1:][-window:], peak.values[1:][-window:]
         if len(values) < ctx.config.oom_growth_min_readings or np.ptp(steps) <= 0:
             return None
         slope, intercept, low, high = stats.theilslopes(
