@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -445,3 +446,56 @@ def test_resumed_past_first_steps_takes_no_copy() -> None:
     probe.train_begin(Event(doctor=doctor, args=None, state=state, model=model))
     assert doctor.facts.has_lora is True
     assert probe._watched == []
+
+
+def manual_run(
+    model: nn.Module, steps: int = 2, lr: float = 1e-2, during: Any = contextlib.nullcontext
+) -> Doctor:
+    """The probe's hooks around a plain training loop, as the callback calls them; the loop runs
+    inside ``during()`` (entered after the optimizer is built)."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    with during():
+        return _hooked_steps(model, optimizer, steps)
+
+
+def _hooked_steps(model: nn.Module, optimizer: Any, steps: int) -> Doctor:
+    doctor = Doctor(DoctorConfig(check_after_steps=steps), RunFacts(), emit=False)
+    state = type("State", (), {"global_step": 0})()
+    probe = AdapterProbe()
+
+    def event() -> Event:
+        return Event(doctor=doctor, args=None, state=state, model=model, optimizer=optimizer)
+
+    probe.train_begin(event())
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    for _ in range(steps):
+        model(input_ids=ids, labels=ids).loss.backward()
+        probe.pre_optimizer_step(event())
+        optimizer.step()
+        optimizer.zero_grad()
+        state.global_step += 1
+        probe.step_end(event())
+    doctor.run_phase(Phase.FIRST_STEPS, steps)
+    return doctor
+
+
+def test_inactive_adapter_is_no_false_alarm() -> None:
+    model = get_peft_model(
+        tiny_llama(), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+    )
+    model.add_adapter("other", LoraConfig(r=2, lora_alpha=2, target_modules=["down_proj"]))
+    doctor = manual_run(model)
+    facts = doctor.facts
+    assert facts.no_grad_layers == facts.b_still_zero_layers == facts.frozen_in_place == []
+    assert "adapter-not-learning" not in {f.slug for f in doctor.findings}
+
+
+def test_disabled_adapters_are_not_learning() -> None:
+    model = get_peft_model(
+        tiny_llama(), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+    )
+    model.base_model.model.lm_head.weight.requires_grad_(True)  # something else still trains
+    doctor = manual_run(model, during=model.disable_adapter)
+    (finding,) = [f for f in doctor.findings if f.slug == "adapter-not-learning"]
+    assert finding.severity.value == "error"
+    assert len(doctor.facts.no_grad_layers) == 4

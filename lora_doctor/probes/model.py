@@ -329,9 +329,8 @@ def _lora_adapter_of(name: str) -> str | None:
 
 
 def _active_adapters(module: nn.Module) -> set[str] | None:
-    """The adapters a LoRA layer runs in its forward; None when the layer does not say."""
-    if getattr(module, "disable_adapters", False) is True:
-        return set()
+    """The adapters selected to train in a LoRA layer (even while disabled, which is then a
+    finding); None when the layer does not say."""
     active = getattr(module, "active_adapters", None)
     if active is None:
         active = getattr(module, "active_adapter", None)
