@@ -319,8 +319,8 @@ def choose_rank(
             why = f"took {_secs(below.train_seconds)}, over the limit of {_secs(time_limit)}"
         else:
             why = (
-                f"is {_pct(gap(below, chosen) / scale)} worse than r={chosen.r}: the step up is "
-                f"worth it (at least {_pct(min_gain)} of the best)"
+                f"is {_pct(gap(below, top) / scale)} worse than r={top.r}, more than the "
+                f"{_pct(min_gain)} of the best that a smaller rank may give up"
             )
         parts.append(f"r={below.r} ({metric} {fmt(below.metric)}) {why}.")
     larger = [row for row in usable if row.r > chosen.r]

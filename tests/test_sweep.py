@@ -76,7 +76,11 @@ CHOICE_CASES = [
         True,
         {},
         16,
-        ["r=32 improves it by only 0.1", "diminishing returns", "r=8 (metric 92) is 2.1% worse"],
+        [
+            "r=32 improves it by only 0.1",
+            "diminishing returns",
+            "r=8 (metric 92) is 2.1% worse than r=16, more than the 1% of the best",
+        ],
     ),
     (
         "accuracy-flat-smallest-wins",
@@ -92,7 +96,7 @@ CHOICE_CASES = [
         False,
         {},
         8,
-        ["0.99% worse than the best (2.03 at r=32", "r=4 (metric 2.1) is 2.5% worse than r=8"],
+        ["0.99% worse than the best (2.03 at r=32", "r=4 (metric 2.1) is 3% worse than r=16"],
     ),
     (
         "same-numbers-read-as-accuracy",
@@ -174,6 +178,14 @@ CHOICE_CASES = [
         {},
         16,
         ["r=8 (metric -0.5) is 4.2% worse than r=16"],
+    ),
+    (
+        "smaller-rank-measured-against-the-best-kept",
+        rows((4, 2.10, 10), (8, 2.085, 10), (16, 2.07, 10)),
+        False,
+        {},
+        8,
+        ["r=4 (metric 2.1) is 1.4% worse than r=16, more than the 1%"],
     ),
     (
         "no-times-recorded",
