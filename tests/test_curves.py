@@ -250,7 +250,21 @@ def test_overfit_reported_at_the_evaluation_that_establishes_it() -> None:
     assert finding.evidence["best_step"] == 200
     rec = finding.recommendation
     assert rec is not None and rec.config_changes["load_best_model_at_end"] is True
+    assert rec.config_changes["metric_for_best_model"] == "loss"  # the Trainer adds "eval_"
     assert "EarlyStoppingCallback" in rec.steps[0]
+
+
+def test_overfit_on_each_named_eval_set() -> None:
+    """With eval_dataset={"val": ..., "ood": ...} the Trainer logs eval_val_loss, eval_ood_loss."""
+    train = _train_log(2.0 * np.exp(-T / 0.3) + 0.05)
+    falling = [1.5, 1.3, 1.2, 1.1, 1.05, 1.0, 0.97, 0.95, 0.94, 0.93]
+    entries = _with_evals(train, U_SHAPE, every=50)
+    for e, v in zip([e for e in entries if "eval_loss" in e], falling, strict=True):
+        e["eval_ood_loss"] = e.pop("eval_loss")
+        e["eval_val_loss"] = v
+    found = _diagnose(entries).findings
+    assert [(f.slug, f.evidence["key"]) for f in found] == [("overfit", "eval_ood_loss")]
+    assert found[0].recommendation.config_changes["metric_for_best_model"] == "ood_loss"
 
 
 def test_overfit_fix_for_a_small_dataset_and_large_rank() -> None:

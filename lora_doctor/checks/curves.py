@@ -502,23 +502,32 @@ class Overfit(Check):
     phases = frozenset({Phase.EVAL})
 
     def __init__(self) -> None:
-        self._done = False
+        self._done: set[str] = set()
 
     def run(self, ctx: Context) -> Iterable[Finding]:
-        if ctx.facts.is_rl or self._done:
+        if ctx.facts.is_rl:
             return
+        # eval_loss, or eval_<name>_loss for each dataset when eval_dataset is a dict
+        for key in ctx.history.keys():  # noqa: SIM118 (History has keys(), no __iter__)
+            if key.startswith("eval_") and key.endswith("loss") and key not in self._done:
+                finding = self._judge(ctx, key)
+                if finding is not None:
+                    self._done.add(key)
+                    yield finding
+
+    def _judge(self, ctx: Context, key: str) -> Finding | None:
         cfg = ctx.config
-        esteps, evals = _finite(*ctx.history.points(EVAL_LOSS))
+        esteps, evals = _finite(*ctx.history.points(key))
         if len(evals) < cfg.overfit_patience + 1:
-            return
+            return None
         best_i = int(np.argmin(evals))
         best = evals[best_i]
         tail = evals[-cfg.overfit_patience :]
         if best_i > len(evals) - 1 - cfg.overfit_patience:
-            return
+            return None
         threshold = max(best * (1 + cfg.overfit_min_rise), best + cfg.overfit_min_abs_rise)
         if not all(v > threshold for v in tail):
-            return
+            return None
         best_step = esteps[best_i]
         tsteps, train = ctx.history.points(LOSS)
         cut = bisect.bisect_right(tsteps, best_step)  # steps are logged in order
@@ -527,15 +536,18 @@ class Overfit(Check):
         if before and after:
             then, now = float(np.median(before)), float(np.median(after))
             if now > then:
-                return  # both rise: that is divergence or noise, not overfitting
+                return None  # both rise: that is divergence or noise, not overfitting
         else:
             then = now = math.nan
-        self._done = True
-        yield self._finding(ctx, esteps, evals, best_i, then, now)
+        return self._finding(ctx, key, esteps, evals, best_i, then, now)
+
+    def dedup_key(self, finding: Finding) -> Hashable:
+        return str(finding.evidence.get("key", EVAL_LOSS))
 
     def _finding(
         self,
         ctx: Context,
+        key: str,
         esteps: list[float],
         evals: list[float],
         best_i: int,
@@ -546,14 +558,15 @@ class Overfit(Check):
         best, best_step, last = evals[best_i], int(esteps[best_i]), evals[-1]
         since = len(evals) - 1 - best_i
         epoch = _value_at(ctx, "epoch", best_step)
+        metric = key.removeprefix("eval_")  # the Trainer adds the prefix back
         steps = [
             "Keep the best checkpoint: load_best_model_at_end=True, "
-            "metric_for_best_model='eval_loss', save_strategy equal to eval_strategy, and add "
+            f"metric_for_best_model='{metric}', save_strategy equal to eval_strategy, and add "
             f"EarlyStoppingCallback(early_stopping_patience={cfg.overfit_patience})",
         ]
         changes: dict[str, object] = {
             "load_best_model_at_end": True,
-            "metric_for_best_model": "eval_loss",
+            "metric_for_best_model": metric,
         }
         if epoch is not None and epoch > 0:
             epochs = max(1, math.ceil(epoch))
@@ -588,12 +601,13 @@ class Overfit(Check):
         )
         return self.finding(
             ctx,
-            f"Eval loss rose from {_fmt(best)} (step {best_step}) to {_fmt(last)} over {since} evaluations",
-            f"The eval loss has been above its best ({_fmt(best)} at step {best_step}) for the last "
+            f"{key} rose from {_fmt(best)} (step {best_step}) to {_fmt(last)} over {since} evaluations",
+            f"The {key} has been above its best ({_fmt(best)} at step {best_step}) for the last "
             f"{cfg.overfit_patience} evaluations, now {_fmt(last)} (+{_fmt(100 * (last / best - 1) if best > 0 else math.inf)}%)"
             f"{train_text}: the adapter is memorising the training set. Every further step makes "
             "the model worse on new data. Use the checkpoint of the best evaluation.",
             evidence={
+                "key": key,
                 "best_eval_loss": best,
                 "best_step": best_step,
                 "eval_loss": last,
