@@ -83,8 +83,13 @@ def plot_diagnosis(diagnosis: Diagnosis, path: str | os.PathLike[str]) -> Path:
             width = max(5, len(loss) // 50)
             kernel = np.ones(width) / width
             smooth = np.convolve(loss.values, kernel, mode="valid")
+            centre = width // 2  # a centred mean: no lag behind the raw curve
             ax.plot(
-                loss.steps[width - 1 :], smooth, color="#1e88e5", lw=1.6, label="train loss (mean)"
+                loss.steps[centre : centre + len(smooth)],
+                smooth,
+                color="#1e88e5",
+                lw=1.6,
+                label="train loss (mean)",
             )
     if len(evals):
         ax.plot(evals.steps, evals.values, "o-", color="#43a047", ms=3.5, lw=1.4, label="eval loss")
@@ -127,6 +132,22 @@ def _mark_findings(diagnosis: Diagnosis, axes: list[Any]) -> None:
         colour = _COLOURS.get(finding.severity, "#555555")
         for a in axes:
             a.axvline(finding.step, color=colour, ls="--", lw=1.1, alpha=0.85)
+        since = finding.evidence.get("since_step")  # the plateau's window
+        if isinstance(since, (int, float)) and since < finding.step:
+            top.axvspan(since, finding.step, color=colour, alpha=0.08, lw=0)
+        best = finding.evidence.get("best_step")  # the best evaluation before overfitting
+        value = finding.evidence.get("best_eval_loss")
+        if isinstance(best, (int, float)) and isinstance(value, (int, float)):
+            top.plot([best], [value], marker="*", ms=13, color=colour, ls="none", zorder=5)
+            top.annotate(
+                "best eval",
+                xy=(best, value),
+                xytext=(0, -14),
+                textcoords="offset points",
+                fontsize=8,
+                color=colour,
+                ha="center",
+            )
         # stagger the labels so that findings at close steps stay readable
         y = 0.97 - 0.09 * (i % 4)
         top.annotate(
