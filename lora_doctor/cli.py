@@ -5,7 +5,7 @@
 
 PATH is a run folder, a checkpoint folder or a ``trainer_state.json``. Exit status: 0 when nothing
 is at or above ``--fail-on`` (default: error), 1 when something is, 2 when the input could not be
-read (with one line naming the problem, no traceback). ``sweep`` is described in
+read or an output not written (with one line naming the problem, no traceback). ``sweep`` is described in
 :mod:`lora_doctor.sweep` (exit 0: a rank was chosen, 1: every rank failed, 2: bad input).
 """
 
@@ -75,12 +75,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lora-doctor: error: {err}", file=sys.stderr)
         return EXIT_UNREADABLE
     print(diagnosis.summary())
-    if args.json:
-        diagnosis.to_json(args.json)
-        print(f"diagnosis written to {args.json}")
-    if args.plot:
-        diagnosis.plot(args.plot)
-        print(f"plot written to {args.plot}")
+    try:
+        if args.json:
+            diagnosis.to_json(args.json)
+            print(f"diagnosis written to {args.json}")
+        if args.plot:
+            diagnosis.plot(args.plot)
+            print(f"plot written to {args.plot}")
+    except OSError as err:  # an output that cannot be written: one line, as for the input
+        print(f"lora-doctor: error: cannot write {err.filename}: {err.strerror}", file=sys.stderr)
+        return EXIT_UNREADABLE
     threshold = Severity.parse(args.fail_on)
     worst = diagnosis.worst
     return EXIT_FOUND if worst is not None and worst >= threshold else EXIT_OK

@@ -147,6 +147,15 @@ def test_exit_codes(tmp_path: Path, log: list[dict], fail_on: str, code: int, ca
     assert json.loads(out_json.read_text())["source"] == "offline"
 
 
+def test_unwritable_output_is_one_line(tmp_path: Path, capsys) -> None:
+    run = _write(tmp_path / "run", _state(_flat_log()))
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["diagnose", str(run), "--json", str(blocker / "d.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lora-doctor: error: cannot write") and err.count("\n") == 1
+
+
 def test_command_runs_as_a_module(tmp_path: Path) -> None:
     run = _write(tmp_path, _state(_flat_log()))
     done = subprocess.run(
