@@ -49,7 +49,7 @@ class RunFiles:
         state_path: the file the log was read from (None for in-memory input).
     """
 
-    log_history: list[dict[str, Any]]
+    log_history: list[Mapping[str, Any]]
     state: dict[str, Any] = field(default_factory=dict)
     adapter_config: dict[str, Any] | None = None
     state_path: Path | None = None
@@ -150,8 +150,11 @@ def facts_from_files(run: RunFiles) -> RunFacts:
     # an "infinite" epoch count (sys.maxsize when max_steps drives the run) is not a plan
     if isinstance(epochs, (int, float)) and not isinstance(epochs, bool) and 0 < epochs < 1e6:
         facts.num_train_epochs = float(epochs)
-    lrs = [e.get("learning_rate") for e in run.log_history]
-    lrs = [v for v in lrs if type(v) in (int, float) and math.isfinite(v)]
+    lrs = [
+        float(v)
+        for v in (e.get("learning_rate") for e in run.log_history)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    ]
     # the configured rate is the peak of the schedule, not the first (warm-up) value
     facts.learning_rate = float(max(lrs)) if lrs else None
     if run.adapter_config is not None:

@@ -126,15 +126,15 @@ def plot_diagnosis(diagnosis: Diagnosis, path: str | os.PathLike[str]) -> Path:
 
 def _mark_findings(diagnosis: Diagnosis, axes: list[Any]) -> None:
     """A dashed line per finding with a step, on every panel; its code and slug on the top one."""
-    placed = [f for f in diagnosis.findings if f.step is not None]
+    placed = [(f, f.step) for f in diagnosis.findings if f.step is not None]
     top = axes[0]
-    for i, finding in enumerate(placed):
+    for i, (finding, step) in enumerate(placed):
         colour = _COLOURS.get(finding.severity, "#555555")
         for a in axes:
-            a.axvline(finding.step, color=colour, ls="--", lw=1.1, alpha=0.85)
+            a.axvline(step, color=colour, ls="--", lw=1.1, alpha=0.85)
         since = finding.evidence.get("since_step")  # the plateau's window
-        if isinstance(since, (int, float)) and since < finding.step:
-            top.axvspan(since, finding.step, color=colour, alpha=0.08, lw=0)
+        if isinstance(since, (int, float)) and since < step:
+            top.axvspan(since, step, color=colour, alpha=0.08, lw=0)
         best = finding.evidence.get("best_step")  # the best evaluation before overfitting
         value = finding.evidence.get("best_eval_loss")
         if isinstance(best, (int, float)) and isinstance(value, (int, float)):
@@ -152,7 +152,7 @@ def _mark_findings(diagnosis: Diagnosis, axes: list[Any]) -> None:
         y = 0.97 - 0.09 * (i % 4)
         top.annotate(
             f"{finding.code} {finding.slug}",
-            xy=(finding.step, y),
+            xy=(step, y),
             xycoords=("data", "axes fraction"),
             xytext=(3, 0),
             textcoords="offset points",

@@ -84,7 +84,7 @@ class _Cursor:
         self.key = key
         self.seen = 0
 
-    def new(self, ctx: Context) -> tuple[list[float], list[float]]:
+    def new(self, ctx: Context) -> tuple[Sequence[float], Sequence[float]]:
         steps, values = ctx.history.points(self.key, self.seen)
         self.seen += len(values)
         return steps, values
