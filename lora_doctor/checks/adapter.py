@@ -208,6 +208,11 @@ def _names(names: list[str], limit: int = 5) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
+def _n(count: int, noun: str, plural: str = "") -> str:
+    """``count`` and the noun, singular or plural: ``_n(1, "layer")`` is "1 layer"."""
+    return f"{count:,} {noun if count == 1 else plural or noun + 's'}"
+
+
 def _pct(share: float) -> str:
     return f"{100 * share:.3g}%"
 
@@ -285,8 +290,8 @@ class AdapterNotInOptimizer(Check):
             return
         yield self.finding(
             ctx,
-            f"{len(missing)} trainable LoRA parameters are in no optimizer param group",
-            f"The optimizer does not hold {len(missing)} trainable LoRA parameters "
+            f"{_n(len(missing), 'trainable LoRA parameter')} in no optimizer param group",
+            f"The optimizer does not hold {_n(len(missing), 'trainable LoRA parameter')} "
             f"({_names(missing)}): they get gradients but are never updated, so the adapter does "
             "not learn. This happens when the optimizer is built before get_peft_model, or from "
             "a list that leaves the LoRA parameters out.",
@@ -547,7 +552,7 @@ class CustomInit(Check):
                 f"Adapter '{name}' is initialised with init_lora_weights={value!r}: {note}. The "
                 "alpha = r or 2r rule and the usual LoRA learning rates are calibrated on the "
                 "default init and no longer hold: take lora_alpha and the learning rate from the "
-                f"{scheme} recipe, so alpha-rank-ratio is not judged for this adapter.",
+                f"{scheme} recipe (lora-doctor does not judge alpha-rank-ratio for this adapter).",
                 evidence={"adapter": name, "init_lora_weights": value, "scheme": scheme},
             )
 
@@ -579,11 +584,10 @@ class BaseWeightsTrainable(Check):
         modules = sorted({n.rsplit(".", 1)[0] for n in names})
         yield self.finding(
             ctx,
-            f"{len(names)} base-model parameters are trainable ({facts.trainable_base_params:,}, "
-            f"{_pct(share)} of the base)",
-            f"{len(names)} parameters of the base model ({_names(names)}) have requires_grad=True "
-            f"although LoRA should leave the base frozen: {facts.trainable_base_params:,} "
-            "parameters train at full size, with gradients and optimizer state in memory, and "
+            f"{_n(len(names), 'base-model parameter')} trainable ({facts.trainable_base_params:,} "
+            f"values, {_pct(share)} of the base)",
+            f"Base-model parameters have requires_grad=True ({_names(names)}) although LoRA "
+            f"should leave the base frozen: {facts.trainable_base_params:,} values train at full size, with gradients and optimizer state in memory, and "
             "save_pretrained does not save them, so their training is lost. If you mean to train "
             "these modules fully, list them in LoraConfig(modules_to_save=[...]); otherwise do not "
             "set requires_grad=True on base parameters after get_peft_model.",
@@ -625,8 +629,8 @@ class AdapterShape(Check):
             lf, why = wrong[0]
             yield self.finding(
                 ctx,
-                f"{len(wrong)} LoRA layers have unexpected adapter shapes",
-                f"In {len(wrong)} LoRA layers the low-rank pair does not match the layer: "
+                f"{_n(len(wrong), 'LoRA layer')} with unexpected adapter shapes",
+                f"In {_n(len(wrong), 'LoRA layer')} the low-rank pair does not match the layer: "
                 f"{lf.name} ({lf.adapter}): {why}"
                 + (f"; also {_names([w.name for w, _ in wrong[1:]])}" if len(wrong) > 1 else "")
                 + ". The adapter then does not compute the update LoRA intends (often a checkpoint "
@@ -655,8 +659,8 @@ class AdapterShape(Check):
             lf, d_in, d_out = full[0]
             yield self.finding(
                 ctx,
-                f"{len(full)} LoRA layers are full rank (r={lf.r} >= min(d_in, d_out))",
-                f"In {len(full)} layers (e.g. {lf.name}: r={lf.r}, d_in={d_in}, d_out={d_out}) "
+                f"{_n(len(full), 'LoRA layer')} at full rank (r={lf.r} >= min(d_in, d_out))",
+                f"In {_n(len(full), 'layer')} (e.g. {lf.name}: r={lf.r}, d_in={d_in}, d_out={d_out}) "
                 "the rank is at least the smaller side of the matrix, so A and B hold "
                 f"{lf.r * (d_in + d_out):,} parameters for a {d_in * d_out:,}-parameter matrix: a "
                 "full-size update where a low-rank pair belongs, with none of LoRA's savings. "
