@@ -1,0 +1,353 @@
+"""Singular values of the learned LoRA update ``scaling * B @ A``, without forming it.
+
+For ``B`` of shape ``(d_out, r)`` and ``A`` of shape ``(r, d_in)``, QR factorisations ``B = Qb Rb`` and
+``A^T = Qa Ra`` give ``B @ A = Qb (Rb Ra^T) Qa^T`` with orthonormal ``Qb`` and ``Qa``, so the singular
+values of ``B @ A`` are those of the ``r x r`` core ``Rb Ra^T``. Cost: two thin QRs (``O(d r^2)``) and
+one ``r x r`` SVD, instead of ``O(d_out d_in r)`` to form the product and far more to decompose it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lora_doctor.checks.rank import summarise
+from lora_doctor.config import DoctorConfig
+from lora_doctor.facts import LayerSpectrum, SpectrumSnapshot
+from lora_doctor.probes.base import Event, Probe
+
+__all__ = ["SpectrumProbe", "count_supervised_tokens", "lora_layers", "lowrank_singular_values"]
+
+
+def lowrank_singular_values(b: torch.Tensor, a: torch.Tensor, scaling: float = 1.0) -> torch.Tensor:
+    """Singular values of ``scaling * b @ a``, largest first, in float32 on the tensors' device.
+
+    Layers of the same shape may be stacked: ``b`` of shape ``(..., d_out, r)`` and ``a`` of shape
+    ``(..., r, d_in)`` give ``(..., min(r, d_out, d_in))`` values, one row per layer.
+
+    Args:
+        b: the LoRA ``B`` factor(s).
+        a: the LoRA ``A`` factor(s).
+        scaling: peft's ``lora_alpha / r`` (``lora_alpha / sqrt(r)`` under rsLoRA).
+
+    Example:
+        >>> b, a = torch.randn(64, 4), torch.randn(4, 32)
+        >>> s = lowrank_singular_values(b, a, 2.0)
+        >>> torch.allclose(s, torch.linalg.svdvals(2.0 * b @ a)[:4], rtol=1e-4)
+        True
+    """
+    b32 = b.detach().to(torch.float32)
+    a32 = a.detach().to(torch.float32)
+    rb = torch.linalg.qr(b32, mode="r").R
+    ra = torch.linalg.qr(a32.transpose(-1, -2), mode="r").R
+    core = rb @ ra.transpose(-1, -2)
+    return torch.linalg.svdvals(core) * abs(float(scaling))
+
+
+# --- reading the live model ---------------------------------------------------------------------
+@dataclass
+class _Layer:
+    """One (LoRA module, adapter) pair and the parameters its update is made of."""
+
+    name: str
+    kind: str
+    adapter: str
+    r: int
+    scaling: float
+    a: torch.Tensor
+    b: torch.Tensor
+    base: Any
+    base_norm: float | None = None
+    init_nonzero: bool = False
+
+
+def lora_layers(model: Any) -> list[_Layer]:
+    """Every (LoRA module, adapter) of ``model`` in module order: Linear, Conv and Embedding layers.
+
+    Works on a model wrapped by DDP, FSDP or DeepSpeed (it walks ``named_modules``).
+
+    Example:
+        >>> lora_layers(torch.nn.Linear(2, 2))
+        []
+    """
+    out: list[_Layer] = []
+    for name, module in model.named_modules():
+        scaling = getattr(module, "scaling", None)
+        if not isinstance(scaling, dict):
+            continue
+        pairs: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+        lora_a, lora_b = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
+        if isinstance(lora_a, torch.nn.ModuleDict) and isinstance(lora_b, torch.nn.ModuleDict):
+            pairs += [
+                (ad, lora_a[ad].weight, lora_b[ad].weight)
+                for ad in lora_a
+                if ad in lora_b and hasattr(lora_a[ad], "weight")
+            ]
+        emb_a = getattr(module, "lora_embedding_A", None)
+        emb_b = getattr(module, "lora_embedding_B", None)
+        if isinstance(emb_a, torch.nn.ParameterDict) and isinstance(emb_b, torch.nn.ParameterDict):
+            pairs += [(ad, emb_a[ad], emb_b[ad]) for ad in emb_a if ad in emb_b]
+        get_base = getattr(module, "get_base_layer", None)
+        base = get_base() if callable(get_base) else getattr(module, "base_layer", None)
+        for adapter, a, b in pairs:
+            r = int(getattr(module, "r", {}).get(adapter, 0) or 0)
+            if r <= 0:
+                continue
+            out.append(
+                _Layer(
+                    name=_short_name(name),
+                    kind=name.rsplit(".", 1)[-1],
+                    adapter=adapter,
+                    r=r,
+                    scaling=float(scaling.get(adapter, 1.0)),
+                    a=a,
+                    b=b,
+                    base=base,
+                )
+            )
+    return out
+
+
+def _short_name(name: str) -> str:
+    for prefix in ("module.", "_fsdp_wrapped_module.", "base_model.model."):
+        name = name.replace(prefix, "")
+    return name
+
+
+def _dtensor_type() -> type | None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch < 2.4
+        try:
+            from torch.distributed._tensor import DTensor  # type: ignore[no-redef]
+        except ImportError:
+            return None
+    return DTensor
+
+
+@contextlib.contextmanager
+def _full(params: list[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
+    """The full tensors of ``params``, gathered the same way on every rank.
+
+    DeepSpeed ZeRO-3 partitions (``ds_id``): ``GatheredParameters`` (read-only). FSDP2 DTensors:
+    ``full_tensor()``. Both are collective calls: every rank must walk the same layers in the same
+    order, which :func:`lora_layers` guarantees. Plain tensors are yielded as they are.
+    """
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            yield [p.data for p in params]
+        return
+    dtensor = _dtensor_type()
+    yield [
+        p.detach().full_tensor() if dtensor is not None and isinstance(p, dtensor) else p.detach()  # type: ignore[attr-defined]
+        for p in params
+    ]
+
+
+def _base_norm(base: Any) -> tuple[float | None, str]:
+    """Frobenius norm of a frozen base layer's weight (gathered, 4-bit dequantized) and a note."""
+    weight = getattr(base, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return None, "no base weight"
+    with _full([weight]) as (full,):
+        if type(weight).__name__ in ("Params4bit", "Int8Params"):
+            try:
+                from peft.utils.integrations import dequantize_module_weight
+
+                full = dequantize_module_weight(base)
+            except Exception as exc:  # bitsandbytes missing or an unknown layout
+                return None, f"quantized base weight not read ({type(exc).__name__})"
+        if full.numel() == 0:
+            return None, "base weight is a local shard (FSDP1 flat parameters)"
+        return float(torch.linalg.vector_norm(full.detach().to(torch.float32))), ""
+
+
+def count_supervised_tokens(dataset: Any, sample: int, seed: int = 0) -> tuple[int, bool] | None:
+    """Tokens with a label other than -100 in ``dataset``: ``(count, sampled)``, or None if unknown.
+
+    Reads ``labels`` (tokens other than -100), else a TRL ``completion_mask`` or
+    ``assistant_masks``, else ``attention_mask`` or ``input_ids`` (a causal-LM collator labels every
+    real token). Reads at most ``sample`` examples, drawn with a private random generator (the
+    training's random state is untouched), and extrapolates to the whole set. An iterable dataset,
+    which has no length, gives None.
+
+    Example:
+        >>> count_supervised_tokens([{"labels": [-100, 5, 6]}, {"labels": [7]}], sample=10)
+        (3, False)
+    """
+    try:
+        n = len(dataset)
+    except TypeError:
+        return None
+    if n == 0:
+        return None
+    sampled = n > sample
+    indices = random.Random(seed).sample(range(n), sample) if sampled else range(n)
+    total, read = 0, 0
+    for i in indices:
+        count = _example_tokens(dataset[i])
+        if count is None:
+            return None
+        total += count
+        read += 1
+    return round(total * n / read), sampled
+
+
+def _example_tokens(example: Any) -> int | None:
+    if not isinstance(example, Mapping):
+        return None
+    labels = example.get("labels")
+    if labels is not None:
+        return int((torch.as_tensor(labels) != -100).sum())
+    for key in ("completion_mask", "assistant_masks", "attention_mask"):
+        mask = example.get(key)
+        if mask is not None:
+            return int(torch.as_tensor(mask).sum())
+    ids = example.get("input_ids")
+    return int(torch.as_tensor(ids).numel()) if ids is not None else None
+
+
+class SpectrumProbe(Probe):
+    """Reads the spectrum of every layer's learned update periodically and at the end.
+
+    At ``train_begin``: finds the LoRA layers, reads each frozen base weight's norm once (one layer
+    at a time: gathered under ZeRO-3 or FSDP2, dequantized for 4-bit bases), notes layers whose B
+    does not start at zero, and counts the training set's supervised tokens. Every
+    ``spectrum_every_steps`` optimizer steps (default: about a tenth of ``max_steps``) and at the end
+    it adds a :class:`~lora_doctor.facts.SpectrumSnapshot` to the run's facts, and puts per-kind
+    ``lora_doctor/...`` metrics into the next log. Every rank walks the same layers at the same steps,
+    so the gathers (collective calls) match; the arithmetic runs on every rank, which needs no
+    further communication.
+    """
+
+    name = "spectrum"
+
+    #: Snapshots that keep their per-layer spectra (older ones keep the per-kind summary).
+    keep_layers = 2
+
+    def __init__(self, config: DoctorConfig) -> None:
+        self.config = config
+        self._layers: list[_Layer] = []
+        self._every = 0
+        self._last_step = -1
+        self._pending: dict[str, float] = {}
+
+    def train_begin(self, event: Event) -> None:
+        facts = event.doctor.facts
+        if event.model is not None:
+            self._layers = lora_layers(event.model)
+        notes: list[str] = []
+        with torch.no_grad():
+            for layer in self._layers:
+                layer.base_norm, note = _base_norm(layer.base)
+                if note:
+                    notes.append(f"{layer.name}: {note}")
+                with _full([layer.b]) as (b,):
+                    layer.init_nonzero = bool(b.numel()) and bool(b.detach().abs().amax() > 0)
+        facts.spectrum_notes = notes[:20]
+        if not facts.lora_params and self._layers:
+            facts.lora_params = sum(_numel(lay.a) + _numel(lay.b) for lay in self._layers)
+        max_steps = int(getattr(event.state, "max_steps", 0) or 0)
+        cfg = self.config
+        self._every = cfg.spectrum_every_steps or (
+            max(1, round(max_steps * cfg.spectrum_every_fraction)) if max_steps else 0
+        )
+        loader = event.kwargs.get("train_dataloader")
+        counted = count_supervised_tokens(getattr(loader, "dataset", None), cfg.token_count_sample)
+        if counted is not None:
+            facts.supervised_tokens, facts.supervised_tokens_sampled = counted
+
+    def step_end(self, event: Event) -> None:
+        if self._every and self._layers and event.step % self._every == 0:
+            self.snapshot(event)
+
+    def log(self, event: Event) -> None:
+        if self._pending and event.logs is not None:
+            event.logs.update(self._pending)
+            self._pending = {}
+
+    def train_end(self, event: Event) -> None:
+        if self._layers and event.step != self._last_step:
+            self.snapshot(event)
+
+    def snapshot(self, event: Event) -> SpectrumSnapshot:
+        """Reads every layer's spectrum now and records it in the run's facts."""
+        layers = self._read()
+        snap = SpectrumSnapshot(
+            step=event.step,
+            kinds=summarise(layers, self.config.rank_noise_floor),
+            layers=layers,
+        )
+        history = event.doctor.facts.spectrum
+        history.append(snap)
+        for old in history[: -self.keep_layers]:
+            old.layers = []
+        self._last_step = event.step
+        self._pending = _metrics(snap)
+        return snap
+
+    def _read(self) -> list[LayerSpectrum]:
+        """Every readable layer's spectrum: computed on the parameters' device, fetched at once."""
+        parts: list[torch.Tensor] = []
+        read: list[_Layer] = []
+        with torch.no_grad():
+            for layer in self._layers:
+                with _full([layer.a, layer.b]) as (a, b):
+                    a2, b2 = a.reshape(layer.r, -1), b.reshape(b.shape[0], -1)
+                    if a2.numel() == 0 or b2.shape[-1] != layer.r:
+                        continue  # an FSDP1 flat-parameter shard: not readable here
+                    sv = lowrank_singular_values(b2, a2, layer.scaling)
+                    b_norm = torch.linalg.vector_norm(b2.to(torch.float32)).reshape(1)
+                    parts.append(torch.cat([b_norm, sv]))
+                    read.append(layer)
+        if not parts:
+            return []
+        flat = torch.cat([p.to(parts[0].device) for p in parts]).cpu().tolist()
+        out: list[LayerSpectrum] = []
+        start = 0
+        for layer, part in zip(read, parts, strict=True):
+            b_norm, *sv = flat[start : start + part.numel()]
+            start += part.numel()
+            delta = math.sqrt(sum(v * v for v in sv))
+            out.append(
+                LayerSpectrum(
+                    name=layer.name,
+                    kind=layer.kind,
+                    adapter=layer.adapter,
+                    r=layer.r,
+                    singular_values=sv,
+                    b_norm=b_norm,
+                    relative_update=delta / layer.base_norm if layer.base_norm else None,
+                    init_nonzero=layer.init_nonzero,
+                )
+            )
+        return out
+
+
+def _numel(p: torch.Tensor) -> int:
+    return int(getattr(p, "ds_numel", 0) or p.numel())
+
+
+def _metrics(snap: SpectrumSnapshot) -> dict[str, float]:
+    """Per-kind ``lora_doctor/...`` metrics of a snapshot for the Trainer's logs."""
+    out: dict[str, float] = {}
+    for kind, s in snap.kinds.items():
+        for key in (
+            "effective_rank",
+            "stable_rank",
+            "used_rank",
+            "min_over_max",
+            "relative_update",
+        ):
+            value = s.get(key)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                out[f"lora_doctor/{key}/{kind}"] = round(float(value), 6)
+    return out
