@@ -156,6 +156,108 @@ class DoctorConfig:
         lambda v: _fraction(v) and 0 < v < 1,
         "a number in (0, 1)",
     )
+    # --- rank: spectrum of the learned update, capacity against data ---------------------------
+    spectrum: bool = _opt(
+        True,
+        "Read the singular values of every layer's learned update scaling * B @ A periodically "
+        "(rank-saturated, rank-underused). False switches the spectrum probe off.",
+        lambda v: isinstance(v, bool),
+        "True or False",
+    )
+    spectrum_every_steps: int = _opt(
+        0,
+        "Optimizer steps between spectrum readings; 0 reads about every spectrum_every_fraction "
+        "of max_steps. A reading is also taken at the end of training.",
+        _non_negative_int,
+        "an integer >= 0",
+    )
+    spectrum_every_fraction: float = _opt(
+        0.1,
+        "Share of max_steps between spectrum readings when spectrum_every_steps is 0.",
+        lambda v: _fraction(v) and v > 0,
+        "a number in (0, 1]",
+    )
+    rank_noise_floor: float = _opt(
+        0.1,
+        "Singular values below this fraction of a layer's largest count as unused (noise floor).",
+        lambda v: _fraction(v) and v > 0,
+        "a number in (0, 1]",
+    )
+    rank_full_ratio: float = _opt(
+        0.25,
+        "A layer fills its rank when its smallest singular value is at least this fraction of its "
+        "largest (no value near zero, no cliff).",
+        lambda v: _fraction(v) and v > 0,
+        "a number in (0, 1]",
+    )
+    rank_underused_fraction: float = _opt(
+        0.5,
+        "A layer underuses its rank when at most this fraction of its r singular values stand "
+        "above the noise floor (0.5: r could be halved).",
+        lambda v: _fraction(v) and v > 0,
+        "a number in (0, 1]",
+    )
+    rank_layer_share: float = _opt(
+        0.6,
+        "Share of the LoRA layers that must fill (or underuse) their rank for rank-saturated "
+        "(rank-underused) to fire.",
+        lambda v: _fraction(v) and v > 0,
+        "a number in (0, 1]",
+    )
+    rank_min_progress: float = _opt(
+        0.3,
+        "Share of max_steps (or of the run, offline) done before the rank verdicts: the early "
+        "spectrum still holds the random start.",
+        _fraction,
+        "a number in [0, 1]",
+    )
+    rank_min_update: float = _opt(
+        1e-4,
+        "Median ||scaling * B @ A||_F / ||W||_F below which the adapter has barely moved and its "
+        "spectrum says nothing.",
+        _non_negative,
+        "a number >= 0",
+    )
+    rank_stall_window: float = _opt(
+        0.25,
+        "Share of the steps so far over which the training loss must have stopped improving for "
+        "rank-saturated to call the rank binding.",
+        lambda v: _fraction(v) and v > 0,
+        "a number in (0, 1]",
+    )
+    rank_stall_improvement: float = _opt(
+        0.1,
+        "Relative improvement of the median training loss between the last two windows below "
+        "which the loss counts as stalled.",
+        _fraction,
+        "a number in [0, 1]",
+    )
+    capacity_bits_per_param: float = _opt(
+        2.0,
+        "Bits of information a trained parameter holds (Allen-Zhu & Li 2024: about 2).",
+        _positive,
+        "a number > 0",
+    )
+    data_bits_per_token: float = _opt(
+        1.0,
+        "Assumed bits of new information per supervised token (an order-of-magnitude guess: the "
+        "base model already predicts most of each token).",
+        _positive,
+        "a number > 0",
+    )
+    capacity_margin: float = _opt(
+        2.0,
+        "data-exceeds-capacity fires when the data's estimated bits exceed the adapter's capacity "
+        "by this factor.",
+        lambda v: _positive(v) and v >= 1,
+        "a number >= 1",
+    )
+    token_count_sample: int = _opt(
+        2000,
+        "Examples read to count the supervised tokens; larger sets are sampled and extrapolated.",
+        _positive_int,
+        "an integer >= 1",
+    )
 
     # --- curves -----------------------------------------------------------------------------------
     plateau_early_fraction: float = _opt(

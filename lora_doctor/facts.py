@@ -11,7 +11,14 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, TypeVar
 
-__all__ = ["AdapterFacts", "LayerFacts", "MemoryFacts", "RunFacts"]
+__all__ = [
+    "AdapterFacts",
+    "LayerFacts",
+    "LayerSpectrum",
+    "MemoryFacts",
+    "RunFacts",
+    "SpectrumSnapshot",
+]
 
 
 @dataclass
@@ -148,6 +155,50 @@ class MemoryFacts:
 
 
 @dataclass
+class LayerSpectrum:
+    """The learned update ``scaling * B @ A`` of one LoRA layer at one moment, as plain numbers.
+
+    Attributes:
+        name: the module's name.
+        kind: the module kind (``q_proj``, ``down_proj`` ...): the last part of the name.
+        adapter: the adapter's name.
+        r: the layer's rank.
+        singular_values: of ``scaling * B @ A``, largest first (``min(r, d_out, d_in)`` values).
+        b_norm: Frobenius norm of ``B``.
+        relative_update: ``||scaling * B @ A||_F / ||W||_F`` against the frozen base weight; None
+            when the base weight could not be read.
+        init_nonzero: ``B`` was not zero at the start (PiSSA, OLoRA, LoftQ ... inits): the product
+            then holds the initialisation, not only what was learned.
+    """
+
+    name: str
+    kind: str
+    adapter: str = "default"
+    r: int = 0
+    singular_values: list[float] = field(default_factory=list)
+    b_norm: float = 0.0
+    relative_update: float | None = None
+    init_nonzero: bool = False
+
+
+@dataclass
+class SpectrumSnapshot:
+    """The spectra of the learned updates at one optimizer step.
+
+    Attributes:
+        step: the optimizer step.
+        kinds: per module kind, a summary (median effective rank, stable rank, used rank, smallest
+            over largest singular value, relative update, norm of B, normalised spectrum ...).
+        layers: every layer's spectrum; kept for the latest snapshots only, older ones keep their
+            ``kinds`` summary.
+    """
+
+    step: int
+    kinds: dict[str, dict[str, Any]] = field(default_factory=dict)
+    layers: list[LayerSpectrum] = field(default_factory=list)
+
+
+@dataclass
 class RunFacts:
     """Everything the checks may know about a run besides its metric history.
 
@@ -182,6 +233,12 @@ class RunFacts:
         vllm_max_lora_rank: the largest LoRA rank the vLLM engine that serves generations accepts
             (its ``max_lora_rank``), when the run generates through vLLM with LoRA.
         memory: what the memory probe read (None when no probe ran, e.g. offline).
+        spectrum: snapshots of the learned updates' spectra, oldest first (the spectrum probe).
+        spectrum_notes: why the spectrum could not be read for some layers (4-bit base without
+            bitsandbytes, FSDP1 flat parameters ...).
+        supervised_tokens: tokens of the training set with a label other than -100 (estimated
+            from a sample when the set is large); None when unknown (an iterable dataset).
+        supervised_tokens_sampled: True when ``supervised_tokens`` is extrapolated from a sample.
         extra: facts added by probes that have no field yet (plain JSON-able data).
     """
 
@@ -212,6 +269,11 @@ class RunFacts:
     checkpoint_adapters: dict[str, AdapterFacts] = field(default_factory=dict)
     vllm_max_lora_rank: int | None = None
     memory: MemoryFacts | None = None
+    # --- rank ---
+    spectrum: list[SpectrumSnapshot] = field(default_factory=list)
+    spectrum_notes: list[str] = field(default_factory=list)
+    supervised_tokens: int | None = None
+    supervised_tokens_sampled: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -244,6 +306,20 @@ class RunFacts:
                 _dataclass_from(LayerFacts, lf)
                 for lf in values["layers"]
                 if isinstance(lf, Mapping)
+            ]
+        if isinstance(values.get("spectrum"), list):
+            values["spectrum"] = [
+                SpectrumSnapshot(
+                    step=int(snap.get("step", 0)),
+                    kinds=dict(snap.get("kinds") or {}),
+                    layers=[
+                        _dataclass_from(LayerSpectrum, lay)
+                        for lay in snap.get("layers") or []
+                        if isinstance(lay, Mapping)
+                    ],
+                )
+                for snap in values["spectrum"]
+                if isinstance(snap, Mapping)
             ]
         return cls(**values)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import cache
 
-from lora_doctor.checks import adapter, curves, ecosystem, memory
+from lora_doctor.checks import adapter, curves, ecosystem, memory, rank
 from lora_doctor.checks.base import Check, Context, Phase
 
 __all__ = ["ALL_CHECKS", "Check", "Context", "Phase", "known_names"]
@@ -13,6 +13,7 @@ ALL_CHECKS: tuple[type[Check], ...] = (
     *adapter.CHECKS,
     *ecosystem.CHECKS,
     *memory.CHECKS,
+    *rank.CHECKS,
     *curves.CHECKS,
 )
 

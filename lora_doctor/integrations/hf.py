@@ -44,6 +44,7 @@ from lora_doctor.probes.dist import RankReadings, StepTimeProbe
 from lora_doctor.probes.ecosystem import vllm_max_lora_rank
 from lora_doctor.probes.memory import MemoryProbe, MemoryReader, record_out_of_memory
 from lora_doctor.probes.model import AdapterProbe
+from lora_doctor.probes.spectrum import SpectrumProbe
 
 __all__ = ["LoraDoctorCallback"]
 
@@ -166,7 +167,10 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
 
     # --- plumbing ---------------------------------------------------------------------------------
     def _make_probes(self) -> list[Probe]:
-        return [AdapterProbe(), StepTimeProbe(), MemoryProbe(self.memory_reader)]
+        probes: list[Probe] = [AdapterProbe(), StepTimeProbe(), MemoryProbe(self.memory_reader)]
+        if self.config.spectrum:
+            probes.append(SpectrumProbe(self.config))
+        return probes
 
     def _event(
         self, args: Any, state: Any, kwargs: dict[str, Any], logs: Any = None, control: Any = None

@@ -1,0 +1,538 @@
+"""Rank checks: the spectrum of the learned update, and the training data against the adapter's capacity.
+
+The spectrum probe (``lora_doctor/probes/spectrum.py``) records, every so often, the singular values
+of each layer's ``scaling * B @ A``. The helpers here turn them into plain verdicts:
+
+- a layer *fills* its rank when its smallest singular value is a sizeable fraction of its largest
+  (``rank_full_ratio``): no value near zero, no cliff;
+- a layer *underuses* its rank when few of its values stand above a noise floor
+  (``rank_noise_floor`` of the largest): there is a cliff, and the values past it are noise.
+
+A full spectrum alone is not proof that r binds. On a small dataset that the adapter can memorise,
+the update fills every direction it has at any r (measured: entropy rank 27 to 30 of 32 with a
+planted rank of 8, benchmarks/planted_rank.py). So ``rank-saturated`` also requires that the loss
+has stopped improving and that the data cannot be memorised by the adapter; where the evidence
+cannot tell, ``rank-inconclusive`` says so instead.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from lora_doctor.checks.base import Check, Context, Phase
+from lora_doctor.facts import LayerSpectrum, SpectrumSnapshot
+from lora_doctor.findings import Finding, Recommendation, Severity
+
+__all__ = [
+    "CHECKS",
+    "DataExceedsCapacity",
+    "RankInconclusive",
+    "RankSaturated",
+    "RankUnderused",
+    "cliff",
+    "effective_rank",
+    "stable_rank",
+    "summarise",
+    "used_rank",
+]
+
+#: Bytes per trainable fp32 parameter: weight, gradient and two Adam moments.
+_BYTES_PER_TRAINABLE = 16
+
+
+# --- spectrum math (plain numbers) ------------------------------------------------------------------
+def _values(sv: Sequence[float]) -> np.ndarray:
+    arr = np.abs(np.asarray(sv, dtype=float))
+    arr = arr[np.isfinite(arr)]
+    return np.sort(arr)[::-1]
+
+
+def effective_rank(sv: Sequence[float]) -> float:
+    """Entropy effective rank: ``exp(H(p))`` with ``p = s / sum(s)`` (Roy & Vetterli 2007).
+
+    Example:
+        >>> round(effective_rank([1.0, 1.0, 1.0, 0.0]), 6)
+        3.0
+    """
+    s = _values(sv)
+    total = float(s.sum())
+    if total <= 0:
+        return 0.0
+    p = s[s > 0] / total
+    return float(math.exp(-float(np.sum(p * np.log(p)))))
+
+
+def stable_rank(sv: Sequence[float]) -> float:
+    """Stable rank ``||M||_F^2 / ||M||_2^2 = sum(s^2) / max(s)^2``.
+
+    Example:
+        >>> stable_rank([2.0, 2.0, 0.0])
+        2.0
+    """
+    s = _values(sv)
+    if s.size == 0 or s[0] <= 0:
+        return 0.0
+    return float(np.sum(s**2) / s[0] ** 2)
+
+
+def used_rank(sv: Sequence[float], noise_floor: float) -> int:
+    """How many singular values stand at or above ``noise_floor`` times the largest.
+
+    Example:
+        >>> used_rank([1.0, 0.8, 0.05, 0.01], 0.1)
+        2
+    """
+    s = _values(sv)
+    if s.size == 0 or s[0] <= 0:
+        return 0
+    return int(np.sum(s >= noise_floor * s[0]))
+
+
+def cliff(sv: Sequence[float]) -> tuple[int, float]:
+    """The largest drop between consecutive singular values: ``(k, s_k / s_(k+1))``.
+
+    ``k`` counts the values before the drop (1-based); the ratio is ``inf`` when the value after it
+    is zero, and ``(len, 1.0)`` when there is only one value.
+
+    Example:
+        >>> cliff([1.0, 0.9, 0.05, 0.04])
+        (2, 18.0)
+    """
+    s = _values(sv)
+    if s.size < 2:
+        return int(s.size), 1.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = np.where(s[1:] > 0, s[:-1] / np.where(s[1:] > 0, s[1:], 1.0), np.inf)
+    ratios = np.where(s[:-1] > 0, ratios, 1.0)
+    k = int(np.argmax(ratios))
+    return k + 1, float(ratios[k])
+
+
+def _min_max(sv: Sequence[float]) -> float:
+    s = _values(sv)
+    return float(s[-1] / s[0]) if s.size and s[0] > 0 else 0.0
+
+
+def summarise(layers: Iterable[LayerSpectrum], noise_floor: float) -> dict[str, dict[str, Any]]:
+    """Per module kind: medians over its layers of the spectrum's key numbers.
+
+    Keys: ``layers``, ``r``, ``effective_rank``, ``stable_rank``, ``used_rank``, ``min_over_max``,
+    ``cliff_at``, ``cliff_ratio``, ``relative_update``, ``b_norm`` and ``spectrum`` (the median
+    normalised singular values, largest first).
+
+    Example:
+        >>> lay = LayerSpectrum("l0.q_proj", "q_proj", r=2, singular_values=[2.0, 1.0])
+        >>> summarise([lay], 0.1)["q_proj"]["min_over_max"]
+        0.5
+    """
+    by_kind: dict[str, list[LayerSpectrum]] = {}
+    for layer in layers:
+        by_kind.setdefault(layer.kind or "other", []).append(layer)
+    out: dict[str, dict[str, Any]] = {}
+    for kind, group in sorted(by_kind.items()):
+        spectra = [_values(lay.singular_values) for lay in group]
+        width = max((s.size for s in spectra), default=0)
+        norm = np.full((len(spectra), width), np.nan)
+        for i, s in enumerate(spectra):
+            if s.size and s[0] > 0:
+                norm[i, : s.size] = s / s[0]
+        cliffs = [cliff(lay.singular_values) for lay in group]
+        rel = [lay.relative_update for lay in group if lay.relative_update is not None]
+        out[kind] = {
+            "layers": len(group),
+            "r": int(np.median([lay.r for lay in group])),
+            "effective_rank": _median(effective_rank(lay.singular_values) for lay in group),
+            "stable_rank": _median(stable_rank(lay.singular_values) for lay in group),
+            "used_rank": _median(used_rank(lay.singular_values, noise_floor) for lay in group),
+            "min_over_max": _median(_min_max(lay.singular_values) for lay in group),
+            "cliff_at": _median(c[0] for c in cliffs),
+            "cliff_ratio": _median(c[1] for c in cliffs),
+            "relative_update": _median(rel) if rel else None,
+            "b_norm": _median(lay.b_norm for lay in group),
+            "spectrum": [round(float(v), 4) for v in np.nanmedian(norm, axis=0)]
+            if width and not np.all(np.isnan(norm))
+            else [],
+        }
+    return out
+
+
+def _median(values: Iterable[float]) -> float:
+    arr = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
+    return float(np.median(arr)) if arr.size else float("nan")
+
+
+# --- the assessment the checks share ------------------------------------------------------------
+@dataclass
+class _Assessment:
+    """What the latest spectrum and the run's data say about the rank."""
+
+    snapshot: SpectrumSnapshot
+    layers: list[LayerSpectrum]
+    full: list[LayerSpectrum]
+    underused: list[LayerSpectrum]
+    moved: bool
+    median_update: float | None
+    skipped_init: int
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+
+def _progress_ok(ctx: Context, step: int) -> bool:
+    """Far enough into training for the spectrum to have formed (always at the end)."""
+    if ctx.phase is Phase.END:
+        return True
+    max_steps = ctx.facts.max_steps
+    return bool(max_steps) and step >= ctx.config.rank_min_progress * max_steps
+
+
+def _assess(ctx: Context) -> _Assessment | None:
+    """The latest snapshot's verdict per layer, or None before there is one worth reading."""
+    if not ctx.facts.spectrum:
+        return None
+    snap = ctx.facts.spectrum[-1]
+    if not snap.layers or not _progress_ok(ctx, snap.step):
+        return None
+    cfg = ctx.config
+    layers = [lay for lay in snap.layers if not lay.init_nonzero and lay.r >= 2]
+    skipped = sum(lay.init_nonzero for lay in snap.layers)
+    if not layers:
+        return None
+    full = [lay for lay in layers if _min_max(lay.singular_values) >= cfg.rank_full_ratio]
+    underused = [
+        lay
+        for lay in layers
+        if used_rank(lay.singular_values, cfg.rank_noise_floor)
+        <= cfg.rank_underused_fraction * lay.r
+    ]
+    rel = [lay.relative_update for lay in layers if lay.relative_update is not None]
+    median_update = float(np.median(rel)) if rel else None
+    moved = any(_values(lay.singular_values)[:1].sum() > 0 for lay in layers) and (
+        median_update is None or median_update >= cfg.rank_min_update
+    )
+    r_values = sorted({lay.r for lay in layers})
+    evidence: dict[str, Any] = {
+        "step": snap.step,
+        "r": r_values[0] if len(r_values) == 1 else r_values,
+        "layers": len(layers),
+        "layers_full": len(full),
+        "layers_underused": len(underused),
+        "median_relative_update": median_update,
+        "full_ratio_threshold": cfg.rank_full_ratio,
+        "noise_floor": cfg.rank_noise_floor,
+        "by_kind": {
+            kind: {
+                k: s[k]
+                for k in (
+                    "layers",
+                    "r",
+                    "effective_rank",
+                    "used_rank",
+                    "min_over_max",
+                    "cliff_at",
+                    "cliff_ratio",
+                )
+            }
+            for kind, s in snap.kinds.items()
+        },
+    }
+    if skipped:
+        evidence["skipped_nonzero_init_layers"] = skipped
+    return _Assessment(snap, layers, full, underused, moved, median_update, skipped, evidence)
+
+
+def _loss_trend(ctx: Context) -> tuple[bool | None, float | None]:
+    """(stalled, relative improvement) of the median training loss between the last two windows.
+
+    Each window spans ``rank_stall_window`` of the steps so far and needs two logged points; None
+    when the history cannot tell.
+    """
+    loss = ctx.history.series("loss").finite()
+    if len(loss) < 4:
+        return None, None
+    end = float(loss.steps[-1])
+    width = ctx.config.rank_stall_window * end
+    last = loss.values[(loss.steps > end - width)]
+    prev = loss.values[(loss.steps > end - 2 * width) & (loss.steps <= end - width)]
+    if last.size < 2 or prev.size < 2:
+        return None, None
+    before, now = float(np.median(prev)), float(np.median(last))
+    if before == 0:
+        return None, None
+    improvement = (before - now) / abs(before)
+    return improvement < ctx.config.rank_stall_improvement, improvement
+
+
+def _capacity(ctx: Context) -> dict[str, Any] | None:
+    """Supervised tokens against the adapter's capacity, or None when either is unknown."""
+    tokens, params = ctx.facts.supervised_tokens, ctx.facts.lora_params
+    if tokens is None or not params:
+        return None
+    cfg = ctx.config
+    data_bits = tokens * cfg.data_bits_per_token
+    capacity_bits = params * cfg.capacity_bits_per_param
+    return {
+        "supervised_tokens": tokens,
+        "supervised_tokens_sampled": ctx.facts.supervised_tokens_sampled,
+        "lora_params": params,
+        "data_bits": data_bits,
+        "capacity_bits": capacity_bits,
+        "data_over_capacity": data_bits / capacity_bits,
+        "bits_per_token": cfg.data_bits_per_token,
+        "bits_per_param": cfg.capacity_bits_per_param,
+    }
+
+
+def _memorisable(ctx: Context) -> tuple[bool, str]:
+    """Whether a full spectrum could come from memorising the data, and why."""
+    cap = _capacity(ctx)
+    if ctx.found("overfit") is not None:
+        return True, "the validation loss rises while the training loss falls (overfit)"
+    if cap is not None and cap["data_bits"] <= cap["capacity_bits"]:
+        return True, (
+            f"the adapter can hold the whole training set: about {cap['capacity_bits']:.3g} bits of "
+            f"capacity ({cap['lora_params']:,} LoRA parameters at "
+            f"{cap['bits_per_param']:g} bits each) against about {cap['data_bits']:.3g} bits in "
+            f"{cap['supervised_tokens']:,} supervised tokens"
+        )
+    return False, ""
+
+
+def _share(part: int, whole: int) -> float:
+    return part / whole if whole else 0.0
+
+
+def _fmt_kinds(a: _Assessment, key: str) -> str:
+    return ", ".join(
+        f"{kind} {s[key]:.3g}/{s['r']}"
+        for kind, s in a.snapshot.kinds.items()
+        if isinstance(s.get(key), (int, float)) and math.isfinite(s[key])
+    )
+
+
+# --- checks -------------------------------------------------------------------------------------
+class RankSaturated(Check):
+    """The learned update fills its whole rank in most layers and the loss has stopped improving.
+
+    A layer fills its rank when its smallest singular value is at least ``rank_full_ratio`` of the
+    largest (no value near zero, no cliff). With a plateau, that is the evidence that r binds
+    (planted-rank benchmark: r < k stalls at a loss floor with every singular value comparable,
+    r >= k shows k large values and a cliff). It is withheld when the adapter could memorise the
+    data (its capacity, at about 2 bits per parameter, Allen-Zhu & Li 2024, "Physics of Language
+    Models: Part 3.3", exceeds the data's information; or the run overfits): a memorising update
+    fills every rank, and ``rank-inconclusive`` reports that case. The fix follows the rollback
+    practice: adapter shapes are fixed at initialisation, so a new r needs a fresh start.
+    """
+
+    code, slug, severity = "LD401", "rank-saturated", Severity.WARNING
+    phases = frozenset({Phase.LOG, Phase.END})
+    needs_lora = True
+
+    def run(self, ctx: Context) -> Iterable[Finding]:
+        a = _assess(ctx)
+        if a is None or not a.moved:
+            return
+        if _share(len(a.full), len(a.layers)) < ctx.config.rank_layer_share:
+            return
+        if _memorisable(ctx)[0]:
+            return
+        stalled, improvement = _loss_trend(ctx)
+        if not stalled:
+            return
+        r = a.evidence["r"]
+        evidence = {**a.evidence, "loss_improvement": improvement}
+        cap = _capacity(ctx)
+        if cap is not None:
+            evidence["capacity"] = cap
+        yield self.finding(
+            ctx,
+            f"The LoRA update fills its whole rank (r={r}) in {len(a.full)} of {len(a.layers)} "
+            "layers and the loss has stalled: r binds",
+            f"At step {a.snapshot.step} the smallest singular value of scaling * B @ A is at least "
+            f"{ctx.config.rank_full_ratio:g} of the largest in {len(a.full)} of {len(a.layers)} "
+            f"layers (used/r per kind: {_fmt_kinds(a, 'used_rank')}; smallest/largest: "
+            + ", ".join(f"{k} {s['min_over_max']:.2f}" for k, s in a.snapshot.kinds.items())
+            + f"), with no cliff, and the median training loss improved by only "
+            f"{(improvement or 0.0):.1%} over the last {ctx.config.rank_stall_window:.0%} of the "
+            "steps. Every direction the adapter has is in use and more are wanted: the rank limits "
+            "what it can learn. Other causes of a plateau (too low a learning rate, adapters on "
+            "attention only) leave spare rank, which is not the case here.",
+            evidence=evidence,
+            recommendation=Recommendation(
+                summary=f"Double the rank (r={r} -> {2 * r if isinstance(r, int) else '2r'}) "
+                "and lora_alpha, and restart from step 0",
+                steps=(
+                    "Stop training now",
+                    "Reload the base model fresh (do not resume this checkpoint: adapter shapes "
+                    "are fixed at initialisation)",
+                    f"Set r={2 * r if isinstance(r, int) else '2r'} and double lora_alpha in "
+                    "LoraConfig",
+                    "Restart from step 0",
+                ),
+                config_changes={"r": 2 * r} if isinstance(r, int) else {},
+                restart_from_scratch=True,
+            ),
+        )
+
+
+class RankInconclusive(Check):
+    """The update fills its rank, but the evidence cannot tell whether r binds.
+
+    Reported instead of ``rank-saturated`` when the adapter could memorise its training data (its
+    capacity exceeds the data's estimated information, or the run overfits): memorising fills every
+    direction at any r, so a full spectrum says nothing about the rank. Also reported at the end of
+    training when the spectrum is full but the loss history cannot show a stall.
+    """
+
+    code, slug, severity = "LD404", "rank-inconclusive", Severity.INFO
+    phases = frozenset({Phase.LOG, Phase.END})
+    needs_lora = True
+
+    def run(self, ctx: Context) -> Iterable[Finding]:
+        a = _assess(ctx)
+        if a is None or not a.moved or ctx.found("rank-saturated") is not None:
+            return
+        if _share(len(a.full), len(a.layers)) < ctx.config.rank_layer_share:
+            return
+        memorisable, why = _memorisable(ctx)
+        stalled, improvement = _loss_trend(ctx)
+        if memorisable:
+            reason = (
+                f"{why}, so a full spectrum may come from memorising examples rather than from a "
+                "rank that binds (a memorising update fills every direction at any r)"
+            )
+        elif stalled is None and ctx.phase is Phase.END:
+            reason = "the logged training loss is too short to show whether it stalled"
+        else:
+            return
+        evidence = {**a.evidence, "loss_improvement": improvement, "reason": reason}
+        cap = _capacity(ctx)
+        if cap is not None:
+            evidence["capacity"] = cap
+        yield self.finding(
+            ctx,
+            f"The LoRA update fills its rank in {len(a.full)} of {len(a.layers)} layers, but "
+            "whether r binds cannot be told",
+            f"At step {a.snapshot.step} the smallest singular value is at least "
+            f"{ctx.config.rank_full_ratio:g} of the largest in {len(a.full)} of {len(a.layers)} "
+            f"layers (used/r per kind: {_fmt_kinds(a, 'used_rank')}), but {reason}. Do not raise r "
+            "on this evidence alone: if the loss plateaus, check the learning rate and the targets "
+            "first; if validation loss rises, lower r or add lora_dropout instead.",
+            evidence=evidence,
+        )
+
+
+class RankUnderused(Check):
+    """The learned update uses far less than its rank in most layers: r could be halved.
+
+    A layer underuses its rank when at most ``rank_underused_fraction`` of its singular values
+    stand above the noise floor (``rank_noise_floor`` of the largest): the spectrum has a cliff and
+    the values past it are noise (planted-rank benchmark: at r = 2k and 4k the update shows k large
+    values, then a drop to about 0.05 of the largest). Required on two readings in a row so that a
+    spectrum still forming is not mistaken for an idle one. Halving r halves the adapter's
+    parameters, gradients and optimizer state.
+    """
+
+    code, slug, severity = "LD402", "rank-underused", Severity.INFO
+    phases = frozenset({Phase.LOG, Phase.END})
+    needs_lora = True
+
+    def run(self, ctx: Context) -> Iterable[Finding]:
+        a = _assess(ctx)
+        if a is None or not a.moved:
+            return
+        if _share(len(a.underused), len(a.layers)) < ctx.config.rank_layer_share:
+            return
+        if ctx.phase is not Phase.END and not self._stable(ctx, a):
+            return
+        r = a.evidence["r"]
+        used = int(max(s["used_rank"] for s in a.snapshot.kinds.values()))
+        half = max(1, r // 2) if isinstance(r, int) else None
+        saved = ctx.facts.lora_params // 2 * _BYTES_PER_TRAINABLE if ctx.facts.lora_params else None
+        evidence = {**a.evidence, "suggested_r": half, "bytes_saved_estimate": saved}
+        target = f"r={half}" if half else "half of r"
+        yield self.finding(
+            ctx,
+            f"The LoRA update uses about {used} of its r={r} directions in {len(a.underused)} of "
+            f"{len(a.layers)} layers: r could be halved",
+            f"At step {a.snapshot.step} at most {ctx.config.rank_underused_fraction:g} of r "
+            f"singular values of scaling * B @ A stand above {ctx.config.rank_noise_floor:g} of "
+            f"the largest in {len(a.underused)} of {len(a.layers)} layers (used/r per kind: "
+            f"{_fmt_kinds(a, 'used_rank')}; largest drop after value "
+            + ", ".join(f"{k} {s['cliff_at']:.0f}" for k, s in a.snapshot.kinds.items())
+            + "). The rest of the rank holds noise. A loss plateau in this run is not caused by "
+            f"the rank. Next time, {target} (with lora_alpha scaled alike) trains as well and "
+            "halves the adapter's parameters, gradients and optimizer state"
+            + (f" (about {saved / 2**20:.0f} MiB)." if saved else "."),
+            evidence=evidence,
+            recommendation=Recommendation(
+                summary=f"Use {target} next time (keep lora_alpha/r unchanged)",
+                steps=(
+                    f"In the next run set {target} in LoraConfig and scale lora_alpha alike",
+                    "This run can finish as it is: an idle rank does no harm to quality",
+                ),
+                config_changes={"r": half} if half else {},
+            ),
+        )
+
+    @staticmethod
+    def _stable(ctx: Context, a: _Assessment) -> bool:
+        """The used rank did not grow since the previous reading (also past min progress)."""
+        if len(ctx.facts.spectrum) < 2:
+            return False
+        prev = ctx.facts.spectrum[-2]
+        if not _progress_ok(ctx, prev.step):
+            return False
+        for kind, now in a.snapshot.kinds.items():
+            before = prev.kinds.get(kind)
+            if before is None or now["used_rank"] > before["used_rank"] + 1:
+                return False
+        return True
+
+
+class DataExceedsCapacity(Check):
+    """The training data carries clearly more information than the adapter can hold.
+
+    "LoRA Without Regret" (Schulman and Thinking Machines Lab, 2025,
+    https://thinkingmachines.ai/blog/lora/) finds that LoRA tracks full fine-tuning until the
+    dataset's information exceeds the adapter's capacity, then falls behind. Capacity is estimated at
+    about 2 bits per trained parameter (Allen-Zhu & Li 2024, "Physics of Language Models: Part 3.3,
+    Knowledge Capacity Scaling Laws", arXiv:2404.05405); the data's information at
+    ``data_bits_per_token`` per supervised token, an order-of-magnitude assumption. Both figures are
+    rough, so this is information with numbers, not a warning.
+    """
+
+    code, slug, severity = "LD403", "data-exceeds-capacity", Severity.INFO
+    phases = frozenset({Phase.SETUP, Phase.END})
+    needs_lora = True
+
+    def run(self, ctx: Context) -> Iterable[Finding]:
+        cap = _capacity(ctx)
+        if cap is None or cap["data_over_capacity"] < ctx.config.capacity_margin:
+            return
+        ratio = cap["data_over_capacity"]
+        approx = " (estimated from a sample)" if cap["supervised_tokens_sampled"] else ""
+        yield self.finding(
+            ctx,
+            f"The training data holds about {ratio:.3g}x more information than the LoRA adapter "
+            "can store",
+            f"{cap['supervised_tokens']:,} supervised tokens{approx} at about "
+            f"{cap['bits_per_token']:g} bit each make about {cap['data_bits']:.3g} bits, against "
+            f"about {cap['capacity_bits']:.3g} bits of capacity in {cap['lora_params']:,} LoRA "
+            f"parameters at {cap['bits_per_param']:g} bits each. In this regime LoRA falls behind "
+            "full fine-tuning as training goes on (LoRA Without Regret, 2025). If the loss "
+            "plateaus, a larger r (or LoRA on all linear layers) is the likely fix; "
+            "rank-saturated, when reported, confirms it.",
+            evidence=cap,
+        )
+
+
+CHECKS: tuple[type[Check], ...] = (
+    DataExceedsCapacity,
+    RankSaturated,
+    RankInconclusive,
+    RankUnderused,
+)
