@@ -21,6 +21,13 @@ from lora_doctor.checks.rank import summarise
 from lora_doctor.config import DoctorConfig
 from lora_doctor.facts import LayerSpectrum, SpectrumSnapshot
 from lora_doctor.probes.base import Event, Probe
+from lora_doctor.probes.model import (
+    _base_layer,
+    _lora_pair,
+    _weight,
+    find_lora_layers,
+    unwrap_model,
+)
 
 __all__ = ["SpectrumProbe", "count_supervised_tokens", "lora_layers", "lowrank_singular_values"]
 
@@ -70,54 +77,33 @@ class _Layer:
 def lora_layers(model: Any) -> list[_Layer]:
     """Every (LoRA module, adapter) of ``model`` in module order: Linear, Conv and Embedding layers.
 
-    Works on a model wrapped by DDP, FSDP or DeepSpeed (it walks ``named_modules``).
+    Works on a model wrapped by DDP, FSDP or DeepSpeed; the order is the same on every rank.
 
     Example:
         >>> lora_layers(torch.nn.Linear(2, 2))
         []
     """
     out: list[_Layer] = []
-    for name, module in model.named_modules():
-        scaling = getattr(module, "scaling", None)
-        if not isinstance(scaling, dict):
-            continue
-        pairs: list[tuple[str, torch.Tensor, torch.Tensor]] = []
-        lora_a, lora_b = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
-        if isinstance(lora_a, torch.nn.ModuleDict) and isinstance(lora_b, torch.nn.ModuleDict):
-            pairs += [
-                (ad, lora_a[ad].weight, lora_b[ad].weight)
-                for ad in lora_a
-                if ad in lora_b and hasattr(lora_a[ad], "weight")
-            ]
-        emb_a = getattr(module, "lora_embedding_A", None)
-        emb_b = getattr(module, "lora_embedding_B", None)
-        if isinstance(emb_a, torch.nn.ParameterDict) and isinstance(emb_b, torch.nn.ParameterDict):
-            pairs += [(ad, emb_a[ad], emb_b[ad]) for ad in emb_a if ad in emb_b]
-        get_base = getattr(module, "get_base_layer", None)
-        base = get_base() if callable(get_base) else getattr(module, "base_layer", None)
-        for adapter, a, b in pairs:
-            r = int(getattr(module, "r", {}).get(adapter, 0) or 0)
-            if r <= 0:
+    for name, module in find_lora_layers(unwrap_model(model)):
+        ranks, scaling = getattr(module, "r", {}), getattr(module, "scaling", {})
+        for adapter in ranks:
+            a, b = (_weight(h) for h in _lora_pair(module, adapter))
+            r = int(ranks[adapter] or 0)
+            if a is None or b is None or r <= 0:
                 continue
             out.append(
                 _Layer(
-                    name=_short_name(name),
+                    name=name,
                     kind=name.rsplit(".", 1)[-1],
                     adapter=adapter,
                     r=r,
                     scaling=float(scaling.get(adapter, 1.0)),
                     a=a,
                     b=b,
-                    base=base,
+                    base=_base_layer(module),
                 )
             )
     return out
-
-
-def _short_name(name: str) -> str:
-    for prefix in ("module.", "_fsdp_wrapped_module.", "base_model.model."):
-        name = name.replace(prefix, "")
-    return name
 
 
 def _dtensor_type() -> type | None:
@@ -253,8 +239,6 @@ class SpectrumProbe(Probe):
                 with _full([layer.b]) as (b,):
                     layer.init_nonzero = bool(b.numel()) and bool(b.detach().abs().amax() > 0)
         facts.spectrum_notes = notes[:20]
-        if not facts.lora_params and self._layers:
-            facts.lora_params = sum(_numel(lay.a) + _numel(lay.b) for lay in self._layers)
         max_steps = int(getattr(event.state, "max_steps", 0) or 0)
         cfg = self.config
         self._every = cfg.spectrum_every_steps or (
@@ -330,10 +314,6 @@ class SpectrumProbe(Probe):
                 )
             )
         return out
-
-
-def _numel(p: torch.Tensor) -> int:
-    return int(getattr(p, "ds_numel", 0) or p.numel())
 
 
 def _metrics(snap: SpectrumSnapshot) -> dict[str, float]:
