@@ -28,7 +28,7 @@ import math
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -311,8 +311,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("out/planted_rank"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--small", action="store_true", help="the CPU form used by the tests")
+    parser.add_argument("--large", action="store_true", help="the GPU form, also on CPU")
+    parser.add_argument("--steps", type=int, default=0, help="override the steps (smoke tests)")
     opts = parser.parse_args()
-    s = SMALL if opts.small or opts.device == "cpu" else LARGE
+    s = LARGE if opts.large or not (opts.small or opts.device == "cpu") else SMALL
+    if opts.steps:
+        s = replace(s, steps=opts.steps, memo_steps=opts.steps)
+    if opts.device == "cpu":
+        torch.set_num_threads(1)  # tiny matrices: threads only contend
     opts.out.mkdir(parents=True, exist_ok=True)
     _timed_snapshot()
     models = build_models(s, opts.device)
@@ -322,7 +328,7 @@ def main() -> None:
     for mode, r in runs:
         rows.append(train_one(s, mode, r, opts.device, opts.out, models, memo_ids))
         print(json.dumps({k: rows[-1][k] for k in ("mode", "r", "final_loss", "verdict")}))
-    timing = time_spectrum(opts.device, s is SMALL)
+    timing = time_spectrum(opts.device, small=opts.device == "cpu")
     result = {"setup": s.__dict__, "rows": rows, "timing": timing, "device": opts.device}
     (opts.out / "planted_rank.json").write_text(json.dumps(result, indent=2))
     print(table(rows, timing, s))
