@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from lora_doctor.checks.base import Check, Context, Phase
+from lora_doctor.checks.curves import rollback
 from lora_doctor.facts import LayerSpectrum, SpectrumSnapshot
 from lora_doctor.findings import Finding, Recommendation, Severity
 
@@ -357,25 +358,18 @@ class RankSaturated(Check):
             + ", ".join(f"{k} {s['min_over_max']:.2f}" for k, s in a.snapshot.kinds.items())
             + f"), with no cliff, and the median training loss improved by only "
             f"{(improvement or 0.0):.1%} over the last {ctx.config.rank_stall_window:.0%} of the "
-            "steps. Every direction the adapter has is in use and more are wanted: the rank limits "
-            "what it can learn. Other causes of a plateau (too low a learning rate, adapters on "
-            "attention only) leave spare rank, which is not the case here.",
+            "steps. Every direction the adapter has is in use while the loss no longer falls: the "
+            "rank is the likely limit. A too-low learning rate or adapters on attention only also "
+            "stall a loss; rule them out first (loss-plateau lists them).",
             evidence=evidence,
-            recommendation=Recommendation(
-                summary=f"Double the rank (r={r} -> {2 * r if isinstance(r, int) else '2r'}) "
-                "and lora_alpha, and restart from step 0",
-                steps=(
-                    "Stop training now",
-                    "Reload the base model fresh (do not resume this checkpoint: adapter shapes "
-                    "are fixed at initialisation)",
-                    f"Set r={2 * r if isinstance(r, int) else '2r'} and double lora_alpha in "
-                    "LoraConfig",
-                    "Restart from step 0",
-                ),
-                config_changes={"r": 2 * r} if isinstance(r, int) else {},
-                restart_from_scratch=True,
-            ),
+            recommendation=rollback(r if isinstance(r, int) else None, _alpha(ctx)),
         )
+
+
+def _alpha(ctx: Context) -> float | None:
+    """The lora_alpha shared by every adapter, when there is one."""
+    alphas = {a.lora_alpha for a in ctx.facts.adapters.values()}
+    return alphas.pop() if len(alphas) == 1 else None
 
 
 class RankInconclusive(Check):
