@@ -419,8 +419,8 @@ def _data(t: torch.Tensor | None) -> torch.Tensor | None:
     ``safe_get_full_fp32_param`` when deepspeed is importable."""
     if t is None:
         return None
-    if _zero3_utils(t) is not None:
-        return _zero3_utils(t).safe_get_full_fp32_param(t)
+    if (ds := _zero3_utils(t)) is not None:
+        return ds.safe_get_full_fp32_param(t)
     to_local = getattr(t, "to_local", None)
     local = to_local() if callable(to_local) else t
     return local.detach() if local.numel() > 0 else None
