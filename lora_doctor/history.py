@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -58,6 +59,9 @@ def _number(value: Any) -> float | None:
     return None
 
 
+_STARTS_EVAL = operator.methodcaller("startswith", "eval_")
+
+
 def is_eval_entry(entry: Mapping[str, Any]) -> bool:
     """True for a log entry written by an evaluation (its metrics carry the ``eval_`` prefix).
 
@@ -67,10 +71,10 @@ def is_eval_entry(entry: Mapping[str, Any]) -> bool:
         >>> is_eval_entry({"eval_loss": 0.5, "epoch": 1.0}), is_eval_entry({"loss": 0.7})
         (True, False)
     """
-    for key in entry:  # noqa: SIM110 (a plain loop is faster, and this runs per log entry)
-        if isinstance(key, str) and key.startswith("eval_"):
-            return True
-    return False
+    try:
+        return any(map(_STARTS_EVAL, entry))  # C-level loop: this runs once per log entry
+    except AttributeError:  # a key that is not a string
+        return any(isinstance(k, str) and k.startswith("eval_") for k in entry)
 
 
 class History:
@@ -101,9 +105,9 @@ class History:
         if step is None:
             step = _number(logs.get("step"))
         step_f = float(step) if step is not None and math.isfinite(step) else float(self.last_step)
-        entry = dict(logs)
-        entry.setdefault("step", int(step_f))
-        self._entries.append(entry)
+        # a saved entry already has its step and is kept as it is; a live one gets a copy with it
+        entry = logs if "step" in logs else {**logs, "step": int(step_f)}
+        self._entries.append(entry)  # type: ignore[arg-type]
         if step_f > self.last_step:
             self.last_step = int(step_f)
         steps, values = self._steps, self._values
@@ -167,7 +171,8 @@ class History:
 
     @property
     def entries(self) -> list[dict[str, Any]]:
-        """The raw entries, as logged (a copy of the list, not of the entries)."""
+        """The raw entries, as logged (a copy of the list, not of the entries; treat them as
+        read-only: a saved entry that had its step is the caller's own dict)."""
         return list(self._entries)
 
     @classmethod
