@@ -99,6 +99,20 @@ class DoctorConfig:
         _fraction,
         "a number in [0, 1]",
     )
+    budget_warn_factor: float = _opt(
+        2.0,
+        "lora-param-budget is a warning only when the share is this many times beyond the range "
+        "(below budget_low / factor or above budget_high * factor); nearer, it is info.",
+        lambda v: _positive(v) and v >= 1,
+        "a number >= 1",
+    )
+    budget_min_base_params: int = _opt(
+        100_000_000,
+        "Base models smaller than this get lora-param-budget as info only: the 0.05% to 1% rule "
+        "comes from 1B to 70B models, and a tiny model's adapter is necessarily a large share.",
+        _non_negative_int,
+        "an integer >= 0",
+    )
 
     # --- multigpu / ecosystem -----------------------------------------------------------------------
     rl_min_rank: int = _opt(

@@ -335,3 +335,22 @@ def test_offline_adapter_checks_from_adapter_config(config: dict, expected: set[
         f.slug for f in diagnose(log, adapter_config=config).findings if f.code.startswith("LD1")
     }
     assert adapter_slugs == expected
+
+
+@pytest.mark.parametrize(
+    ("base", "lora", "severity"),
+    [
+        (1_000_000_000, 11_000_000, Severity.INFO),
+        (1_000_000_000, 50_000_000, Severity.WARNING),
+        (1_000_000_000, 300_000, Severity.INFO),
+        (1_000_000_000, 100_000, Severity.WARNING),
+        (1_000_000, 300_000, Severity.INFO),
+    ],
+    ids=["1.1pct-info", "5pct-warning", "0.03pct-info", "0.01pct-warning", "tiny-model-info"],
+)
+def test_budget_severity_grows_with_distance_on_real_sizes(
+    base: int, lora: int, severity: Severity
+) -> None:
+    facts = live(base_params=base, lora_params=lora, lora_params_by_adapter={"default": lora})
+    (finding,) = [f for f in run(facts) if f.slug == "lora-param-budget"]
+    assert finding.severity is severity

@@ -314,7 +314,10 @@ class LoraParamBudget(Check):
     0.01% to 0.1% for GPT-3 at r 1-8 on q/v; a 7B Llama at r 16 on all linear layers has about 40M,
     0.6%). Far below, the adapter may lack capacity; far above, it costs memory and time without the
     parameter saving LoRA is for, and overfits small datasets. Counts exclude modules_to_save copies
-    and count 4-bit weights at their true size; each adapter is judged on its own.
+    and count 4-bit weights at their true size; each adapter is judged on its own. A warning only
+    when the share is ``budget_warn_factor`` times beyond the range on a base model of at least
+    ``budget_min_base_params`` parameters (r 16 on all linear layers of a 0.8B model is 1.1%: info);
+    otherwise info.
     """
 
     code, slug, severity = "LD111", "lora-param-budget", Severity.WARNING
@@ -334,9 +337,27 @@ class LoraParamBudget(Check):
                 continue
             yield self._finding(ctx, adapter, count, share)
 
+    def _severity(self, ctx: Context, share: float) -> tuple[Severity, str]:
+        """Warning when far off the range on a model the rule is made for, else info (and why)."""
+        cfg = ctx.config
+        if ctx.facts.base_params < cfg.budget_min_base_params:
+            return Severity.INFO, (
+                f" The base model has fewer than {cfg.budget_min_base_params:,} parameters, where "
+                "the rule of thumb (made on 1B to 70B models) says little: info only."
+            )
+        far = share < cfg.budget_low / cfg.budget_warn_factor or (
+            share > cfg.budget_high * cfg.budget_warn_factor
+        )
+        if far:
+            return Severity.WARNING, ""
+        return Severity.INFO, (
+            f" Within {cfg.budget_warn_factor:g}x of the range: info, not a problem by itself."
+        )
+
     def _finding(self, ctx: Context, adapter: str, count: int, share: float) -> Finding:
         cfg = ctx.config
         base = ctx.facts.base_params
+        severity, note = self._severity(ctx, share)
         a = ctx.facts.adapters.get(adapter)
         r = a.r if a is not None else None
         low = share < cfg.budget_low
@@ -366,7 +387,7 @@ class LoraParamBudget(Check):
             f"Adapter '{adapter}' has {count:,} LoRA parameters, {_pct(share)} of the base "
             f"model's {base:,} (expected {_pct(cfg.budget_low)} to {_pct(cfg.budget_high)}; a 7B "
             f"model at r 16 on all linear layers has about 40M, 0.6%): {why}. {fix}, or silence "
-            "with DoctorConfig(ignore={'lora-param-budget'}) if the size is deliberate.",
+            "with DoctorConfig(ignore={'lora-param-budget'}) if the size is deliberate." + note,
             evidence={
                 "adapter": adapter,
                 "lora_params": count,
@@ -381,6 +402,7 @@ class LoraParamBudget(Check):
                 config_changes=changes,
                 restart_from_scratch=bool(changes),
             ),
+            severity=severity,
         )
 
     def dedup_key(self, finding: Finding) -> str:
