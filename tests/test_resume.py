@@ -27,11 +27,17 @@ def _train(out: Path, r: int, resume: str | None = None, **overrides: object) ->
         model=tiny_peft(r, 8 * r), args=args, train_dataset=Rows(), callbacks=[doctor]
     )
     trainer.train(resume_from_checkpoint=resume)
-    return doctor
+    # With restore_callback_states_from_checkpoint, transformers replaces the callback by a new one.
+    return next(
+        cb for cb in trainer.callback_handler.callbacks if isinstance(cb, LoraDoctorCallback)
+    )
 
 
 @pytest.mark.slow
-def test_resumed_run_keeps_its_diagnosis(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("restore", [False, True], ids=["default", "restore-callback-states"])
+def test_resumed_run_keeps_its_diagnosis(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, restore: bool
+) -> None:
     first = _train(tmp_path, r=4)
     state = json.loads((tmp_path / "checkpoint-2" / "trainer_state.json").read_text())
     saved = state["stateful_callbacks"]["LoraDoctorCallback"]["attributes"]["doctor_state"]
@@ -40,7 +46,14 @@ def test_resumed_run_keeps_its_diagnosis(tmp_path: Path, caplog: pytest.LogCaptu
 
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="lora_doctor"):
-        resumed = _train(tmp_path, r=4, resume=str(tmp_path / "checkpoint-2"), max_steps=6)
+        resumed = _train(
+            tmp_path,
+            r=4,
+            resume=str(tmp_path / "checkpoint-2"),
+            max_steps=6,
+            restore_callback_states_from_checkpoint=restore,
+        )
+    assert resumed.config.ignore == {"lora-param-budget", "attention-only-targets"}
     assert resumed.doctor is not None
     assert _warnings(f.to_dict() for f in resumed.doctor.findings) == ["alpha-rank-ratio"]
     # History before the checkpoint came back from log_history; steps 3..6 were added on resume.

@@ -43,6 +43,9 @@ class TrainGuard:
     def __init__(self) -> None:
         self.before: dict[str, BeforeListener] = {}
         self.failed: dict[str, FailedListener] = {}
+        #: The ``resume_from_checkpoint`` of the latest ``train`` call (callbacks that transformers
+        #: rebuilds from a checkpoint read it here, having missed the call).
+        self.resume: Any = None
 
     def _notify(self, listeners: dict[str, Callable[..., None]], *args: Any) -> None:
         for key, fn in list(listeners.items()):
@@ -73,6 +76,7 @@ def install(trainer: Any) -> TrainGuard:
     @functools.wraps(original)
     def train(*args: Any, **kwargs: Any) -> Any:
         resume = kwargs.get("resume_from_checkpoint", args[0] if args else None)
+        guard.resume = resume
         guard._notify(guard.before, trainer, resume)
         try:
             return original(*args, **kwargs)

@@ -161,7 +161,6 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
         self._broken = False
         self._stopped = False
         self.ranks = RankReadings()
-        self._resume: tuple[str, dict[str, AdapterFacts]] | None = None
         self._trainer_name: str | None = None
         self._eval_logged = False
 
@@ -236,7 +235,7 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
         if saved is not None and int(getattr(state, "global_step", 0) or 0) > 0:
             self.doctor.restore_state(saved, getattr(state, "log_history", None) or ())
         _facts_from_trainer(self.doctor.facts, args, state, kwargs, self._trainer_name)
-        self._apply_resume(self.doctor.facts)
+        self._apply_resume(self.doctor.facts, trainer)
         self._probes = self._make_probes()
         self._stopped = False
         self._call("train_begin", self._event(args, state, kwargs))
@@ -358,22 +357,21 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
 
     # --- resume and failures ----------------------------------------------------------------------
     def _before_train(self, trainer: Any, resume: Any) -> None:
-        """``trainer.train`` was called: remembers what the checkpoint to resume holds."""
+        """``trainer.train`` was called."""
         guard.unguard_steps(trainer)  # guarded from here: the step guard's call has ended
-        self._resume = None
+
+    def _apply_resume(
+        self, facts: RunFacts, trainer: Any, error: BaseException | None = None
+    ) -> None:
+        """The checkpoint this ``train`` call resumes (the guard saw its argument) and the
+        adapters it saved; read from a "size mismatch" error when its configs cannot be read."""
+        resume = guard.install(trainer).resume if trainer is not None else None
         args = getattr(trainer, "args", None)
         path = resolve_checkpoint(getattr(args, "output_dir", None), resume)
-        if path is not None:
-            self._resume = (path, checkpoint_adapters(path))
-
-    def _apply_resume(self, facts: RunFacts, error: BaseException | None = None) -> None:
-        if self._resume is None:
-            facts.resumed_from = None
-            facts.checkpoint_adapters = {}
-            return
-        path, saved = self._resume
         facts.resumed_from = path
-        facts.checkpoint_adapters = dict(saved) or (ranks_from_error(error) if error else {})
+        facts.checkpoint_adapters = checkpoint_adapters(path) if path is not None else {}
+        if path is not None and not facts.checkpoint_adapters and error is not None:
+            facts.checkpoint_adapters = ranks_from_error(error)
 
     def _train_failed(self, trainer: Any, error: BaseException) -> None:
         """``trainer.train`` is dying of ``error``: diagnose what can be (a rank changed on resume,
@@ -396,7 +394,7 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
                 data = to_dict() if callable(to_dict) else dict(vars(cfg))
                 facts.adapters[str(name)] = AdapterFacts.from_config(str(name), data)
             facts.has_lora = bool(facts.adapters) or None
-            self._apply_resume(facts, error)
+            self._apply_resume(facts, trainer, error)
             self.doctor.run_phase(Phase.SETUP, 0)
             if record_out_of_memory(self.doctor, error, 0, self.memory_reader):
                 self.doctor.run_phase(Phase.END, 0)
