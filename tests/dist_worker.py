@@ -5,7 +5,8 @@
 1. a tiny LoRA run with ``LoraDoctorCallback`` under DDP (the Trainer sets up the gloo group);
 2. ``gather_min_max`` with readings that differ between ranks (a key only rank 1 has);
 3. an FSDP2 ``fully_shard`` of a tiny PEFT model on the same group: the adapter facts read from
-   DTensors and the first-steps gradient and movement readings.
+   DTensors, the first-steps gradient and movement readings, and the update's spectrum (DTensors
+   gathered with ``full_tensor`` on both ranks).
 
 Each rank writes ``DIR/rank<N>.json``; rank 0's callback writes ``DIR/run/lora_doctor.json``.
 """
@@ -34,6 +35,7 @@ from lora_doctor.engine import Doctor
 from lora_doctor.probes.base import Event
 from lora_doctor.probes.dist import gather_min_max
 from lora_doctor.probes.model import AdapterProbe
+from lora_doctor.probes.spectrum import SpectrumProbe
 
 
 def ddp_run(out: Path) -> dict[str, Any]:
@@ -61,19 +63,28 @@ def fsdp2_readings(rank: int, world: int) -> dict[str, Any]:
     doctor = Doctor(DoctorConfig(check_after_steps=1), emit=False)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     probe = AdapterProbe()
+    spectrum = SpectrumProbe(doctor.config)
 
     def event(step: int) -> Event:
         state = SimpleNamespace(global_step=step, is_world_process_zero=rank == 0)
         return Event(doctor=doctor, args=None, state=state, model=model, optimizer=optimizer)
 
     probe.train_begin(event(0))
+    spectrum.train_begin(event(0))
     ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(rank))
     model(input_ids=ids, labels=ids).loss.backward()
     probe.pre_optimizer_step(event(0))
     optimizer.step()
     probe.step_end(event(1))
+    spectrum.snapshot(event(1))  # gathers DTensors: a collective call on both ranks
     facts = doctor.facts
-    weight = model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    weight = q_proj.lora_A["default"].weight
+    full_a, full_b = weight.full_tensor(), q_proj.lora_B["default"].weight.full_tensor()
+    dense = torch.linalg.svdvals(q_proj.scaling["default"] * full_b.detach() @ full_a.detach())
+    q_layer = next(
+        lay for lay in facts.spectrum[-1].layers if lay.name == "model.layers.0.self_attn.q_proj"
+    )
     return {
         "param_type": type(weight).__name__,
         "local_shape": list(weight.to_local().shape),
@@ -82,6 +93,10 @@ def fsdp2_readings(rank: int, world: int) -> dict[str, Any]:
         "no_grad_layers": facts.no_grad_layers,
         "b_still_zero_layers": facts.b_still_zero_layers,
         "frozen_in_place": facts.frozen_in_place,
+        "spectrum_q": q_layer.singular_values,
+        "spectrum_q_dense": dense[:4].tolist(),
+        "spectrum_q_relative_update": q_layer.relative_update,
+        "spectrum_layers": len(facts.spectrum[-1].layers),
     }
 
 

@@ -99,6 +99,13 @@ def test_fsdp2_dtensor_shapes_and_first_steps(two_ranks: tuple[Path, str]) -> No
         assert (
             fsdp["no_grad_layers"] == fsdp["b_still_zero_layers"] == fsdp["frozen_in_place"] == []
         )
+        # The update's spectrum from gathered DTensors: every layer, equal to a dense SVD.
+        assert fsdp["spectrum_layers"] == 4 and fsdp["spectrum_q_relative_update"] > 0
+        assert fsdp["spectrum_q"] == pytest.approx(fsdp["spectrum_q_dense"], rel=1e-4, abs=1e-7)
+    spectra = [
+        json.loads((out / f"rank{r}.json").read_text())["fsdp2"]["spectrum_q"] for r in (0, 1)
+    ]
+    assert spectra[0] == spectra[1]
 
 
 def test_single_process_helpers() -> None:
