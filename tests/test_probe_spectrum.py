@@ -154,3 +154,106 @@ def test_planted_rank_small_form(tmp_path: Path) -> None:
     assert runs["fresh", 4 * s.k]["verdict"] == "underused"
     assert runs["memorise", s.k // 2]["verdict"] in {"inconclusive", "-"}
     assert runs["fresh", s.k // 2]["final_loss"] > runs["fresh", 4 * s.k]["final_loss"]
+
+
+def _drive(model, steps: tuple[int, ...] = (1,)):
+    """Runs the spectrum probe by hand: train_begin, then a snapshot at each step."""
+    from types import SimpleNamespace
+
+    from lora_doctor.engine import Doctor
+    from lora_doctor.probes.base import Event
+    from lora_doctor.probes.spectrum import SpectrumProbe
+
+    doctor = Doctor(DoctorConfig(), emit=False)
+    probe = SpectrumProbe(doctor.config)
+
+    def event(step: int) -> Event:
+        state = SimpleNamespace(global_step=step, max_steps=10, is_world_process_zero=True)
+        return Event(doctor=doctor, args=None, state=state, model=model)
+
+    probe.train_begin(event(0))
+    for step in steps:
+        probe.snapshot(event(step))
+    return doctor.facts
+
+
+def _moved_peft():
+    model = _peft()
+    with torch.no_grad():
+        for layer in lora_layers(model):
+            layer.b.normal_()
+    return model
+
+
+def test_fake_zero3_partitions_are_gathered_on_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under ZeRO-3 a parameter holds nothing outside deepspeed.zero.GatheredParameters."""
+    import contextlib
+    import types
+
+    model = _moved_peft()
+    want = _drive(model).spectrum[-1].layers
+    stash = {}
+    for i, p in enumerate(model.parameters()):
+        stash[id(p)] = p.data
+        p.data = torch.empty(0, dtype=p.dtype)
+        p.ds_id, p.ds_shape, p.ds_numel = i, stash[id(p)].shape, stash[id(p)].numel()
+    calls = []
+
+    @contextlib.contextmanager
+    def gathered(params, modifier_rank=0):
+        calls.append((len(params), modifier_rank))
+        for p in params:
+            p.data = stash[id(p)]
+        yield
+        for p in params:
+            p.data = torch.empty(0, dtype=p.dtype)
+
+    fake = types.ModuleType("deepspeed")
+    fake.zero = types.SimpleNamespace(GatheredParameters=gathered)
+    monkeypatch.setitem(sys.modules, "deepspeed", fake)
+    got = _drive(model).spectrum[-1].layers
+    assert [lay.singular_values for lay in got] == [lay.singular_values for lay in want]
+    assert [lay.relative_update for lay in got] == [lay.relative_update for lay in want]
+    # per layer: base weight and B at train_begin, then A and B together; all read-only
+    assert calls == [(1, None), (1, None)] * 2 + [(2, None)] * 2
+
+
+class Params4bit(torch.nn.Parameter):
+    """Named like bitsandbytes' 4-bit parameter."""
+
+
+@pytest.mark.parametrize("dequantizes", [True, False], ids=["dequantized", "unreadable"])
+def test_4bit_base_is_dequantized_once_or_noted(
+    monkeypatch: pytest.MonkeyPatch, dequantizes: bool
+) -> None:
+    import peft.utils.integrations as integrations
+
+    model = _moved_peft()
+    want = _drive(model).spectrum[-1].layers[0]
+    base = lora_layers(model)[0].base
+    original = base.weight.detach().clone()
+    base.weight = Params4bit(
+        torch.zeros(original.numel() // 2, 1, dtype=torch.uint8), requires_grad=False
+    )
+
+    def dequantize(module):
+        if not dequantizes:
+            raise ImportError("bitsandbytes")
+        return original
+
+    monkeypatch.setattr(integrations, "dequantize_module_weight", dequantize)
+    facts = _drive(model)
+    got = facts.spectrum[-1].layers[0]
+    assert got.singular_values == want.singular_values
+    if dequantizes:
+        assert got.relative_update == pytest.approx(want.relative_update)
+        assert facts.spectrum_notes == []
+    else:
+        assert got.relative_update is None
+        assert "quantized base weight not read" in facts.spectrum_notes[0]
+
+
+def test_old_snapshots_keep_only_their_summary() -> None:
+    facts = _drive(_moved_peft(), steps=(1, 2, 3))
+    assert [bool(s.layers) for s in facts.spectrum] == [False, True, True]
+    assert all(s.kinds for s in facts.spectrum)

@@ -245,7 +245,13 @@ class SpectrumProbe(Probe):
             max(1, round(max_steps * cfg.spectrum_every_fraction)) if max_steps else 0
         )
         loader = event.kwargs.get("train_dataloader")
-        counted = count_supervised_tokens(getattr(loader, "dataset", None), cfg.token_count_sample)
+        try:  # local work: an error here must not drop the probe on one rank only
+            counted = count_supervised_tokens(
+                getattr(loader, "dataset", None), cfg.token_count_sample
+            )
+        except Exception as exc:
+            counted = None
+            facts.spectrum_notes.append(f"supervised tokens not counted ({type(exc).__name__})")
         if counted is not None:
             facts.supervised_tokens, facts.supervised_tokens_sampled = counted
 
@@ -288,8 +294,11 @@ class SpectrumProbe(Probe):
                     a2, b2 = a.reshape(layer.r, -1), b.reshape(b.shape[0], -1)
                     if a2.numel() == 0 or b2.shape[-1] != layer.r:
                         continue  # an FSDP1 flat-parameter shard: not readable here
-                    sv = lowrank_singular_values(b2, a2, layer.scaling)
-                    b_norm = torch.linalg.vector_norm(b2.to(torch.float32)).reshape(1)
+                    try:  # local arithmetic: the other layers' gathers must still run
+                        sv = lowrank_singular_values(b2, a2, layer.scaling)
+                        b_norm = torch.linalg.vector_norm(b2.to(torch.float32)).reshape(1)
+                    except RuntimeError:  # e.g. a non-finite factor the QR cannot take
+                        continue
                     parts.append(torch.cat([b_norm, sv]))
                     read.append(layer)
         if not parts:
@@ -298,17 +307,17 @@ class SpectrumProbe(Probe):
         out: list[LayerSpectrum] = []
         start = 0
         for layer, part in zip(read, parts, strict=True):
-            b_norm, *sv = flat[start : start + part.numel()]
+            values = [float(v) for v in flat[start : start + part.numel()]]
             start += part.numel()
-            delta = math.sqrt(sum(v * v for v in sv))
+            delta = math.sqrt(sum(v * v for v in values[1:]))
             out.append(
                 LayerSpectrum(
                     name=layer.name,
                     kind=layer.kind,
                     adapter=layer.adapter,
                     r=layer.r,
-                    singular_values=sv,
-                    b_norm=b_norm,
+                    singular_values=values[1:],
+                    b_norm=values[0],
                     relative_update=delta / layer.base_norm if layer.base_norm else None,
                     init_nonzero=layer.init_nonzero,
                 )
