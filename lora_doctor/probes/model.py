@@ -457,6 +457,29 @@ def _lr(optimizer: Any) -> float | None:
         return None
 
 
+def _fingerprints(
+    tensors: list[torch.Tensor | None],
+) -> list[tuple[float, float] | None]:
+    """(sum, sum of squares) of each tensor in float64, with one device sync; None stays None.
+
+    A change of any element changes them (float64 sums of float32 or bf16 values are exact enough
+    that an update leaving both unchanged is practically impossible), and they cost two numbers
+    per tensor instead of a copy of the weights.
+    """
+    present = [t for t in tensors if t is not None]
+    if not present:
+        return [None] * len(tensors)
+    device = present[0].device
+    sums = torch.stack(
+        [
+            torch.stack((t.sum(dtype=torch.float64), t.double().square().sum())).to(device)
+            for t in present
+        ]
+    ).tolist()
+    values = iter(sums)
+    return [None if t is None else tuple(next(values)) for t in tensors]  # type: ignore[misc]
+
+
 def _peaks(tensors: list[torch.Tensor]) -> list[float]:
     """max |t| of each tensor with one fused reduction and one device sync."""
     if not tensors:
@@ -473,8 +496,8 @@ class _Watched:
     key: str
     a: torch.Tensor | None
     b: torch.Tensor | None
-    a0: torch.Tensor | None = None
-    b0: torch.Tensor | None = None
+    a0: tuple[float, float] | None = None
+    b0: tuple[float, float] | None = None
     got_grad: bool = False
     grad_known: bool = False
 
@@ -486,12 +509,15 @@ class _Watched:
 class AdapterProbe(Probe):
     """Reads the LoRA adapter from the live model and follows it through the first steps.
 
-    At ``train_begin`` it fills the run facts (layers, configs, counts, optimizer coverage) and keeps
-    a copy of the active adapters' A and B. During the first ``config.check_after_steps`` optimizer
-    steps it records, with one fused reduction and one device sync per step, which layers got a
-    non-zero gradient; at step ``check_after_steps`` it compares A and B with their copy (judging
-    "moved" against the start, not against zero, so that pissa/olora inits are no false alarm),
-    fills ``no_grad_layers``, ``b_still_zero_layers`` and ``frozen_in_place`` and frees the copy.
+    At ``train_begin`` it fills the run facts (layers, configs, counts, optimizer coverage) and takes
+    a fingerprint of the active adapters' A and B: their sum and sum of squares in float64, two
+    numbers per tensor, so no copy of the weights is held on the device. During the first
+    ``config.check_after_steps`` optimizer steps it records, with one fused reduction and one device
+    sync per step, which layers got a non-zero gradient; at step ``check_after_steps`` it compares A
+    and B with their fingerprint (judging "moved" against the start, not against zero, so that
+    pissa/olora inits are no false alarm; an update that leaves both float64 sums unchanged is
+    practically impossible) and fills ``no_grad_layers``, ``b_still_zero_layers`` and
+    ``frozen_in_place``.
     Movement is judged only when some step had a positive learning rate and finite gradients
     (warm-up from 0 and fp16 overflow-skipped steps leave weights in place legitimately).
     """
@@ -523,8 +549,9 @@ class AdapterProbe(Probe):
                 key = f"{name} ({adapter})" if len(adapters) > 1 else name
                 self._watched.append(_Watched(key, a, b))
         with torch.no_grad():
-            for w in self._watched:
-                w.a0, w.b0 = (None if d is None else d.clone() for d in (_data(w.a), _data(w.b)))
+            starts = _fingerprints([d for w in self._watched for d in (_data(w.a), _data(w.b))])
+        for i, w in enumerate(self._watched):
+            w.a0, w.b0 = starts[2 * i], starts[2 * i + 1]
 
     def pre_optimizer_step(self, event: Event) -> None:
         if not self._watched or self._grad_steps >= event.doctor.config.check_after_steps:
@@ -550,25 +577,17 @@ class AdapterProbe(Probe):
             return
         self._done = True
         facts = event.doctor.facts
-        rows: list[tuple[_Watched, str]] = []
-        tensors: list[torch.Tensor] = []
         with torch.no_grad():
-            for w in self._watched:
-                for now, start in ((_data(w.a), w.a0), (_data(w.b), w.b0)):
-                    if now is not None and start is not None:
-                        tensors.append(now - start)
-                        rows.append((w, "moved"))
-                if (b := _data(w.b)) is not None:
-                    tensors.append(b)
-                    rows.append((w, "b_abs"))
-            values = _peaks(tensors)
+            now = _fingerprints([d for w in self._watched for d in (_data(w.a), _data(w.b))])
         moved: dict[int, bool] = {}
         b_zero: set[int] = set()
-        for (w, what), value in zip(rows, values, strict=True):
-            if what == "b_abs" and value == 0:
+        for i, w in enumerate(self._watched):
+            a_now, b_now = now[2 * i], now[2 * i + 1]
+            if b_now is not None and b_now[1] == 0:  # sum of squares 0: B is exactly zero
                 b_zero.add(id(w))
-            elif what == "moved":
-                moved[id(w)] = moved.get(id(w), False) or value != 0
+            pairs = [(x, y) for x, y in ((a_now, w.a0), (b_now, w.b0)) if x is not None and y]
+            if pairs:
+                moved[id(w)] = any(x != y for x, y in pairs)
         judge_movement = self._moving_steps > 0
         for w in self._watched:
             if not w.trainable or (w.grad_known and not w.got_grad):
@@ -577,4 +596,3 @@ class AdapterProbe(Probe):
                 facts.b_still_zero_layers.append(w.key)
             if judge_movement and moved.get(id(w)) is False:
                 facts.frozen_in_place.append(w.key)
-            w.a0 = w.b0 = None  # free the copies
