@@ -5,7 +5,7 @@ Each run folder holds a ``trainer_state.json`` (and its ``adapter_config.json`` 
 (``must_not``). Prints, per run, the must findings missed and the must_not findings raised, then the
 totals.
 
-    python benchmarks/wild_corpus.py [--corpus /work/shared/corpus/wild-dev] [--verbose]
+    python benchmarks/wild_corpus.py [--corpus ../shared/corpus/wild-dev] [--verbose]
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from lora_doctor.offline import diagnose
 
-DEFAULT = Path("/work/shared/corpus/wild-dev")
+DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "wild-dev"  # ../shared
 
 
 def _slugs(cell: str) -> set[str]:

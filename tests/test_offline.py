@@ -17,7 +17,8 @@ from lora_doctor import diagnose
 from lora_doctor.cli import main
 from lora_doctor.offline import RunReadError
 
-CORPUS = Path("/work/shared/corpus/wild-dev")
+#: The shared corpus sits beside the checkout (``../shared``), in CI as here.
+CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "wild-dev"
 
 
 def _state(log: list[dict], **extra) -> dict:
