@@ -315,7 +315,7 @@ class DoctorConfig:
         "a number >= 0",
     )
     plateau_confidence: float = _opt(
-        0.9,
+        0.95,
         "Confidence level of the Theil-Sen slope interval (Sen's interval from Kendall's tau).",
         lambda v: _fraction(v) and 0 < v < 1,
         "a number in (0, 1)",
@@ -326,11 +326,12 @@ class DoctorConfig:
         _fraction,
         "a number in [0, 1]",
     )
-    plateau_check_every: float = _opt(
-        0.01,
-        "Run the plateau statistics at most once per this share of training.",
-        _fraction,
-        "a number in [0, 1]",
+    plateau_look_growth: float = _opt(
+        0.25,
+        "The plateau statistics run again once the step has grown by this share (0.25: at 20%, "
+        "25%, 31%, 39% ... of training): few looks, few chances for noise to pass as a plateau.",
+        _positive,
+        "a number > 0",
     )
     plateau_max_points: int = _opt(
         100,

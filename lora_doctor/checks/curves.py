@@ -689,7 +689,8 @@ class LossPlateau(Check):
     ``plateau_early_fraction`` and ``plateau_latest_start`` of training, so a run that keeps falling
     until late and then flattens (a converged run, a decayed learning rate) is not a plateau: every
     window still sees the fall. A loss already down by ``plateau_converged_drop`` of its first value
-    has converged. Statistics run at most once per ``plateau_check_every`` of training.
+    has converged. The statistics run on a geometric schedule (``plateau_look_growth``): each look
+    is a chance for noise to pass as a plateau, so there are about ten, whatever the run's length.
     """
 
     code, slug, severity = "LD201", "loss-plateau", Severity.WARNING
@@ -715,9 +716,9 @@ class LossPlateau(Check):
             return
         if ctx.history.count(LOSS) < cfg.plateau_min_points:
             return
-        # the next look: after plateau_check_every of training, or 5% more steps (geometric), so
-        # a run is judged a few dozen times whatever its length
-        self._next = step + max(cfg.plateau_check_every * horizon, 0.05 * step)
+        # the next look once the step has grown by plateau_look_growth (a geometric schedule):
+        # about ten looks whatever the run's length
+        self._next = step * (1 + cfg.plateau_look_growth)
         x, y = self._points(ctx)
         if len(y) < cfg.plateau_min_points:
             return
