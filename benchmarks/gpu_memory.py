@@ -1,4 +1,4 @@
-"""GPU check of lora-doctor's memory watch, in one command (an H100 80GB takes about 2 minutes).
+"""GPU check of lora-doctor's memory watch, in one command (expected 1 to 2 minutes on an H100).
 
     python benchmarks/gpu_memory.py --out $OUT          # needs CUDA
     python benchmarks/gpu_memory.py --dry --out /tmp/x  # CPU: the same logic on scripted readings

@@ -126,6 +126,8 @@ class MemoryFacts:
         first_peak_bytes: peak allocated memory during the first steps.
         outside_bytes: device memory held outside PyTorch's allocator (CUDA context, other
             processes), at the last reading.
+        peak_bytes: the highest peak allocated of all readings (of the worst rank).
+        last_reading: this rank's last reading, in GiB (peak, reserved, free, retries ...).
         per_device_train_batch_size: the batch size per device.
         gradient_accumulation_steps: the accumulation steps.
         estimates: the estimate by component for r, 2r and r/2, keyed by rank (strings, for JSON).
@@ -148,6 +150,8 @@ class MemoryFacts:
     static_bytes: int | None = None
     first_peak_bytes: int | None = None
     outside_bytes: int = 0
+    peak_bytes: int | None = None
+    last_reading: dict[str, Any] | None = None
     per_device_train_batch_size: int | None = None
     gradient_accumulation_steps: int | None = None
     estimates: dict[str, dict[str, Any]] = field(default_factory=dict)

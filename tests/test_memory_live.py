@@ -187,6 +187,7 @@ def test_scripted_reader_in_trainer(tmp_path: Path, share: float, fires: bool) -
     assert ("oom-risk" in {f["slug"] for f in report["findings"]}) is fires
     mem = report["run"]["memory"]
     assert mem["r"] == 8 and set(mem["estimates"]) == {"8", "16", "4"}
+    assert mem["peak_bytes"] == int(share * CAP) and mem["last_reading"]["capacity_gib"] == 80.0
     assert mem["weights_by_dtype"]["fp32"] > 0 and mem["lora_bytes"] == mem["trainable_bytes"]
     # Adam: two fp32 moments per trainable parameter, plus a 4-byte step counter per tensor.
     assert (

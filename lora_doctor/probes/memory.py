@@ -306,6 +306,9 @@ class MemoryProbe(Probe):
         if mem is not None:
             mem.outside_bytes = reading.outside
             mem.ranks = ranks.ranks if ranks is not None else 1
+            peak = int(ranks.max) if ranks is not None else reading.peak_allocated
+            mem.peak_bytes = max(mem.peak_bytes or 0, peak)
+            mem.last_reading = reading.figures()
 
     def train_failed(self, event: Event, error: BaseException) -> None:
         record_out_of_memory(event.doctor, error, event.step, self.reader if self.active else None)
