@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import math
+from collections import deque
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -96,17 +97,6 @@ def _windows(a: np.ndarray, width: int) -> np.ndarray:
     return np.lib.stride_tricks.as_strided(
         a, shape=(max(rows, 0), width), strides=(a.strides[0], a.strides[0]), writeable=False
     )
-
-
-def _rolling_median(previous: np.ndarray, new: np.ndarray, width: int) -> np.ndarray:
-    """The median of each window of ``width`` points ending at each new point (``previous`` holds
-    the points before them; windows that would reach before it are left out)."""
-    joined = np.concatenate(
-        [previous[len(previous) - width + 1 :] if width > 1 else previous[:0], new]
-    )
-    if len(joined) < width:
-        return np.empty(0)
-    return np.median(_windows(joined, width), axis=1)
 
 
 _NOISE_POINTS = 200
@@ -337,8 +327,8 @@ class LossDivergence(Check):
 
     def __init__(self) -> None:
         self._cursor = _Cursor(LOSS)
-        self._tail = np.empty(0)
-        self._recent = np.empty(0)
+        self._window: deque[float] = deque()
+        self._recent: deque[float] = deque(maxlen=_NOISE_POINTS)
         self._first: float | None = None
         self._best = math.inf
         self._best_step = 0.0
@@ -351,33 +341,34 @@ class LossDivergence(Check):
             return
         cfg = ctx.config
         w = cfg.divergence_window
-        x, y = np.asarray(steps, dtype=float), np.asarray(values, dtype=float)
-        keep = np.isfinite(y)
-        x, y = x[keep], y[keep]
-        levels = _rolling_median(self._tail, y, w)
-        self._tail = np.concatenate([self._tail, y])[-w:]
-        self._recent = np.concatenate([self._recent, y])[-_NOISE_POINTS:]
-        if not len(levels):
-            return
-        lsteps = x[len(x) - len(levels) :]
-        if self._first is None:
-            self._first = float(levels[0])
-        # the best level up to each point, then each point's rise above it
-        best = np.minimum(np.minimum.accumulate(levels), self._best)
-        rise = levels - best
-        drop = np.maximum(self._first - best, 0.0)
-        high = (rise > cfg.divergence_rise * np.abs(best)) & (
-            rise >= cfg.divergence_giveback * drop
-        )
-        if high.any():  # rare: only then is the noise level measured
-            high &= rise > cfg.divergence_noise * _noise_sd(self._recent)
-        for i in range(len(levels)):
-            if levels[i] <= best[i]:
-                self._best, self._best_step = float(levels[i]), float(lsteps[i])
-            self._run = self._run + 1 if high[i] else 0
+        window, recent = self._window, self._recent
+        for step, value in zip(steps, values, strict=True):
+            if not math.isfinite(value):
+                continue
+            window.append(value)
+            recent.append(value)
+            if len(window) > w:
+                window.popleft()
+            if len(window) < w:
+                continue
+            level = sorted(window)[w // 2]  # the rolling median (w is small)
+            if self._first is None:
+                self._first = level
+            if level <= self._best:
+                self._best, self._best_step, self._run = level, step, 0
+                continue
+            rise = level - self._best
+            drop = max(self._first - self._best, 0.0)
+            high = (
+                rise > cfg.divergence_rise * abs(self._best)
+                and rise >= cfg.divergence_giveback * drop
+                # rare: only then is the noise level measured
+                and rise > cfg.divergence_noise * _noise_sd(np.fromiter(recent, float))
+            )
+            self._run = self._run + 1 if high else 0
             if self._run >= w:
                 self._done = True
-                yield self._finding(ctx, int(lsteps[i]), float(levels[i]), float(drop[i]))
+                yield self._finding(ctx, int(step), level, drop)
                 return
 
     def _finding(self, ctx: Context, step: int, level: float, drop: float) -> Finding:
@@ -428,7 +419,7 @@ class GradNormSpike(Check):
 
     def __init__(self) -> None:
         self._cursor = _Cursor(GRAD_NORM)
-        self._tail = np.empty(0)
+        self._tail: list[float] = []
         self._count = 0
         self._done = False
 
@@ -437,9 +428,18 @@ class GradNormSpike(Check):
         steps, values = self._cursor.new(ctx)
         if self._done or not values:
             return
+        if not all(map(math.isfinite, values)):
+            steps, values = _finite(steps, values)
+            if not values:
+                return
+        # no window median is below the smallest value seen: when even that cannot make a spike,
+        # skip the medians (the common case, without numpy)
+        lowest = min(min(values), min(self._tail, default=math.inf))
+        if lowest > 0 and max(values) <= cfg.spike_factor * lowest:
+            self._tail = (self._tail + list(values))[-cfg.spike_window :]
+            self._count += len(values)
+            return
         x, y = np.asarray(steps, dtype=float), np.asarray(values, dtype=float)
-        keep = np.isfinite(y)
-        x, y = x[keep], y[keep]
         medians = self._medians_before(y, cfg.spike_window)
         enough = self._count + np.arange(len(y)) >= cfg.spike_min_points
         self._count += len(y)
@@ -453,8 +453,8 @@ class GradNormSpike(Check):
     def _medians_before(self, y: np.ndarray, width: int) -> np.ndarray:
         """For each new point, the median of the (up to) ``width`` points logged before it."""
         prev = len(self._tail)
-        joined = np.concatenate([self._tail, y])
-        self._tail = joined[-width:]
+        joined = np.concatenate([np.asarray(self._tail, dtype=float), y])
+        self._tail = joined[-width:].tolist()
         out = np.full(len(y), np.nan)
         for j in range(max(prev, 1), min(width, len(joined))):  # the run's first points only
             out[j - prev] = np.median(joined[:j])
