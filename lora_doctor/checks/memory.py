@@ -128,6 +128,7 @@ class OomRisk(Check):
 
     code, slug, severity = "LD301", "oom-risk", Severity.WARNING
     phases = frozenset({Phase.SETUP, Phase.LOG})
+    batched = True
 
     def run(self, ctx: Context) -> Iterable[Finding]:
         if ctx.phase is Phase.SETUP:

@@ -330,6 +330,7 @@ class RankSaturated(Check):
 
     code, slug, severity = "LD401", "rank-saturated", Severity.WARNING
     phases = frozenset({Phase.LOG, Phase.END})
+    batched = True
     needs_lora = True
 
     def run(self, ctx: Context) -> Iterable[Finding]:
@@ -383,6 +384,7 @@ class RankInconclusive(Check):
 
     code, slug, severity = "LD404", "rank-inconclusive", Severity.INFO
     phases = frozenset({Phase.LOG, Phase.END})
+    batched = True
     needs_lora = True
 
     def run(self, ctx: Context) -> Iterable[Finding]:
@@ -432,6 +434,7 @@ class RankUnderused(Check):
 
     code, slug, severity = "LD402", "rank-underused", Severity.INFO
     phases = frozenset({Phase.LOG, Phase.END})
+    batched = True
     needs_lora = True
 
     def run(self, ctx: Context) -> Iterable[Finding]:
