@@ -179,6 +179,14 @@ def test_rank_underused_means_no_doubling() -> None:
     assert all("r" not in c.recommendation.config_changes for c in causes)
 
 
+def test_rank_inconclusive_is_named_in_the_rank_cause() -> None:
+    causes = plateau_causes(
+        _ctx(RunFacts(adapters=LORA, learning_rate=2e-4), ["rank-inconclusive"])
+    )
+    assert causes[-1].name == "rank r=8 too small"
+    assert "could not tell whether r binds" in causes[-1].evidence
+
+
 def test_rollback_recommendation() -> None:
     rec = rollback(8, 16)
     assert rec.config_changes == {"r": 16, "lora_alpha": 32}

@@ -926,13 +926,13 @@ def plateau_causes(ctx: Context) -> list[Cause]:
     underused = ctx.found("rank-underused")
     if underused is None and facts.has_lora is not False:
         saturated = ctx.found("rank-saturated")
-        evidence = (
-            saturated.title
-            if saturated is not None
-            else f"no other cause shows in the facts; r={r}"
-            if r
-            else "no other cause shows"
-        )
+        inconclusive = ctx.found("rank-inconclusive")
+        if saturated is not None:
+            evidence = saturated.title
+        elif inconclusive is not None:
+            evidence = f"the spectrum could not tell whether r binds ({inconclusive.title})"
+        else:
+            evidence = f"no other cause shows in the facts; r={r}" if r else "no other cause shows"
         causes.append(
             Cause(
                 f"rank r={r} too small" if r else "rank too small",
