@@ -5,7 +5,8 @@ data is made up (sequences that repeat a short random pattern, so there is somet
 
 The mistake: ``r=16`` with ``lora_alpha=8``. peft scales the update by lora_alpha / r = 0.5, half of
 the usual alpha = r, so the adapter learns slowly; the doctor says so before the first step, with the
-fix, and writes ``out/quickstart/lora_doctor.json`` at the end.
+fix. When the loss then stays flat it reports a plateau whose first suspect is that scaling, and it
+writes ``out/quickstart/lora_doctor.json`` at the end.
 
 Usage:
     python examples/quickstart.py [--output-dir out/quickstart] [--steps 60]
