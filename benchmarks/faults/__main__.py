@@ -1,0 +1,7 @@
+"""``python -m benchmarks.faults --seeds 3 [--quick]``: the LoRA fault benchmark."""
+
+import sys
+
+from benchmarks.faults.bench import main
+
+sys.exit(main())

@@ -1,0 +1,133 @@
+"""Runs the fault benchmark's scenarios over architectures and seeds, and prints the table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from transformers.utils import logging as hf_logging
+
+from benchmarks.faults.runner import Spec
+from benchmarks.faults.scenarios import SCENARIOS, Scenario, Skip
+from benchmarks.faults.score import RunResult, format_table, summarize
+from benchmarks.faults.tasks import ARCHS
+from lora_doctor.checks import known_names
+
+__all__ = ["collect", "main", "select"]
+
+QUICK_ARCHS = ("llama",)
+
+
+def select(quick: bool, only: Sequence[str] = ()) -> list[Scenario]:
+    """The scenarios to run: those named in ``only``, else all (or the quick subset).
+
+    Raises:
+        ValueError: naming an unknown scenario and the known ones.
+    """
+    names = {s.name for s in SCENARIOS}
+    unknown = sorted(set(only) - names)
+    if unknown:
+        raise ValueError(f"unknown scenario(s) {unknown}; known: {', '.join(sorted(names))}")
+    if only:
+        return [s for s in SCENARIOS if s.name in only]
+    return [s for s in SCENARIOS if s.quick or not quick]
+
+
+def collect(
+    scenarios: Sequence[Scenario],
+    archs: Sequence[str],
+    seeds: Sequence[int],
+    workdir: Path,
+    device: str = "cpu",
+    progress: bool = True,
+) -> list[RunResult]:
+    """Runs every scenario for every architecture and seed; returns the scored records.
+
+    Example:
+        >>> results = collect(select(quick=True), ["llama"], [0], Path("/tmp/x"))  # doctest: +SKIP
+    """
+    results = []
+    for scenario in scenarios:
+        for arch in archs:
+            for seed in seeds:
+                spec = Spec(arch, seed, workdir / scenario.name / f"{arch}-s{seed}", device)
+                spec.workdir.mkdir(parents=True, exist_ok=True)
+                record = RunResult(
+                    scenario.name, scenario.fault, arch, seed, scenario.must, scenario.must_not
+                )
+                start = time.perf_counter()
+                try:
+                    outcome = scenario.build(spec)
+                except Skip as why:
+                    record.skipped = str(why)
+                else:
+                    record.findings = outcome.findings
+                    record.onset = outcome.onset
+                    record.error = outcome.error
+                    record.report_written = outcome.report_written
+                    record.internal_errors = outcome.internal_errors
+                results.append(record)
+                if progress:
+                    found = ", ".join(sorted({f.slug for f in record.findings})) or "-"
+                    state = record.skipped or (
+                        "detected" if record.detected or record.healthy else "MISSED"
+                    )
+                    print(
+                        f"  {scenario.name:<20} {arch:<6} seed {seed}: {state}; found: {found} "
+                        f"({time.perf_counter() - start:.1f} s)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m benchmarks.faults``: runs the benchmark and prints the table."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.faults", description=__doc__)
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per scenario and architecture")
+    parser.add_argument("--quick", action="store_true", help="1 seed, Llama only, a subset")
+    parser.add_argument("--arch", nargs="+", choices=ARCHS, default=None)
+    parser.add_argument("--only", nargs="+", default=(), help="scenario names to run")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="write results.json and table.txt here"
+    )
+    args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error(f"--seeds must be >= 1, got {args.seeds}")
+    try:
+        scenarios = select(args.quick, args.only)
+    except ValueError as err:
+        parser.error(str(err))
+    archs = args.arch or (QUICK_ARCHS if args.quick else ARCHS)
+    seeds = range(1 if args.quick else args.seeds)
+    torch.set_num_threads(args.threads)
+    hf_logging.set_verbosity_error()
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="lora-doctor-faults-") as tmp:
+        results = collect(scenarios, archs, seeds, Path(tmp), args.device)
+    registered = known_names()
+    unregistered = {
+        slug for s in scenarios for g in s.must for slug in g.split("|") if slug not in registered
+    }
+    table = format_table(summarize(results), unregistered)
+    print(table)
+    print(
+        f"\n{len(results)} runs ({', '.join(archs)}; seeds {list(seeds)}; {args.device}) in "
+        f"{time.perf_counter() - start:.0f} s"
+    )
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.json").write_text(
+            json.dumps([asdict(r) for r in results], indent=1), encoding="utf-8"
+        )
+        (args.out / "table.txt").write_text(table + "\n", encoding="utf-8")
+    return 0

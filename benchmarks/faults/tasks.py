@@ -1,0 +1,161 @@
+"""Tiny models and made-up data for the fault benchmark.
+
+The base models are built from configs with random weights (no downloads). Their weights are drawn
+with ``initializer_range=0.1`` rather than the usual 0.02: with the frozen random head of a 0.02
+model, logits cannot leave a narrow band around zero and no adapter can lower the loss much, so a
+healthy run would look like a plateau. At 0.1 a LoRA adapter on a healthy setup takes the loss from
+about 4.8 to about 1.2 within 100 steps, as a real fine-tuning run falls.
+
+The language model task is a noisy chain: sequences over a fixed 16-token slice of the vocabulary
+in which each token is followed by a fixed successor with probability ``1 - noise`` and by a random
+token otherwise. It has structure to learn (the successor table) and noise to memorise (overfit).
+The classification task labels a sequence by whether its last token lies in the lower half of the
+vocabulary (the classifier reads the last position, so even a frozen body lets the head learn).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import (
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    PreTrainedModel,
+)
+
+__all__ = [
+    "ARCHS",
+    "VOCAB",
+    "chain_data",
+    "class_data",
+    "lora_targets",
+    "random_data",
+    "tiny_model",
+]
+
+ARCHS = ("llama", "gpt2")
+VOCAB = 128
+SEQ_LEN = 32
+INIT_RANGE = 0.1
+_CHAIN_TOKENS = 16
+_TASK_SEED = 1234  # the chain's successor table: the same "language" for every run and seed
+
+Example = dict[str, torch.Tensor]
+
+
+def tiny_model(arch: str, seed: int, *, head: str = "lm") -> PreTrainedModel:
+    """A two-layer model of ``arch`` with random weights drawn from ``seed``.
+
+    Args:
+        arch: ``"llama"`` or ``"gpt2"`` (GPT-2's Conv1D layers keep the fan_in_fan_out path honest).
+        seed: seeds the weights.
+        head: ``"lm"`` for a causal language model, ``"cls"`` for a two-class sequence classifier.
+
+    Example:
+        >>> tiny_model("llama", 0).config.hidden_size
+        64
+    """
+    torch.manual_seed(seed)
+    if arch == "llama":
+        config: Any = LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=VOCAB,
+            initializer_range=INIT_RANGE,
+            pad_token_id=0,
+            num_labels=2,
+        )
+        cls: Any = LlamaForCausalLM if head == "lm" else LlamaForSequenceClassification
+    elif arch == "gpt2":
+        config = GPT2Config(
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            vocab_size=VOCAB,
+            n_positions=2 * SEQ_LEN,
+            initializer_range=INIT_RANGE,
+            pad_token_id=0,
+            num_labels=2,
+        )
+        cls = GPT2LMHeadModel if head == "lm" else GPT2ForSequenceClassification
+    else:
+        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+    return cls(config)
+
+
+def lora_targets(arch: str, *, attention_only: bool = False) -> list[str]:
+    """LoRA target modules: every linear layer, or the attention projections only.
+
+    Example:
+        >>> lora_targets("gpt2", attention_only=True)
+        ['c_attn']
+    """
+    if arch == "llama":
+        attn = ["q_proj", "k_proj", "v_proj", "o_proj"]
+        return (
+            attn[:1] + attn[2:3] if attention_only else [*attn, "gate_proj", "up_proj", "down_proj"]
+        )
+    if arch == "gpt2":
+        return ["c_attn"] if attention_only else ["c_attn", "c_proj", "c_fc"]
+    raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+
+
+def _lm_example(tokens: torch.Tensor) -> Example:
+    return {
+        "input_ids": tokens,
+        "labels": tokens.clone(),
+        "attention_mask": torch.ones_like(tokens),
+    }
+
+
+def chain_data(n: int, seed: int, *, noise: float = 0.1) -> list[Example]:
+    """``n`` sequences of the noisy chain language (see the module docstring).
+
+    Example:
+        >>> chain_data(2, 0)[0]["input_ids"].shape
+        torch.Size([32])
+    """
+    g = torch.Generator().manual_seed(_TASK_SEED)
+    alphabet = torch.randperm(VOCAB - 1, generator=g)[:_CHAIN_TOKENS] + 1  # token 0 is padding
+    successor = torch.randperm(_CHAIN_TOKENS, generator=g)
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        idx = torch.empty(SEQ_LEN, dtype=torch.long)
+        idx[0] = torch.randint(_CHAIN_TOKENS, (1,), generator=g)
+        jumps = torch.rand(SEQ_LEN, generator=g) < noise
+        random_next = torch.randint(_CHAIN_TOKENS, (SEQ_LEN,), generator=g)
+        for t in range(1, SEQ_LEN):
+            idx[t] = random_next[t] if jumps[t] else successor[idx[t - 1]]
+        out.append(_lm_example(alphabet[idx]))
+    return out
+
+
+def random_data(n: int, seed: int) -> list[Example]:
+    """``n`` sequences of uniformly random tokens: nothing to learn, everything to memorise."""
+    g = torch.Generator().manual_seed(seed)
+    return [_lm_example(torch.randint(1, VOCAB, (SEQ_LEN,), generator=g)) for _ in range(n)]
+
+
+def class_data(n: int, seed: int) -> list[Example]:
+    """``n`` random sequences labelled 1 when the last token is in the lower half of the vocabulary."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        tokens = torch.randint(1, VOCAB, (SEQ_LEN,), generator=g)
+        out.append(
+            {
+                "input_ids": tokens,
+                "labels": torch.tensor(int(tokens[-1] < VOCAB // 2)),
+                "attention_mask": torch.ones_like(tokens),
+            }
+        )
+    return out

@@ -1,0 +1,125 @@
+"""The fault benchmark's scorer and a quick real run of it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from benchmarks.faults.score import (
+    AMBIENT,
+    ANY,
+    Finding,
+    RunResult,
+    format_table,
+    summarize,
+)
+
+
+def _run(fault: str = "NaN injected", **kw) -> RunResult:
+    kw.setdefault("must", () if fault == "healthy" else ("non-finite-values|zero-loss",))
+    kw.setdefault("must_not", (ANY,) if fault == "healthy" else ("overfit",))
+    return RunResult(kw.pop("scenario", "s"), fault, "llama", 0, **kw)
+
+
+def F(slug: str, severity: str = "warning", step: int = 0) -> Finding:
+    return Finding(slug, severity, step)
+
+
+@pytest.mark.parametrize(
+    ("run", "detected", "alarms", "step"),
+    [
+        (_run(findings=[F("non-finite-values", "error", 42)], onset=40), True, [], 42),
+        (_run(findings=[F("zero-loss", "info", 45)], onset=40), True, [], 45),
+        (_run(findings=[F("loss-plateau", "warning", 30)]), False, [], None),
+        (_run(findings=[F("zero-loss", step=50), F("overfit", step=60)]), True, ["overfit"], 50),
+        (_run(findings=[F("overfit", "info", 60), F("zero-loss", step=50)]), True, [], 50),
+        (_run(must=("a", "b|c"), findings=[F("a", step=5), F("c", step=9)]), True, [], 9),
+        (_run(must=("a", "b|c"), findings=[F("a", step=5)]), False, [], None),
+        (_run("healthy", findings=[]), True, [], None),
+        (_run("healthy", findings=[F("loss-plateau", step=20)]), True, ["loss-plateau"], None),
+        (_run("healthy", findings=[F("rank-underused", "info", 90)]), True, [], None),
+        (_run("healthy", findings=[F(next(iter(AMBIENT)), "warning")]), True, [], None),
+    ],
+    ids=[
+        "found-error",
+        "found-info-counts-for-recall",
+        "missed",
+        "found-with-wrong-finding",
+        "wrong-finding-at-info-is-no-alarm",
+        "two-groups-latest-first-match",
+        "one-group-missing",
+        "healthy-clean",
+        "healthy-warning-is-alarm",
+        "healthy-info-is-no-alarm",
+        "healthy-ambient-is-no-alarm",
+    ],
+)
+def test_run_scoring(run: RunResult, detected: bool, alarms: list[str], step: int | None) -> None:
+    assert run.detected is detected  # a healthy run must find nothing, so it is vacuously met
+    assert run.false_alarms == alarms
+    assert run.detection_step == step
+
+
+def test_summary_recall_delays_and_rate() -> None:
+    results = [
+        _run(scenario="nan", findings=[F("non-finite-values", "error", 41)], onset=40),
+        _run(scenario="nan", findings=[F("zero-loss", "warning", 50)], onset=40),
+        _run(
+            scenario="nan", findings=[], onset=40, error="RuntimeError: boom", report_written=False
+        ),
+        _run("healthy", scenario="ok", findings=[F("loss-plateau", step=30)]),
+        _run("healthy", scenario="ok"),
+        _run(scenario="gpu", skipped="needs a CUDA GPU"),
+    ]
+    nan, ok, gpu = summarize(results)
+    assert (nan.runs, nan.detected, nan.recall) == (3, 2, pytest.approx(2 / 3))
+    assert (nan.delays, nan.detection_steps, nan.no_report, nan.errors) == (
+        [1, 10],
+        [41, 50],
+        1,
+        ["RuntimeError"],
+    )
+    assert (ok.runs, ok.false_alarm_runs, ok.false_alarm_slugs, ok.recall) == (
+        2,
+        1,
+        ["loss-plateau"],
+        None,
+    )
+    assert (gpu.runs, gpu.skipped) == (0, "needs a CUDA GPU")
+    table = format_table([nan, ok, gpu], unregistered={"zero-loss"})
+    assert "0.67 (2/3)" in table
+    assert "false-alarm rate on healthy runs: 0.50 (1/2)" in table
+    assert "no check yet for zero-loss" in table
+    assert "skipped" in table and "needs a CUDA GPU" in table
+    assert "no lora_doctor.json in 1" in table and "died: RuntimeError" in table
+
+
+def test_unknown_scenario_is_named() -> None:
+    from benchmarks.faults.bench import select
+
+    with pytest.raises(ValueError, match=r"unknown scenario\(s\) \['nope'\]"):
+        select(quick=False, only=["nope"])
+    assert {s.name for s in select(quick=True)} < {s.name for s in select(quick=False)}
+
+
+@pytest.mark.slow
+def test_quick_benchmark_scores_real_runs(tmp_path: Path) -> None:
+    """The quick subset trains for real; the scorer's verdicts follow the reports the runs wrote."""
+    from benchmarks.faults.bench import collect, select
+
+    scenarios = select(quick=True)
+    results = collect(scenarios, ["llama"], [0], tmp_path, progress=False)
+    assert [r.scenario for r in results] == [s.name for s in scenarios]
+    for r in results:
+        assert r.internal_errors == [], r.scenario
+        assert r.report_written, r.scenario
+        assert r.detected == all(
+            any(f.slug in group.split("|") for f in r.findings) for group in r.must
+        )
+    summaries = summarize(results)
+    table = format_table(summaries)
+    for s in scenarios:
+        assert s.name in table
+    healthy = next(s for s in summaries if s.healthy)
+    assert healthy.runs == 1 and healthy.recall is None
