@@ -1,4 +1,4 @@
-"""The fault benchmark's scorer and a quick real run of it."""
+"""The fault benchmark's scorer, a quick real run of it, and the overhead script's CPU mode."""
 
 from __future__ import annotations
 
@@ -103,7 +103,20 @@ def test_unknown_scenario_is_named() -> None:
     assert {s.name for s in select(quick=True)} < {s.name for s in select(quick=False)}
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread, as the benchmarks' command lines use: on a busy 2-core machine two
+    threads spin against each other and a 3 s run takes minutes."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
 def test_quick_benchmark_scores_real_runs(tmp_path: Path) -> None:
     """The quick subset trains for real; the scorer's verdicts follow the reports the runs wrote."""
     from benchmarks.faults.bench import collect, select
@@ -123,3 +136,29 @@ def test_quick_benchmark_scores_real_runs(tmp_path: Path) -> None:
         assert s.name in table
     healthy = next(s for s in summaries if s.healthy)
     assert healthy.runs == 1 and healthy.recall is None
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_overhead_script_cpu_small(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import overhead
+
+    overhead.main(
+        [
+            "--device",
+            "cpu",
+            "--small",
+            "--steps",
+            "6",
+            "--reps",
+            "1",
+            "--skip",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    out = capsys.readouterr().out
+    for arm in overhead.ARMS:
+        assert f"\n{arm} " in out
+    assert (tmp_path / "overhead.json").is_file()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,7 +163,7 @@ def train(
     eval_data: Sequence[Any] | None = None,
     onset: int = 0,
     resume_from: str | None = None,
-    trainer_cls: type[Trainer] = Trainer,
+    trainer_cls: Callable[..., Trainer] = Trainer,
     callbacks: Sequence[TrainerCallback] = (),
     name: str = "run",
     verbose: bool = False,
@@ -178,7 +178,7 @@ def train(
         eval_data: evaluation examples, if the run evaluates.
         onset: the step at which the fault begins.
         resume_from: a checkpoint folder to resume from.
-        trainer_cls: the Trainer class (a subclass may inject a fault).
+        trainer_cls: builds the Trainer from its keyword arguments (a subclass, or a partial).
         callbacks: extra callbacks, placed before the doctor's.
         name: the sub-folder of ``spec.workdir`` for this training job.
         verbose: show the doctor's log lines.

@@ -13,14 +13,16 @@ control every finding at warning or above is a false alarm (``ANY``).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import TrainerCallback
+from transformers import LlamaForCausalLM, TrainerCallback
 
+from benchmarks import planted_rank
 from benchmarks.faults import tasks
 from benchmarks.faults.runner import Outcome, Spec, train
 from benchmarks.faults.score import ANY
@@ -268,6 +270,43 @@ def resume_other_rank(spec: Spec) -> Outcome:
     return _resumed(spec, 16)
 
 
+def _planted(spec: Spec, r: int) -> Outcome:
+    """A LoRA student of rank ``r`` learns the planted-rank teacher of ``benchmarks/planted_rank.py``
+    (its small form: a one-layer Llama plus a rank-8 update on q, v, up and down; KL to the teacher
+    on fresh random tokens, so data is unlimited and only the rank can limit the fit)."""
+    if spec.arch != "llama":
+        raise Skip("the planted-rank teacher of benchmarks/planted_rank.py is a Llama")
+    setup = planted_rank.SMALL
+    config, state, teacher = planted_rank.build_models(setup, spec.device, seed=spec.seed)
+    student = LlamaForCausalLM(config)
+    student.load_state_dict(state)
+    model = get_peft_model(
+        student,
+        LoraConfig(r=r, lora_alpha=2 * r, target_modules=planted_rank.TARGETS, lora_dropout=0.0),
+    )
+    return train(
+        spec,
+        model,
+        planted_rank.FreshTokens(setup.vocab, setup.seq, seed=spec.seed),
+        trainer_cls=functools.partial(planted_rank.KLTrainer, teacher),
+        max_steps=setup.steps,
+        per_device_train_batch_size=setup.batch,
+        learning_rate=setup.lr,
+        lr_scheduler_type="constant",
+        logging_steps=max(1, setup.steps // 40),
+    )
+
+
+def rank_too_low(spec: Spec) -> Outcome:
+    """r 2 against a planted update of rank 8."""
+    return _planted(spec, 2)
+
+
+def healthy_rank(spec: Spec) -> Outcome:
+    """r 16 against a planted update of rank 8 (rank-underused, an info, is true here)."""
+    return _planted(spec, 16)
+
+
 def memory_pressure(spec: Spec) -> Outcome:
     """On a GPU, another tenant's memory leaves 4% of the device free; the run's peak nears capacity."""
     if spec.device != "cuda" or not torch.cuda.is_available():
@@ -296,6 +335,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         healthy_checkpointing,
     ),
     Scenario("healthy-resume", "healthy", healthy_resume.__doc__ or "", (), (ANY,), healthy_resume),
+    Scenario("healthy-rank", "healthy", healthy_rank.__doc__ or "", (), (ANY,), healthy_rank),
     Scenario(
         "alpha-not-scaled",
         "r changed without alpha",
@@ -304,6 +344,14 @@ SCENARIOS: tuple[Scenario, ...] = (
         ("adapter-shape", *_WRONG_CAUSE),
         alpha_not_scaled,
         quick=True,
+    ),
+    Scenario(
+        "rank-too-low",
+        "rank too low (planted task)",
+        rank_too_low.__doc__ or "",
+        ("rank-saturated",),
+        ("rank-underused", *_WRONG_CAUSE),
+        rank_too_low,
     ),
     Scenario(
         "lr-too-low",
