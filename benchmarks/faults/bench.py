@@ -120,6 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     table = format_table(summarize(results), unregistered)
     print(table)
+    for line in sorted({line for r in results for line in r.internal_errors}):
+        print("doctor internal error:", line.splitlines()[0])
     print(
         f"\n{len(results)} runs ({', '.join(archs)}; seeds {list(seeds)}; {args.device}) in "
         f"{time.perf_counter() - start:.0f} s"
