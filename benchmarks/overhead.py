@@ -26,10 +26,10 @@ behind queued GPU work: an upper bound). Reported per arm against ``off``:
 
 Targets: <= 0.5% slower with the doctor, <= 2% with the spectrum, <= 16 MiB more peak memory.
 
-Run on a GPU (about 4 minutes on an H100):
-    python benchmarks/overhead.py --out $OUT
+Run on a GPU (about 3 minutes on an H100):
+    python -m benchmarks.overhead --out $OUT
 On CPU (a small model, to check the logic):
-    python benchmarks/overhead.py --device cpu --small
+    python -m benchmarks.overhead --device cpu --small
 """
 
 from __future__ import annotations
@@ -286,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--small", action="store_true", help="a small model (for CPU)")
     parser.add_argument(
-        "--steps", type=int, default=None, help="steps per run (300; 30 with --small)"
+        "--steps", type=int, default=None, help="steps per run (200; 30 with --small)"
     )
     parser.add_argument("--reps", type=int, default=2, help="repetitions of the arms (default 2)")
     parser.add_argument(
@@ -305,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but torch sees no GPU; use --device cpu --small")
-    steps = args.steps or (30 if args.small else 300)
+    steps = args.steps or (30 if args.small else 200)
     batch = args.batch or (2 if args.small else 4)
     seq = args.seq or (64 if args.small else 1024)
     if min(steps, args.reps, batch, seq) < 1 or steps <= args.skip:

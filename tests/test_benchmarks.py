@@ -95,6 +95,23 @@ def test_summary_recall_delays_and_rate() -> None:
     assert "no lora_doctor.json in 1" in table and "died: RuntimeError" in table
 
 
+def test_saved_results_score_the_same(tmp_path: Path) -> None:
+    """Results split over two processes and saved can be scored together (``--score``)."""
+    import json
+    from dataclasses import asdict
+
+    from benchmarks.faults.bench import load_results
+
+    a = [_run(scenario="nan-injected", findings=[F("zero-loss", "warning", 45)], onset=40)]
+    b = [_run("healthy", scenario="healthy", findings=[F("overfit", step=60)])]
+    for name, part in (("a", a), ("b", b)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps([asdict(r) for r in part]))
+    loaded = load_results([tmp_path / "a" / "results.json", tmp_path / "b" / "results.json"])
+    assert [r.scenario for r in loaded] == ["healthy", "nan-injected"]  # the benchmark's order
+    assert format_table(summarize(loaded)) == format_table(summarize(b + a))
+
+
 def test_unknown_scenario_is_named() -> None:
     from benchmarks.faults.bench import select
 

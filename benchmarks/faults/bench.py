@@ -16,11 +16,11 @@ from transformers.utils import logging as hf_logging
 
 from benchmarks.faults.runner import Spec
 from benchmarks.faults.scenarios import SCENARIOS, Scenario, Skip
-from benchmarks.faults.score import RunResult, format_table, summarize
+from benchmarks.faults.score import Finding, RunResult, format_table, summarize
 from benchmarks.faults.tasks import ARCHS
 from lora_doctor.checks import known_names
 
-__all__ = ["collect", "main", "select"]
+__all__ = ["collect", "load_results", "main", "select"]
 
 QUICK_ARCHS = ("llama",)
 
@@ -88,6 +88,35 @@ def collect(
     return results
 
 
+def load_results(paths: Sequence[Path]) -> list[RunResult]:
+    """Reads the ``results.json`` files of earlier runs (e.g. scenarios split over processes),
+    in the benchmark's scenario order.
+
+    Example:
+        >>> results = load_results([Path("out/a/results.json")])  # doctest: +SKIP
+    """
+    order = {s.name: i for i, s in enumerate(SCENARIOS)}
+    results = []
+    for path in paths:
+        for raw in json.loads(path.read_text(encoding="utf-8")):
+            raw["must"], raw["must_not"] = tuple(raw["must"]), tuple(raw["must_not"])
+            raw["findings"] = [Finding(**f) for f in raw["findings"]]
+            results.append(RunResult(**raw))
+    return sorted(results, key=lambda r: order.get(r.scenario, len(order)))
+
+
+def _report(results: Sequence[RunResult], scenarios: Sequence[Scenario]) -> str:
+    """The table, and the doctor's internal errors if there were any."""
+    registered = known_names()
+    unregistered = {
+        slug for s in scenarios for g in s.must for slug in g.split("|") if slug not in registered
+    }
+    lines = [format_table(summarize(results), unregistered)]
+    for line in sorted({line for r in results for line in r.internal_errors}):
+        lines.append("doctor internal error: " + line.splitlines()[0])
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m benchmarks.faults``: runs the benchmark and prints the table."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.faults", description=__doc__)
@@ -100,7 +129,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--out", type=Path, default=None, help="write results.json and table.txt here"
     )
+    parser.add_argument(
+        "--score",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="train nothing: score the results.json files of earlier runs together",
+    )
     args = parser.parse_args(argv)
+    if args.score is not None:
+        print(_report(load_results(args.score), SCENARIOS))
+        return 0
     if args.seeds < 1:
         parser.error(f"--seeds must be >= 1, got {args.seeds}")
     try:
@@ -114,14 +153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lora-doctor-faults-") as tmp:
         results = collect(scenarios, archs, seeds, Path(tmp), args.device)
-    registered = known_names()
-    unregistered = {
-        slug for s in scenarios for g in s.must for slug in g.split("|") if slug not in registered
-    }
-    table = format_table(summarize(results), unregistered)
+    table = _report(results, scenarios)
     print(table)
-    for line in sorted({line for r in results for line in r.internal_errors}):
-        print("doctor internal error:", line.splitlines()[0])
     print(
         f"\n{len(results)} runs ({', '.join(archs)}; seeds {list(seeds)}; {args.device}) in "
         f"{time.perf_counter() - start:.0f} s"
