@@ -430,3 +430,12 @@ def test_curve_config_errors(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError) as err:
         DoctorConfig(**kwargs)
     assert message in str(err.value)
+
+
+def test_zero_loss_pre_empts_the_plateau() -> None:
+    """Masked labels: the loss is exactly 0 from the first log; that is a zero-loss finding, and
+    the flat line must not also get the plateau's rank and learning-rate advice."""
+    doctor = _diagnose(_train_log(np.zeros(N)), adapters=LORA, learning_rate=2e-4, has_lora=True)
+    slugs = {f.slug for f in doctor.findings}
+    assert "zero-loss" in slugs
+    assert "loss-plateau" not in slugs

@@ -499,3 +499,21 @@ def test_disabled_adapters_are_not_learning() -> None:
     (finding,) = [f for f in doctor.findings if f.slug == "adapter-not-learning"]
     assert finding.severity.value == "error"
     assert len(doctor.facts.no_grad_layers) == 4
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_without_input_grads(tmp_path: Path) -> None:
+    """The classic silent bug: reentrant checkpointing on a frozen base with no input that requires
+    a gradient, so no gradient reaches the LoRA layers (their .grad stays None) while the head
+    (modules_to_save) still learns. Not DeepSpeed: a None gradient here means none arrived."""
+    model = get_peft_model(
+        tiny_bert(),
+        LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query", "value"]),
+    )
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.disable_input_require_grads()
+    callback = train(model, tmp_path, cls_data())
+    facts = callback.doctor.facts
+    assert "adapter-not-learning" in found(callback)
+    assert len(facts.no_grad_layers) == len(facts.layers)
+    assert len(facts.b_still_zero_layers) == len(facts.layers)

@@ -676,6 +676,11 @@ def _trend(x: np.ndarray, y: np.ndarray, horizon: float, ctx: Context, points: i
     )
 
 
+#: Findings that explain a flat loss better than underfitting: a zero loss (masked labels or a
+#: hidden NaN), a diverged loss that stays high, non-finite values.
+_PLATEAU_PRE_EMPTED = ("zero-loss", "loss-divergence", "non-finite-values")
+
+
 class LossPlateau(Check):
     """The training loss is flat, or falls very slowly, after the early phase (underfitting).
 
@@ -691,6 +696,8 @@ class LossPlateau(Check):
     window still sees the fall. A loss already down by ``plateau_converged_drop`` of its first value
     has converged. The statistics run on a geometric schedule (``plateau_look_growth``): each look
     is a chance for noise to pass as a plateau, so there are about ten, whatever the run's length.
+    The check stands down once ``zero-loss``, ``loss-divergence`` or ``non-finite-values`` is
+    reported: a flat loss there has another cause, and raising r or the learning rate would mislead.
     """
 
     code, slug, severity = "LD201", "loss-plateau", Severity.WARNING
@@ -707,6 +714,8 @@ class LossPlateau(Check):
     def run(self, ctx: Context) -> Iterable[Finding]:
         if ctx.facts.is_rl or self._found:
             return
+        if any(ctx.found(slug) is not None for slug in _PLATEAU_PRE_EMPTED):
+            return  # a flat loss there has another cause, and the plateau's advice would mislead
         cfg = ctx.config
         horizon = _horizon(ctx)
         step = float(ctx.history.last_step)

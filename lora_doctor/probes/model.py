@@ -440,6 +440,21 @@ def _zero3_utils(t: torch.Tensor) -> Any:
     return ds_utils
 
 
+def _grads_elsewhere(optimizer: Any, tensors: list[torch.Tensor]) -> bool:
+    """True when gradients may live outside ``.grad``: DeepSpeed ZeRO parameters (``ds_id``) or a
+    DeepSpeed optimizer anywhere in the wrapper chain (ZeRO-1/2 keep reduced gradients in their own
+    partitions)."""
+    if any(hasattr(t, "ds_id") or hasattr(t, "ds_shape") for t in tensors):
+        return True
+    seen = 0
+    while optimizer is not None and seen < 4:
+        cls = type(optimizer)
+        if cls.__module__.startswith("deepspeed") or "DeepSpeed" in cls.__name__:
+            return True
+        optimizer, seen = getattr(optimizer, "optimizer", None), seen + 1
+    return False
+
+
 def _grad(t: torch.Tensor) -> torch.Tensor | None:
     """The gradient of ``t``: ``.grad``, or a ZeRO-3 parameter's through ``safe_get_full_grad``."""
     ds = _zero3_utils(t) if t.grad is None else None
@@ -559,8 +574,10 @@ class AdapterProbe(Probe):
         self._grad_steps += 1
         tensors = [(w, t) for w in self._watched for t in (w.a, w.b) if t is not None]
         grads = [(w, g) for w, t in tensors if (g := _data(_grad(t))) is not None]
-        if not grads:  # gradients live elsewhere (DeepSpeed ZeRO buffers): unknown, not "none"
-            return
+        if not grads and _grads_elsewhere(event.optimizer, [t for _, t in tensors]):
+            return  # DeepSpeed keeps gradients in its own buffers: unknown, not "none"
+        # Without DeepSpeed, a None .grad just before the optimizer step means no gradient reached
+        # the parameter (e.g. gradient checkpointing on a frozen base without input gradients).
         with torch.no_grad():
             peaks = _peaks([g for _, g in grads])
         for w, _ in tensors:
