@@ -306,6 +306,25 @@ def _share(part: int, whole: int) -> float:
     return part / whole if whole else 0.0
 
 
+def _widespread(ctx: Context, verdict: str) -> _Assessment | None:
+    """The assessment when the update has moved and the layers in ``verdict`` ("full" or
+    "underused") make up at least ``rank_layer_share`` of all layers; None otherwise."""
+    a = _assess(ctx)
+    if a is None or not a.moved:
+        return None
+    if _share(len(getattr(a, verdict)), len(a.layers)) < ctx.config.rank_layer_share:
+        return None
+    return a
+
+
+def _with_capacity(ctx: Context, evidence: dict[str, Any]) -> dict[str, Any]:
+    """``evidence`` with the data-versus-capacity figures added when they are known."""
+    cap = _capacity(ctx)
+    if cap is not None:
+        evidence["capacity"] = cap
+    return evidence
+
+
 def _fmt_kinds(a: _Assessment, key: str) -> str:
     return ", ".join(
         f"{kind} {s[key]:.3g}/{s['r']}"
@@ -334,21 +353,14 @@ class RankSaturated(Check):
     needs_lora = True
 
     def run(self, ctx: Context) -> Iterable[Finding]:
-        a = _assess(ctx)
-        if a is None or not a.moved:
-            return
-        if _share(len(a.full), len(a.layers)) < ctx.config.rank_layer_share:
-            return
-        if _memorisable(ctx)[0]:
+        a = _widespread(ctx, "full")
+        if a is None or _memorisable(ctx)[0]:
             return
         stalled, improvement = _loss_trend(ctx)
         if not stalled:
             return
         r = a.evidence["r"]
-        evidence = {**a.evidence, "loss_improvement": improvement}
-        cap = _capacity(ctx)
-        if cap is not None:
-            evidence["capacity"] = cap
+        evidence = _with_capacity(ctx, {**a.evidence, "loss_improvement": improvement})
         yield self.finding(
             ctx,
             f"The LoRA update fills its whole rank (r={r}) in {len(a.full)} of {len(a.layers)} "
@@ -388,10 +400,10 @@ class RankInconclusive(Check):
     needs_lora = True
 
     def run(self, ctx: Context) -> Iterable[Finding]:
-        a = _assess(ctx)
-        if a is None or not a.moved or ctx.found("rank-saturated") is not None:
+        if ctx.found("rank-saturated") is not None:
             return
-        if _share(len(a.full), len(a.layers)) < ctx.config.rank_layer_share:
+        a = _widespread(ctx, "full")
+        if a is None:
             return
         memorisable, why = _memorisable(ctx)
         stalled, improvement = _loss_trend(ctx)
@@ -404,10 +416,9 @@ class RankInconclusive(Check):
             reason = "the logged training loss is too short to show whether it stalled"
         else:
             return
-        evidence = {**a.evidence, "loss_improvement": improvement, "reason": reason}
-        cap = _capacity(ctx)
-        if cap is not None:
-            evidence["capacity"] = cap
+        evidence = _with_capacity(
+            ctx, {**a.evidence, "loss_improvement": improvement, "reason": reason}
+        )
         yield self.finding(
             ctx,
             f"The LoRA update fills its rank in {len(a.full)} of {len(a.layers)} layers, but "
@@ -438,10 +449,8 @@ class RankUnderused(Check):
     needs_lora = True
 
     def run(self, ctx: Context) -> Iterable[Finding]:
-        a = _assess(ctx)
-        if a is None or not a.moved:
-            return
-        if _share(len(a.underused), len(a.layers)) < ctx.config.rank_layer_share:
+        a = _widespread(ctx, "underused")
+        if a is None:
             return
         if ctx.phase is not Phase.END and not self._stable(ctx, a):
             return
