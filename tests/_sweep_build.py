@@ -6,8 +6,8 @@ import tempfile
 from typing import Any
 
 import torch
-from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM, PrinterCallback, Trainer, TrainingArguments
+from tiny import VOCAB, tiny_peft
+from transformers import PrinterCallback, Trainer, TrainingArguments
 
 
 def tiny_trainer(
@@ -21,21 +21,8 @@ def tiny_trainer(
     callbacks: list[Any] | None = None,
 ) -> Trainer:
     """A fresh tiny Llama (no download) with LoRA rank ``r`` on q/v, and its Trainer on CPU."""
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(
-        LlamaConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=128,
-        )
-    )
-    model = get_peft_model(
-        base, LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=["q_proj", "v_proj"])
-    )
-    ids = torch.randint(0, 128, (16, 12), generator=torch.Generator().manual_seed(1))
+    model = tiny_peft(r, lora_alpha)
+    ids = torch.randint(0, VOCAB, (16, 12), generator=torch.Generator().manual_seed(1))
     data = [{"input_ids": row, "labels": row} for row in ids]
     args = TrainingArguments(
         output_dir=output_dir or tempfile.mkdtemp(prefix="sweep_test_"),

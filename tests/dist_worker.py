@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
-from multigpu_helpers import Rows, tiny_args, tiny_peft
+from tiny import Rows, tiny_args, tiny_peft
 from transformers import Trainer
 
 from lora_doctor import LoraDoctorCallback

@@ -16,6 +16,8 @@ torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
+from tiny import tiny_peft  # noqa: E402
+
 from lora_doctor import LoraDoctorCallback, watch  # noqa: E402
 from lora_doctor.checks import Phase  # noqa: E402
 from lora_doctor.checks.memory import KEY_PEAK_ALLOC  # noqa: E402
@@ -48,18 +50,7 @@ class ScriptedReader:
 
 
 def _model() -> Any:
-    cfg = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-    )
-    torch.manual_seed(0)
-    base = transformers.LlamaForCausalLM(cfg)
-    lora = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj"])
-    return peft.get_peft_model(base, lora)
+    return tiny_peft(r=8, lora_alpha=16, target_modules=("q_proj", "k_proj", "v_proj"))
 
 
 class _Data(torch.utils.data.Dataset):

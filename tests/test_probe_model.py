@@ -13,14 +13,13 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
+from tiny import VOCAB, tiny_llama
 from torch import nn
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
     GPT2Config,
     GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
     Trainer,
     TrainingArguments,
 )
@@ -33,22 +32,6 @@ from lora_doctor.integrations.hf import LoraDoctorCallback
 from lora_doctor.probes.base import Event
 from lora_doctor.probes.model import AdapterProbe, read_facts
 from lora_doctor.report import load_schema
-
-VOCAB = 128
-
-
-def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    return LlamaForCausalLM(
-        LlamaConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=VOCAB,
-        )
-    )
 
 
 def tiny_gpt2() -> GPT2LMHeadModel:

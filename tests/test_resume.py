@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
-from multigpu_helpers import Rows, tiny_args, tiny_peft
+from tiny import Rows, tiny_args, tiny_peft
 from transformers import Trainer
 
 from lora_doctor import LoraDoctorCallback

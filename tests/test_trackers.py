@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from multigpu_helpers import Rows, tiny_args, tiny_peft
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tiny import Rows, tiny_args, tiny_peft
 from transformers import Trainer
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import DefaultFlowCallback

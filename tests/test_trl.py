@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import torch
 from datasets import Dataset
-from multigpu_helpers import Rows, tiny_args, tiny_llama, tiny_peft, tiny_tokenizer
 from peft import LoraConfig
+from tiny import Rows, tiny_args, tiny_llama, tiny_peft, tiny_tokenizer
 from transformers import Trainer
 
 from lora_doctor import DoctorConfig, LoraDoctorCallback

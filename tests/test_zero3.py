@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from multigpu_helpers import tiny_peft
+from tiny import tiny_peft
 
 from lora_doctor.config import DoctorConfig
 from lora_doctor.engine import Doctor

@@ -1,4 +1,4 @@
-"""Tiny models, data and Trainer arguments shared by the multi-GPU / ecosystem tests."""
+"""Tiny models, data and Trainer arguments shared by the tests (built from configs, no download)."""
 
 from __future__ import annotations
 
@@ -25,10 +25,15 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg)
 
 
-def tiny_peft(r: int = 4, lora_alpha: float = 8, seed: int = 0) -> Any:
+def tiny_peft(
+    r: int = 4,
+    lora_alpha: float = 8,
+    seed: int = 0,
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj"),
+) -> Any:
     return get_peft_model(
         tiny_llama(seed),
-        LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=["q_proj", "v_proj"]),
+        LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=list(target_modules)),
     )
 
 
