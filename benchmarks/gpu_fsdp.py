@@ -56,16 +56,11 @@ def _model(ns: argparse.Namespace, r: int) -> Any:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from benchmarks._common import tiny_llama_config
+
     torch.manual_seed(0)
     if ns.small:
-        cfg = LlamaConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=128,
-        )
+        cfg = tiny_llama_config()
     else:
         cfg = LlamaConfig(
             hidden_size=1024,
@@ -82,24 +77,11 @@ def _model(ns: argparse.Namespace, r: int) -> Any:
     ), cfg.vocab_size
 
 
-class _Tokens:
-    def __init__(self, n: int, seq: int, vocab: int) -> None:
-        import torch
-
-        g = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(0, vocab, (n, seq), generator=g)
-
-    def __len__(self) -> int:
-        return int(self.ids.shape[0])
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
-
-
 def run_phase(ns: argparse.Namespace) -> None:
     import torch
     from transformers import Trainer, TrainingArguments
 
+    from benchmarks._common import Tokens
     from lora_doctor import LoraDoctorCallback
 
     rank = int(os.environ.get("RANK", "0"))
@@ -145,7 +127,7 @@ def run_phase(ns: argparse.Namespace) -> None:
         **extra,
     )
     doctor = LoraDoctorCallback()
-    data = _Tokens(512 if not ns.small else 64, 16 if ns.small else 256, vocab)
+    data = Tokens(512 if not ns.small else 64, 16 if ns.small else 256, vocab, seed=0)
     trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[doctor])
     start = time.perf_counter()
     error = None

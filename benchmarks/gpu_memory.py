@@ -39,6 +39,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._common import Tokens, tiny_llama_config
 from lora_doctor import LoraDoctorCallback
 from lora_doctor.checks.memory import KEY_PEAK_ALLOC
 from lora_doctor.memory_estimate import GIB, estimate_memory, fits_rank
@@ -50,14 +51,7 @@ RANK = 16
 def _model(dry: bool) -> Any:
     """A Llama from its config with a LoRA adapter on the attention projections (r=16)."""
     if dry:
-        cfg = LlamaConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=128,
-        )
+        cfg = tiny_llama_config()
     else:  # about 1.1B parameters, 2.2 GB in bf16
         cfg = LlamaConfig(
             hidden_size=2048,
@@ -82,18 +76,6 @@ def _model(dry: bool) -> Any:
         r=RANK, lora_alpha=2 * RANK, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]
     )
     return get_peft_model(base, lora)
-
-
-class _Tokens(torch.utils.data.Dataset):
-    def __init__(self, n: int, seq: int, vocab: int) -> None:
-        g = torch.Generator().manual_seed(1)
-        self.ids = torch.randint(0, vocab, (n, seq), generator=g)
-
-    def __len__(self) -> int:
-        return self.ids.shape[0]
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
 class _StepClock(TrainerCallback):
@@ -183,7 +165,7 @@ def _train(
     trainer = Trainer(
         model=model,
         args=args,
-        train_dataset=_Tokens(max(batch * steps, 8), seq, vocab),
+        train_dataset=Tokens(max(batch * steps, 8), seq, vocab, seed=1),
         callbacks=[doctor, clock],
     )
     error: BaseException | None = None

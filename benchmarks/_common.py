@@ -1,0 +1,46 @@
+"""Pieces the benchmark scripts share: the tiny Llama of their CPU checks and random token rows.
+
+Each script puts the checkout's root on ``sys.path`` first, then imports these as
+``from benchmarks._common import tiny_llama_config, Tokens``.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig
+
+
+def tiny_llama_config() -> LlamaConfig:
+    """The Llama of the CPU checks (``--small`` / ``--dry``): 2 layers, hidden 64, vocabulary 128.
+
+    Example:
+        >>> tiny_llama_config().num_hidden_layers
+        2
+    """
+    return LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+    )
+
+
+class Tokens(torch.utils.data.Dataset):
+    """``n`` rows of ``seq`` random token ids below ``vocab`` (drawn from ``seed``), each its own label.
+
+    Example:
+        >>> Tokens(4, 8, 128, seed=0)[0]["input_ids"].shape
+        torch.Size([8])
+    """
+
+    def __init__(self, n: int, seq: int, vocab: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(0, vocab, (n, seq), generator=g)
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
