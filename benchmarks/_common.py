@@ -10,8 +10,8 @@ import torch
 from transformers import LlamaConfig
 
 
-def tiny_llama_config() -> LlamaConfig:
-    """The Llama of the CPU checks (``--small`` / ``--dry``): 2 layers, hidden 64, vocabulary 128.
+def tiny_llama_config(vocab_size: int = 128) -> LlamaConfig:
+    """The Llama of the CPU checks (``--small`` / ``--dry``): 2 layers, hidden 64.
 
     Example:
         >>> tiny_llama_config().num_hidden_layers
@@ -23,7 +23,7 @@ def tiny_llama_config() -> LlamaConfig:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        vocab_size=128,
+        vocab_size=vocab_size,
     )
 
 

@@ -46,6 +46,7 @@ from transformers import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._common import tiny_llama_config
 from lora_doctor import rank_sweep
 
 RANKS = (8, 16, 32, 64, 128)
@@ -61,14 +62,7 @@ class _SimulatedOutOfMemory(Trainer):
 
 def _config(small: bool) -> LlamaConfig:
     if small:
-        return LlamaConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=256,
-        )
+        return tiny_llama_config(vocab_size=256)
     return LlamaConfig(
         hidden_size=2048,
         intermediate_size=5632,
