@@ -88,6 +88,8 @@ class ArmRun:
     hook_step_s: list[float] = field(default_factory=list)
     hook_total_s: float = 0.0
     hook_pending_s: float = 0.0
+    #: host time inside the doctor's hooks over the run, by hook name
+    hook_by_name_s: dict[str, float] = field(default_factory=dict)
 
 
 _HOOKS = (
@@ -113,7 +115,7 @@ def time_hooks(callback: TrainerCallback, run: ArmRun) -> None:
     for name in _HOOKS:
         hook = getattr(callback, name)
 
-        def timed(*args: Any, _hook: Any = hook, **kwargs: Any) -> Any:
+        def timed(*args: Any, _hook: Any = hook, _name: str = name, **kwargs: Any) -> Any:
             t0 = time.perf_counter()
             try:
                 return _hook(*args, **kwargs)
@@ -121,6 +123,7 @@ def time_hooks(callback: TrainerCallback, run: ArmRun) -> None:
                 dt = time.perf_counter() - t0
                 run.hook_total_s += dt
                 run.hook_pending_s += dt
+                run.hook_by_name_s[_name] = run.hook_by_name_s.get(_name, 0.0) + dt
 
         setattr(callback, name, timed)
 
@@ -388,6 +391,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = format_table(rows, cuda)
     print(head)
     print(table)
+    for arm in ARMS:
+        arm_runs = [r for r in runs if r.arm == arm and r.hook_by_name_s]
+        if arm_runs:
+            per_hook = {
+                name: 1e3 * statistics.mean(r.hook_by_name_s.get(name, 0.0) for r in arm_runs)
+                for name in _HOOKS
+            }
+            print(
+                f"{arm}: ms inside each hook per run: "
+                + ", ".join(f"{k[3:]} {v:.1f}" for k, v in per_hook.items() if v >= 0.05)
+            )
     if collected.lines:
         print(f"doctor internal errors ({len(collected.lines)}):", *collected.lines, sep="\n  ")
     (args.out / "overhead.json").write_text(
