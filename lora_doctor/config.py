@@ -448,7 +448,7 @@ class DoctorConfig:
         """Each field's default and help text, by name."""
         out: dict[str, tuple[Any, str]] = {}
         for f in fields(cls):
-            default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+            default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc,operator]
             out[f.name] = (default, f.metadata.get("help", ""))
         return out
 

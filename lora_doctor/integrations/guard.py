@@ -23,6 +23,7 @@ import functools
 import logging
 import sys
 from collections.abc import Callable
+from types import FrameType
 from typing import Any
 
 __all__ = ["TrainGuard", "find_trainer", "guard_steps", "install", "is_installed", "unguard_steps"]
@@ -142,7 +143,7 @@ def find_trainer(max_depth: int = 12) -> Any:
         from transformers import Trainer
     except ImportError:  # pragma: no cover - transformers is there whenever a callback runs
         return None
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     for _ in range(max_depth):
         if frame is None:
             return None

@@ -465,8 +465,8 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
     # --- output -----------------------------------------------------------------------------------
     def write_report(self, args: Any) -> Path | None:
         """Writes the diagnosis JSON (atomically) and returns its path; None when disabled."""
-        if self.doctor is None or self.report_path is False:
-            return None
+        if self.doctor is None or isinstance(self.report_path, bool):
+            return None  # False: no file (True is refused in __init__)
         path = Path(self.report_path) if self.report_path else Path(args.output_dir) / REPORT_NAME
         self.doctor.diagnosis("live").to_json(path)
         logger.info("lora-doctor: diagnosis written to %s", path)
