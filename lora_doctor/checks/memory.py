@@ -32,6 +32,10 @@ __all__ = [
     "OutOfMemory",
 ]
 
+#: The growth rule's cheap gate: a least-squares projection below this share of the memory
+#: available at max_steps cannot be confirmed by the robust fit, so the fit is skipped.
+_GROWTH_GATE = 0.8
+
 #: Peak memory allocated by PyTorch since the previous reading, in GiB.
 KEY_PEAK_ALLOC = "lora_doctor/mem_peak_alloc_gib"
 #: Peak memory reserved by PyTorch's caching allocator since the previous reading, in GiB.
@@ -240,6 +244,16 @@ class OomRisk(Check):
         steps, values = peak.steps[1:][-window:], peak.values[1:][-window:]
         if len(values) < ctx.config.oom_growth_min_readings or np.ptp(steps) <= 0:
             return None
+        limit = fig["capacity_gib"] - fig["outside_gib"]
+        # A least-squares line costs microseconds; scipy's Theil-Sen costs milliseconds at every
+        # log. Only a trend that heads for capacity by least squares (with slack for outliers)
+        # gets the robust fit that decides.
+        x = steps - steps.mean()
+        ols_slope = float((x * (values - values.mean())).sum() / (x * x).sum())
+        if ols_slope <= 0 or values.mean() + ols_slope * (max_steps - steps.mean()) < (
+            _GROWTH_GATE * limit
+        ):
+            return None
         slope, intercept, low, high = stats.theilslopes(
             values, steps, alpha=ctx.config.oom_growth_confidence
         )
@@ -247,7 +261,6 @@ class OomRisk(Check):
         recent = stats.theilslopes(values[half:], steps[half:])[0] if np.ptp(steps[half:]) else 0
         if not low > 0 or not recent > 0:  # a one-off jump (a longer batch) is not growth
             return None
-        limit = fig["capacity_gib"] - fig["outside_gib"]
         at_end = intercept + slope * max_steps
         if at_end < limit:
             return None
