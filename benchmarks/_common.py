@@ -10,8 +10,9 @@ import torch
 from transformers import LlamaConfig
 
 
-def tiny_llama_config(vocab_size: int = 128) -> LlamaConfig:
-    """The Llama of the CPU checks (``--small`` / ``--dry``): 2 layers, hidden 64.
+def tiny_llama_config(vocab_size: int = 128, **overrides: object) -> LlamaConfig:
+    """The Llama of the CPU checks (``--small`` / ``--dry``): 2 layers, hidden 64; ``overrides``
+    set other ``LlamaConfig`` fields (initializer range, padding token, labels).
 
     Example:
         >>> tiny_llama_config().num_hidden_layers
@@ -24,6 +25,7 @@ def tiny_llama_config(vocab_size: int = 128) -> LlamaConfig:
         num_attention_heads=4,
         num_key_value_heads=2,
         vocab_size=vocab_size,
+        **overrides,
     )
 
 

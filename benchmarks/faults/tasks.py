@@ -22,11 +22,12 @@ from transformers import (
     GPT2Config,
     GPT2ForSequenceClassification,
     GPT2LMHeadModel,
-    LlamaConfig,
     LlamaForCausalLM,
     LlamaForSequenceClassification,
     PreTrainedModel,
 )
+
+from benchmarks._common import tiny_llama_config
 
 __all__ = [
     "ARCHS",
@@ -62,16 +63,8 @@ def tiny_model(arch: str, seed: int, *, head: str = "lm") -> PreTrainedModel:
     """
     torch.manual_seed(seed)
     if arch == "llama":
-        config: Any = LlamaConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=VOCAB,
-            initializer_range=INIT_RANGE,
-            pad_token_id=0,
-            num_labels=2,
+        config: Any = tiny_llama_config(
+            VOCAB, initializer_range=INIT_RANGE, pad_token_id=0, num_labels=2
         )
         cls: Any = LlamaForCausalLM if head == "lm" else LlamaForSequenceClassification
     elif arch == "gpt2":
