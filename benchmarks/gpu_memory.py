@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import Tokens, tiny_llama_config
 from lora_doctor import LoraDoctorCallback
 from lora_doctor.checks.memory import KEY_PEAK_ALLOC
+from lora_doctor.config import DoctorConfig
 from lora_doctor.memory_estimate import GIB, estimate_memory, fits_rank
 from lora_doctor.probes.memory import CudaMemoryReader, MemoryReading
 
@@ -195,7 +196,7 @@ def _train(
         "step_seconds": clock.seconds,
         "estimate": estimate.to_dict() if estimate else None,
         "estimate_line": estimate.describe() if estimate else None,
-        "fits_2r": fits_rank(facts, 2 * RANK) if facts else None,
+        "fits_2r": fits_rank(facts, 2 * RANK, DoctorConfig().oom_peak_share) if facts else None,
         "report": str(report_path),
     }
     del trainer, model, doctor, error

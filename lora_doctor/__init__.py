@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 from lora_doctor.config import DoctorConfig
+from lora_doctor.engine import Doctor
 from lora_doctor.findings import Finding, Recommendation, Severity
 from lora_doctor.offline import diagnose
 from lora_doctor.report import Diagnosis
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Diagnosis",
+    "Doctor",
     "DoctorConfig",
     "Finding",
     "LoraDoctorCallback",

@@ -7,7 +7,7 @@ saved (``adapter_config.json``, ``trainer_state.json``). Every field has a neutr
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, TypeVar
 
@@ -18,6 +18,8 @@ __all__ = [
     "MemoryFacts",
     "RunFacts",
     "SpectrumSnapshot",
+    "derive_facts",
+    "is_rl_key",
 ]
 
 
@@ -228,7 +230,9 @@ class RunFacts:
         train_examples: examples in the training set, when the Trainer knows.
         learning_rate: the configured peak learning rate.
         world_size: number of processes.
-        is_rl: True for reinforcement-learning or preference runs (GRPO, DPO, ORPO ...).
+        is_rl: True for reinforcement-learning or preference runs (GRPO, DPO, ORPO ...): from the
+            trainer's class, or derived by the engine from the metrics only those trainers log.
+        rl_keys: the logged metrics that told the run is RL (derived by the engine).
         trainer: the trainer class's name.
         device_total_memory: bytes of the accelerator's memory, when there is one.
         resumed_from: the checkpoint folder a resumed run started from.
@@ -266,6 +270,7 @@ class RunFacts:
     learning_rate: float | None = None
     world_size: int = 1
     is_rl: bool = False
+    rl_keys: list[str] = field(default_factory=list)
     trainer: str | None = None
     device_total_memory: int | None = None
     # --- multigpu / ecosystem ---
@@ -326,6 +331,53 @@ class RunFacts:
                 if isinstance(snap, Mapping)
             ]
         return cls(**values)
+
+
+#: Keys that only reinforcement-learning and preference trainers log (TRL's GRPO, PPO, DPO, ORPO,
+#: KTO, RLOO): rewards, log-probabilities, KL, clipping ratios, completion statistics.
+_RL_KEYS = frozenset({"reward", "reward_std", "kl", "frac_reward_zero_std", "odds_ratio_loss"})
+_RL_PREFIXES = (
+    "rewards/",
+    "reward/",
+    "logps/",
+    "logits/chosen",
+    "logits/rejected",
+    "completions/",
+    "clip_ratio",
+    "objective/",
+    "policy/",
+    "kl/",
+)
+
+
+def is_rl_key(key: str) -> bool:
+    """True for a metric only RL or preference trainers log (``eval_`` prefix ignored).
+
+    Example:
+        >>> is_rl_key("rewards/chosen"), is_rl_key("eval_kl"), is_rl_key("loss")
+        (True, True, False)
+    """
+    key = key.removeprefix("eval_")
+    return key in _RL_KEYS or key.startswith(_RL_PREFIXES)
+
+
+def derive_facts(facts: RunFacts, keys: Iterable[str]) -> RunFacts:
+    """Derives, in place, the facts the engine computes once for every check from the keys the
+    run has logged: whether it is RL or preference training (``is_rl``, ``rl_keys``).
+
+    Called by the engine before the checks of a look whenever the history has new keys; checks
+    never write facts.
+
+    Example:
+        >>> derive_facts(RunFacts(), ["loss", "rewards/chosen"]).is_rl
+        True
+    """
+    if not facts.rl_keys:
+        rl_keys = [k for k in keys if isinstance(k, str) and is_rl_key(k)]
+        if rl_keys:
+            facts.rl_keys = rl_keys
+            facts.is_rl = True
+    return facts
 
 
 _T = TypeVar("_T")

@@ -163,6 +163,11 @@ class History:
         """The keys with at least one numeric value, in first-seen order."""
         return iter(self._values)
 
+    @property
+    def key_count(self) -> int:
+        """How many keys have at least one numeric value (cheap)."""
+        return len(self._values)
+
     def __contains__(self, key: object) -> bool:
         return key in self._values
 

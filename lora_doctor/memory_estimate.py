@@ -14,7 +14,7 @@ Example:
     ...                   r=8, optimizer="AdamW", static_bytes=17 * GIB, first_peak_bytes=60 * GIB)
     >>> estimate_memory(mem).r, estimate_memory(mem, r=16).lora_scale
     (8, 2.0)
-    >>> fits_rank(RunFacts(memory=mem), 16)
+    >>> fits_rank(RunFacts(memory=mem), 16, 0.9)
     True
 """
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from lora_doctor.config import DoctorConfig
 from lora_doctor.facts import MemoryFacts, RunFacts
 
 __all__ = [
@@ -204,9 +203,9 @@ def estimates_by_rank(mem: MemoryFacts) -> dict[str, dict[str, Any]]:
     return out
 
 
-def fits_rank(facts: RunFacts, r: int, max_share: float | None = None) -> bool | None:
+def fits_rank(facts: RunFacts, r: int, max_share: float) -> bool | None:
     """Whether training at LoRA rank ``r`` would keep peak memory within ``max_share`` of the
-    device's capacity (``DoctorConfig.oom_peak_share``, 0.90, when None).
+    device's capacity (pass the run's ``DoctorConfig.oom_peak_share``).
 
     For recommendations that change r ("double r and lora_alpha, if memory allows"). The answer
     rests on the run's measured memory scaled to ``r`` (see :func:`estimate_memory`).
@@ -217,11 +216,9 @@ def fits_rank(facts: RunFacts, r: int, max_share: float | None = None) -> bool |
         None as well when nothing was measured (no CUDA device, offline diagnosis).
 
     Example:
-        >>> fits_rank(RunFacts(), 16) is None
+        >>> fits_rank(RunFacts(), 16, 0.9) is None
         True
     """
-    if max_share is None:
-        max_share = DoctorConfig().oom_peak_share
     mem = facts.memory
     if mem is None or not mem.capacity:
         return None
@@ -234,16 +231,14 @@ def fits_rank(facts: RunFacts, r: int, max_share: float | None = None) -> bool |
     return None
 
 
-def rank_memory_step(facts: RunFacts, r: int, max_share: float | None = None) -> str:
+def rank_memory_step(facts: RunFacts, r: int, max_share: float) -> str:
     """A recommendation step that says whether rank ``r`` fits in memory (see :func:`fits_rank`),
     for recommendations that change r.
 
     Example:
-        >>> rank_memory_step(RunFacts(), 16)
+        >>> rank_memory_step(RunFacts(), 16, 0.9)
         'If memory allows: r=16 changes the LoRA parameters, their gradients and optimizer states in proportion (this run has no memory reading to check it)'
     """
-    if max_share is None:
-        max_share = DoctorConfig().oom_peak_share
     fits = fits_rank(facts, r, max_share)
     mem = facts.memory
     est = estimate_memory(mem, r) if mem is not None else None

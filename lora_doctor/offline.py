@@ -22,7 +22,6 @@ from lora_doctor.checks import Phase
 from lora_doctor.config import DoctorConfig
 from lora_doctor.engine import Doctor
 from lora_doctor.facts import AdapterFacts, RunFacts
-from lora_doctor.history import is_eval_entry
 from lora_doctor.report import Diagnosis
 
 __all__ = ["RunFiles", "RunReadError", "diagnose", "load_run", "replay"]
@@ -170,12 +169,11 @@ def replay(doctor: Doctor, entries: Iterable[Mapping[str, Any]]) -> Doctor:
     SETUP runs first, then each entry is observed and its phase run (EVAL for evaluation entries,
     LOG for the others) at the entry's step, and END last.
     """
-    doctor.run_phase(Phase.SETUP, 0)
+    doctor.start()
     for entry in entries:
         step = entry.get("step")
         step_i = step if type(step) is int else (_int(step) if step is not None else None)
         doctor.observe(step_i, entry)
-        doctor.run_phase(Phase.EVAL if is_eval_entry(entry) else Phase.LOG, step_i)
     doctor.run_phase(Phase.END)
     return doctor
 

@@ -17,6 +17,7 @@ from lora_doctor.checks.rank import (
     used_rank,
 )
 from lora_doctor.config import DoctorConfig
+from lora_doctor.diagnosis import reasoning
 from lora_doctor.facts import LayerSpectrum, RunFacts, SpectrumSnapshot
 from lora_doctor.findings import Finding, Severity
 from lora_doctor.history import History
@@ -56,7 +57,6 @@ def _ctx(
     params: int = 10_000,
     rel: float = 0.05,
     snapshots: int = 2,
-    found: tuple[str, ...] = (),
     **config: object,
 ) -> Context:
     facts = RunFacts(has_lora=True, max_steps=100, lora_params=params, supervised_tokens=tokens)
@@ -64,8 +64,7 @@ def _ctx(
     history = History()
     for i, value in enumerate(loss or []):
         history.add(10 * (i + 1), {"loss": value})
-    findings = [Finding("LD000", slug, Severity.WARNING, step, slug, "") for slug in found]
-    return Context(facts, history, DoctorConfig(**config), phase, step, findings)
+    return Context(facts, history, DoctorConfig(**config), phase, step)
 
 
 def _slugs(check: type, ctx: Context) -> list[str]:
@@ -79,7 +78,6 @@ SATURATED_CASES = [
     ("cliff-r-above-k", {"sv": CLIFF32, "loss": STALLED}, False),
     ("memorising-r32-smooth-decay", {"sv": MEMO32, "loss": STALLED}, False),
     ("memorisable-data", {"sv": FLAT4, "loss": STALLED, "tokens": 500}, False),
-    ("overfit-found", {"sv": FLAT4, "loss": STALLED, "found": ("overfit",)}, False),
     ("data-exceeds-capacity", {"sv": FLAT4, "loss": STALLED, "tokens": 10**6}, True),
     ("too-early", {"sv": FLAT4, "loss": STALLED, "phase": Phase.LOG, "step": 20}, False),
     ("adapter-barely-moved", {"sv": FLAT4, "loss": STALLED, "rel": 1e-6}, False),
@@ -104,14 +102,8 @@ def test_rank_saturated(kwargs: dict, fires: bool) -> None:
 
 INCONCLUSIVE_CASES = [
     ("memorisable-data", {"sv": FLAT4, "loss": STALLED, "tokens": 500}, True),
-    ("overfit-found", {"sv": FLAT4, "loss": FALLING, "found": ("overfit",)}, True),
     ("no-loss-history-at-end", {"sv": FLAT4, "loss": None}, True),
     ("no-loss-history-during-training", {"sv": FLAT4, "loss": None, "phase": Phase.LOG}, False),
-    (
-        "saturated-already-reported",
-        {"sv": FLAT4, "tokens": 500, "found": ("rank-saturated",)},
-        False,
-    ),
     ("unlimited-data-falling-loss", {"sv": FLAT4, "loss": FALLING}, False),
     ("memorising-r32-not-full", {"sv": MEMO32, "loss": STALLED, "tokens": 500}, False),
 ]
@@ -125,6 +117,39 @@ def test_rank_inconclusive(kwargs: dict, fires: bool) -> None:
     assert bool(found) is fires
     if fires:
         assert found[0].severity is Severity.INFO and found[0].evidence["reason"]
+
+
+def _passed(ctx: Context, new: list[Finding], reported: tuple[str, ...]) -> list[str]:
+    """The slugs the diagnosis pass keeps of ``new``, with findings of ``reported`` before."""
+    before = [Finding("LD000", slug, Severity.WARNING, ctx.step, slug, "") for slug in reported]
+    return [f.slug for f in reasoning.run(new, before, ctx.facts, ctx.config, ctx)]
+
+
+@pytest.mark.parametrize(
+    ("loss", "reported", "expected"),
+    [
+        (STALLED, ("overfit",), ["rank-inconclusive"]),
+        (FALLING, ("overfit",), ["rank-inconclusive"]),
+        (STALLED, (), ["rank-saturated"]),
+        (STALLED, ("overfit", "rank-inconclusive"), []),
+    ],
+    ids=["overfit-stalled", "overfit-falling", "no-overfit", "already-inconclusive"],
+)
+def test_overfit_turns_a_full_spectrum_inconclusive(
+    loss: list[float], reported: tuple[str, ...], expected: list[str]
+) -> None:
+    """Memorising fills every direction at any r: once overfit is reported, the pass gives
+    rank-inconclusive for a full spectrum, never rank-saturated (whatever the loss does)."""
+    ctx = _ctx(FLAT4, loss=loss)
+    new = list(RankSaturated().run(ctx))
+    assert _passed(ctx, new, reported) == expected
+
+
+def test_saturated_stands_down_a_later_inconclusive() -> None:
+    ctx = _ctx(FLAT4, tokens=500)
+    new = list(RankInconclusive().run(ctx))
+    assert [f.slug for f in new] == ["rank-inconclusive"]
+    assert _passed(ctx, new, ("rank-saturated",)) == []
 
 
 UNDERUSED_CASES = [

@@ -8,13 +8,11 @@ import math
 import numpy as np
 import pytest
 
-from lora_doctor.checks import Context, Phase
-from lora_doctor.checks.curves import plateau_causes, rollback
 from lora_doctor.config import DoctorConfig
+from lora_doctor.diagnosis.causes import Findings, plateau_causes, rollback
 from lora_doctor.engine import Doctor
 from lora_doctor.facts import AdapterFacts, RunFacts
 from lora_doctor.findings import Finding, Severity
-from lora_doctor.history import History
 from lora_doctor.offline import replay
 
 N = 500  # optimizer steps of the synthetic runs, a log every step
@@ -125,12 +123,12 @@ def test_plateau_same_verdict_for_sparse_logs() -> None:
 
 
 # --- differential diagnosis -------------------------------------------------------------------------
-def _ctx(facts: RunFacts, found: list[str] = (), **evidence) -> Context:
+def _causes(facts: RunFacts, found: list[str] = (), **evidence) -> list:
     findings = [
         Finding("LD000", slug, Severity.WARNING, None, slug, slug, evidence.get(slug, {}))
         for slug in found
     ]
-    return Context(facts, History(), DoctorConfig(), Phase.LOG, 100, findings)
+    return plateau_causes(Findings(findings), facts, DoctorConfig())
 
 
 LORA = {"default": AdapterFacts(r=8, lora_alpha=16)}
@@ -166,7 +164,7 @@ LORA = {"default": AdapterFacts(r=8, lora_alpha=16)}
     ],
 )
 def test_plateau_causes_ranked_by_evidence(facts: RunFacts, found: list[str], top: str) -> None:
-    causes = plateau_causes(_ctx(facts, found))
+    causes = _causes(facts, found)
     assert causes[0].name == top
     # rank always comes last among the candidates it is listed with
     names = [c.name for c in causes]
@@ -174,21 +172,19 @@ def test_plateau_causes_ranked_by_evidence(facts: RunFacts, found: list[str], to
 
 
 def test_rank_underused_means_no_doubling() -> None:
-    causes = plateau_causes(_ctx(RunFacts(adapters=LORA, learning_rate=2e-4), ["rank-underused"]))
+    causes = _causes(RunFacts(adapters=LORA, learning_rate=2e-4), ["rank-underused"])
     assert not any("rank" in c.name for c in causes)
     assert all("r" not in c.recommendation.config_changes for c in causes)
 
 
 def test_rank_inconclusive_is_named_in_the_rank_cause() -> None:
-    causes = plateau_causes(
-        _ctx(RunFacts(adapters=LORA, learning_rate=2e-4), ["rank-inconclusive"])
-    )
+    causes = _causes(RunFacts(adapters=LORA, learning_rate=2e-4), ["rank-inconclusive"])
     assert causes[-1].name == "rank r=8 too small"
     assert "could not tell whether r binds" in causes[-1].evidence
 
 
 def test_rollback_recommendation() -> None:
-    rec = rollback(8, 16)
+    rec = rollback(8, 16, RunFacts(), DoctorConfig())
     assert rec.config_changes == {"r": 16, "lora_alpha": 32}
     assert rec.restart_from_scratch
     assert rec.steps[0] == "Stop training now"

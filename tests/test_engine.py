@@ -75,5 +75,5 @@ def test_broken_check_is_switched_off_once(caplog: pytest.LogCaptureFixture) -> 
 )
 def test_config_errors_name_field_and_value(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError) as err:
-        DoctorConfig(**kwargs)
+        Doctor(DoctorConfig(**kwargs))  # the Doctor checks the names against its checks
     assert message in str(err.value)

@@ -268,7 +268,7 @@ def test_estimate_uses_measured_optimizer_states() -> None:
     ],
 )
 def test_fits_rank(mem: MemoryFacts, r: int, expected: bool | None) -> None:
-    assert fits_rank(RunFacts(memory=mem), r) is expected
+    assert fits_rank(RunFacts(memory=mem), r, 0.9) is expected
 
 
 @pytest.mark.parametrize(
@@ -317,9 +317,9 @@ def test_memory_config_errors(kwargs: dict, message: str) -> None:
 def test_rank_rollback_says_whether_the_doubled_rank_fits(
     mem: MemoryFacts | None, expected: str
 ) -> None:
-    from lora_doctor.checks.curves import rollback
+    from lora_doctor.diagnosis.causes import rollback
 
-    rec = rollback(8, 16, RunFacts(memory=mem))
+    rec = rollback(8, 16, RunFacts(memory=mem), DoctorConfig())
     (step,) = [s for s in rec.steps if "r=16" in s and "emory" in s]
     assert step.startswith(expected)
     assert rec.steps[-1].startswith("Restart from step 0")

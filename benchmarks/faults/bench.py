@@ -18,7 +18,7 @@ from benchmarks.faults.runner import Spec
 from benchmarks.faults.scenarios import SCENARIOS, Scenario, Skip
 from benchmarks.faults.score import Finding, RunResult, format_table, summarize
 from benchmarks.faults.tasks import ARCHS
-from lora_doctor.checks import known_names
+from lora_doctor.checks import Registry
 
 __all__ = ["collect", "load_results", "main", "select"]
 
@@ -107,7 +107,7 @@ def load_results(paths: Sequence[Path]) -> list[RunResult]:
 
 def _report(results: Sequence[RunResult], scenarios: Sequence[Scenario]) -> str:
     """The table, and the doctor's internal errors if there were any."""
-    registered = known_names()
+    registered = Registry().names
     unregistered = {
         slug for s in scenarios for g in s.must for slug in g.split("|") if slug not in registered
     }

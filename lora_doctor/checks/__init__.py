@@ -1,15 +1,31 @@
-"""The registry of checks. Adding a rule is one class in a module and one entry in its ``CHECKS``."""
+"""The built-in checks, and the registry each :class:`~lora_doctor.engine.Doctor` builds from them.
+
+Adding a built-in rule is one class in a module and one entry in its ``CHECKS``; a user's own check
+is passed to ``Doctor(checks=...)`` or ``LoraDoctorCallback(extra_checks=...)`` and can then be
+silenced or stopped on like a built-in one.
+"""
 
 from __future__ import annotations
 
-from functools import cache
+from collections.abc import Iterable
 
 from lora_doctor.checks import adapter, curves, ecosystem, memory, rank
-from lora_doctor.checks.base import Check, Context, Phase
+from lora_doctor.checks.base import Cadence, Check, Context, Phase, Points, Read, Reads
 
-__all__ = ["ALL_CHECKS", "Check", "Context", "Phase", "known_names"]
+__all__ = [
+    "BUILTIN_CHECKS",
+    "OUTSIDE_FINDINGS",
+    "Cadence",
+    "Check",
+    "Context",
+    "Phase",
+    "Points",
+    "Read",
+    "Reads",
+    "Registry",
+]
 
-ALL_CHECKS: tuple[type[Check], ...] = (
+BUILTIN_CHECKS: tuple[type[Check], ...] = (
     *adapter.CHECKS,
     *ecosystem.CHECKS,
     *memory.CHECKS,
@@ -17,12 +33,54 @@ ALL_CHECKS: tuple[type[Check], ...] = (
     *curves.CHECKS,
 )
 
+#: (code, slug) of findings made outside the checks (from an error that ended training).
+OUTSIDE_FINDINGS: tuple[tuple[str, str], ...] = (("LD501", "training-died"),)
 
-@cache
-def known_names() -> frozenset[str]:
-    """Every slug and code a check reports (what ``ignore`` and ``stop_on`` accept)."""
-    names: set[str] = set()
-    for check in ALL_CHECKS:
-        names.add(check.slug)
-        names.add(check.code)
-    return frozenset(names)
+
+class Registry:
+    """The checks of one doctor, instantiated, with the names ``ignore`` and ``stop_on`` accept.
+
+    Args:
+        checks: the check classes (the built-in ones when None).
+        extra: more check classes, e.g. a user's own, added after ``checks``.
+
+    Raises:
+        ValueError: two checks share a code or a slug.
+
+    Example:
+        >>> "loss-plateau" in Registry().names
+        True
+    """
+
+    def __init__(
+        self, checks: Iterable[type[Check]] | None = None, extra: Iterable[type[Check]] = ()
+    ) -> None:
+        classes = [*(BUILTIN_CHECKS if checks is None else checks), *extra]
+        self.checks: list[Check] = [cls() for cls in classes]
+        codes: dict[str, str] = {}
+        for check in self.checks:
+            for name in (check.code, check.slug):
+                owner = codes.setdefault(name, type(check).__name__)
+                if owner != type(check).__name__:
+                    raise ValueError(
+                        f"check {type(check).__name__} reuses the name {name!r} of check {owner}: "
+                        "give each check its own code and slug"
+                    )
+        outside = {name for pair in OUTSIDE_FINDINGS for name in pair}
+        self.names: frozenset[str] = frozenset(codes) | outside
+
+    def validate(self, field: str, names: Iterable[str]) -> None:
+        """Raises a ValueError naming the unknown finding names among ``names``.
+
+        Args:
+            field: the option being validated, for the message (``"DoctorConfig.ignore"``).
+            names: slugs or codes.
+        """
+        unknown = sorted(set(names) - self.names)
+        if unknown:
+            slugs = ", ".join(sorted(n for n in self.names if not n.startswith("LD")))
+            raise ValueError(
+                f"{field} has unknown finding names {unknown}: use slugs such as 'loss-plateau' or "
+                f"codes such as 'LD201' (known slugs: {slugs}); pass your own checks to "
+                "Doctor(checks=...) or LoraDoctorCallback(extra_checks=...) to use their names"
+            )

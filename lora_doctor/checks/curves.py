@@ -1,9 +1,10 @@
 """Curve checks: plateau, overfitting, non-finite values, divergence, zero loss, grad-norm spikes.
 
 They read only the metric history (``loss``, ``eval_loss``, ``grad_norm``), so they run the same way
-live (through the callback) and offline (replaying a saved ``log_history``). Each keeps a little
-state between calls and reads only the points logged since its last call, or runs its statistics on
-a schedule, so that a 100,000-entry log costs time linear in its length.
+live (through the callback) and offline (replaying a saved ``log_history``). Each rule is a pure
+function of arrays (and, for the rules that scan a series once, the small state they carry from one
+look to the next, which the engine keeps); each check declares the series it reads, and the engine
+hands it every point since its last look, so a 100,000-entry log costs time linear in its length.
 """
 
 from __future__ import annotations
@@ -12,83 +13,38 @@ import bisect
 import math
 from collections import deque
 from collections.abc import Hashable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import stats
 
-from lora_doctor.checks.base import Check, Context, Phase
-from lora_doctor.facts import RunFacts
+from lora_doctor.checks.base import Cadence, Check, Context, Phase, Read, Reads, finite
+from lora_doctor.config import DoctorConfig
 from lora_doctor.findings import Finding, Recommendation, Severity
-from lora_doctor.memory_estimate import rank_memory_step
 
 __all__ = [
     "CHECKS",
+    "DivergenceState",
     "GradNormSpike",
     "LossDivergence",
     "LossPlateau",
     "NonFiniteValues",
     "Overfit",
+    "OverfitState",
     "RlRun",
+    "Trend",
     "ZeroLoss",
-    "is_rl_key",
+    "divergence_scan",
+    "first_non_finite",
+    "flat_window",
+    "overfit_scan",
+    "spike_scan",
 ]
 
 LOSS, EVAL_LOSS, GRAD_NORM = "loss", "eval_loss", "grad_norm"
 
-#: Keys that only reinforcement-learning and preference trainers log (TRL's GRPO, PPO, DPO, ORPO,
-#: KTO, RLOO): rewards, log-probabilities, KL, clipping ratios, completion statistics.
-_RL_KEYS = frozenset({"reward", "reward_std", "kl", "frac_reward_zero_std", "odds_ratio_loss"})
-_RL_PREFIXES = (
-    "rewards/",
-    "reward/",
-    "logps/",
-    "logits/chosen",
-    "logits/rejected",
-    "completions/",
-    "clip_ratio",
-    "objective/",
-    "policy/",
-    "kl/",
-)
-
-
-def is_rl_key(key: str) -> bool:
-    """True for a metric only RL or preference trainers log (``eval_`` prefix ignored).
-
-    Example:
-        >>> is_rl_key("rewards/chosen"), is_rl_key("eval_kl"), is_rl_key("loss")
-        (True, True, False)
-    """
-    key = key.removeprefix("eval_")
-    return key in _RL_KEYS or key.startswith(_RL_PREFIXES)
-
 
 def _fmt(x: float) -> str:
     return f"{x:.3g}"
-
-
-def _finite(steps: Sequence[float], values: Sequence[float]) -> tuple[list[float], list[float]]:
-    keep = [i for i, v in enumerate(values) if math.isfinite(v)]
-    return [steps[i] for i in keep], [values[i] for i in keep]
-
-
-def _horizon(ctx: Context) -> float:
-    """The run's planned length in steps: max_steps, or the steps seen so far when unknown."""
-    return float(ctx.facts.max_steps or max(ctx.step, ctx.history.last_step, 1))
-
-
-class _Cursor:
-    """Reads the points of one key that arrived since the last read (incremental checks)."""
-
-    def __init__(self, key: str) -> None:
-        self.key = key
-        self.seen = 0
-
-    def new(self, ctx: Context) -> tuple[Sequence[float], Sequence[float]]:
-        steps, values = ctx.history.points(self.key, self.seen)
-        self.seen += len(values)
-        return steps, values
 
 
 def _windows(a: np.ndarray, width: int) -> np.ndarray:
@@ -110,38 +66,24 @@ def _noise_sd(points: np.ndarray) -> float:
     return float(np.median(np.abs(np.diff(points)))) / 0.954
 
 
+# --- rl ---------------------------------------------------------------------------------------------
 class RlRun(Check):
     """A reinforcement-learning or preference run: the loss rules are switched off, once said.
 
     The loss of GRPO, PPO, DPO, ORPO or KTO is not a likelihood to be driven down: GRPO's loss sits
     near 0 by construction (TRL docs, "GRPO Trainer: logged metrics"), DPO's starts at log 2 and its
-    signal is in ``rewards/margins``. Detected from the keys those trainers log (``reward``,
-    ``rewards/*``, ``logps/*``, ``kl`` ...); sets ``facts.is_rl`` for every other check.
+    signal is in ``rewards/margins``. The engine derives ``facts.is_rl`` from the trainer's class
+    and the keys those trainers log (``reward``, ``rewards/*``, ``logps/*``, ``kl`` ...).
     """
 
     code, slug, severity = "LD207", "rl-loss-checks-off", Severity.INFO
     phases = frozenset({Phase.SETUP, Phase.LOG, Phase.EVAL})
-    batched = True
-
-    def __init__(self) -> None:
-        self._keys_seen = 0
-        self._rl_keys: list[str] = []
-        self._said = False
 
     def run(self, ctx: Context) -> Iterable[Finding]:
-        if self._said:
-            return
         if not ctx.facts.is_rl:
-            keys = list(ctx.history.keys())
-            if len(keys) == self._keys_seen:
-                return
-            self._keys_seen = len(keys)
-            self._rl_keys = [k for k in keys if is_rl_key(k)]
-            if not self._rl_keys:
-                return
-            ctx.facts.is_rl = True
-        self._said = True
-        named = ", ".join(self._rl_keys[:5]) or f"trainer {ctx.facts.trainer or 'RL'}"
+            return
+        keys = ctx.facts.rl_keys
+        named = ", ".join(keys[:5]) or f"trainer {ctx.facts.trainer or 'RL'}"
         yield self.finding(
             ctx,
             "Reinforcement-learning or preference run: loss checks are off",
@@ -150,8 +92,24 @@ class RlRun(Check):
             "construction), so loss-plateau, overfit, loss-divergence and zero-loss stay quiet; "
             "watch the rewards and the KL instead. Non-finite values and grad-norm spikes are "
             "still reported.",
-            evidence={"rl_keys": self._rl_keys[:10]},
+            evidence={"rl_keys": keys[:10]},
         )
+
+
+# --- non-finite values --------------------------------------------------------------------------
+def first_non_finite(steps: Sequence[float], values: Sequence[float]) -> tuple[float, float] | None:
+    """The first (step, value) whose value is NaN or infinite, or None.
+
+    Example:
+        >>> first_non_finite([1, 2, 3], [0.5, float("nan"), 0.4])
+        (2, nan)
+    """
+    if all(map(math.isfinite, values)):
+        return None
+    for step, value in zip(steps, values, strict=True):
+        if not math.isfinite(value):
+            return step, value
+    return None  # pragma: no cover - unreachable: some value is not finite
 
 
 class NonFiniteValues(Check):
@@ -165,24 +123,15 @@ class NonFiniteValues(Check):
 
     code, slug, severity = "LD203", "non-finite-values", Severity.ERROR
     phases = frozenset({Phase.LOG, Phase.EVAL, Phase.END})
-    batched = True
-    _KEYS = (LOSS, EVAL_LOSS, GRAD_NORM)
-
-    def __init__(self) -> None:
-        self._cursors = {k: _Cursor(k) for k in self._KEYS}
-        self._done: set[str] = set()
+    reads = (Reads(LOSS), Reads(EVAL_LOSS), Reads(GRAD_NORM))
+    once = False
 
     def run(self, ctx: Context) -> Iterable[Finding]:
-        for key, cursor in self._cursors.items():
-            steps, values = cursor.new(ctx)
-            if key in self._done or all(map(math.isfinite, values)):
-                continue
-            bad = [(s, v) for s, v in zip(steps, values, strict=True) if not math.isfinite(v)]
-            if not bad:
-                continue
-            self._done.add(key)
-            step, value = bad[0]
-            yield self._finding(ctx, key, int(step), value)
+        for key in (LOSS, EVAL_LOSS, GRAD_NORM):
+            points = ctx.points(key)
+            bad = first_non_finite(points.new_steps, points.new_values)
+            if bad is not None:
+                yield self._finding(ctx, key, int(bad[0]), bad[1])
 
     def _finding(self, ctx: Context, key: str, step: int, value: float) -> Finding:
         is_grad = key == GRAD_NORM
@@ -229,27 +178,21 @@ class ZeroLoss(Check):
 
     code, slug, severity = "LD205", "zero-loss", Severity.ERROR
     phases = frozenset({Phase.LOG, Phase.END})
-    batched = True
-
-    def __init__(self) -> None:
-        self._loss = _Cursor(LOSS)
-        self._grad = _Cursor(GRAD_NORM)
-        self._bad_grad_steps: set[float] = set()
+    reads = (Reads(LOSS), Reads(GRAD_NORM))
 
     def run(self, ctx: Context) -> Iterable[Finding]:
-        gsteps, gvalues = self._grad.new(ctx)
-        if not all(map(math.isfinite, gvalues)):
-            self._bad_grad_steps.update(
-                s for s, v in zip(gsteps, gvalues, strict=True) if not math.isfinite(v)
-            )
-        before = self._loss.seen
-        steps, values = self._loss.new(ctx)
+        loss = ctx.points(LOSS)
+        values = loss.new_values
         if ctx.facts.is_rl or 0.0 not in values:
             return
-        i = values.index(0.0)
-        step = steps[i]
+        i = list(values).index(0.0)
+        step = loss.new_steps[i]
+        grad = ctx.points(GRAD_NORM)
+        bad_grad = {
+            s for s, v in zip(grad.new_steps, grad.new_values, strict=True) if not math.isfinite(v)
+        }
         yield self._finding(
-            ctx, int(step), from_start=before + i == 0, hidden_nan=step in self._bad_grad_steps
+            ctx, int(step), from_start=loss.seen_before + i == 0, hidden_nan=step in bad_grad
         )
 
     def _finding(self, ctx: Context, step: int, from_start: bool, hidden_nan: bool) -> Finding:
@@ -308,6 +251,79 @@ class ZeroLoss(Check):
         )
 
 
+@dataclass
+class DivergenceState:
+    """What the divergence scan carries from one look to the next: the rolling window of the last
+    ``divergence_window`` finite losses, the last 200 for the noise, the first and the best rolling
+    median (with its step) and how many medians in a row have stood high."""
+
+    window: deque[float] = field(default_factory=deque)
+    recent: deque[float] = field(default_factory=lambda: deque(maxlen=_NOISE_POINTS))
+    first: float | None = None
+    best: float = math.inf
+    best_step: float = 0.0
+    run: int = 0
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """A divergence verdict: the rolling median that stood high, at which step, and the drop."""
+
+    step: int
+    level: float
+    best: float
+    best_step: int
+    first: float
+    drop: float
+
+
+def divergence_scan(
+    state: DivergenceState, steps: Sequence[float], values: Sequence[float], cfg: DoctorConfig
+) -> Divergence | None:
+    """Scans new losses for a divergence, carrying ``state`` (updated in place) across calls.
+
+    The rolling median of the last ``divergence_window`` finite losses must stay above its best by
+    ``divergence_rise`` of the best, give back ``divergence_giveback`` of the drop achieved, and
+    exceed ``divergence_noise`` noise standard deviations, for ``divergence_window`` medians in a
+    row. Returns the first verdict, or None.
+
+    Example:
+        >>> cfg = DoctorConfig()
+        >>> loss = [3.0] * 5 + [1.0] * 20 + [2.9] * 20
+        >>> divergence_scan(DivergenceState(), range(len(loss)), loss, cfg).level
+        2.9
+    """
+    w = cfg.divergence_window
+    window, recent = state.window, state.recent
+    for step, value in zip(steps, values, strict=True):
+        if not math.isfinite(value):
+            continue
+        window.append(value)
+        recent.append(value)
+        if len(window) > w:
+            window.popleft()
+        if len(window) < w:
+            continue
+        level = sorted(window)[w // 2]  # the rolling median (w is small)
+        if state.first is None:
+            state.first = level
+        if level <= state.best:
+            state.best, state.best_step, state.run = level, step, 0
+            continue
+        rise = level - state.best
+        drop = max(state.first - state.best, 0.0)
+        high = (
+            rise > cfg.divergence_rise * abs(state.best)
+            and rise >= cfg.divergence_giveback * drop
+            # rare: only then is the noise level measured
+            and rise > cfg.divergence_noise * _noise_sd(np.fromiter(recent, float))
+        )
+        state.run = state.run + 1 if high else 0
+        if state.run >= w:
+            return Divergence(int(step), level, state.best, int(state.best_step), state.first, drop)
+    return None
+
+
 class LossDivergence(Check):
     """The training loss climbed well above its best and stays there.
 
@@ -323,85 +339,98 @@ class LossDivergence(Check):
 
     code, slug, severity = "LD204", "loss-divergence", Severity.ERROR
     phases = frozenset({Phase.LOG, Phase.END})
-    batched = True
-
-    def __init__(self) -> None:
-        self._cursor = _Cursor(LOSS)
-        self._window: deque[float] = deque()
-        self._recent: deque[float] = deque(maxlen=_NOISE_POINTS)
-        self._first: float | None = None
-        self._best = math.inf
-        self._best_step = 0.0
-        self._run = 0
-        self._done = False
+    reads = (Reads(LOSS),)
+    State = DivergenceState
 
     def run(self, ctx: Context) -> Iterable[Finding]:
-        steps, values = self._cursor.new(ctx)
-        if ctx.facts.is_rl or self._done or not values:
+        if ctx.facts.is_rl:
             return
-        cfg = ctx.config
-        w = cfg.divergence_window
-        window, recent = self._window, self._recent
-        for step, value in zip(steps, values, strict=True):
-            if not math.isfinite(value):
-                continue
-            window.append(value)
-            recent.append(value)
-            if len(window) > w:
-                window.popleft()
-            if len(window) < w:
-                continue
-            level = sorted(window)[w // 2]  # the rolling median (w is small)
-            if self._first is None:
-                self._first = level
-            if level <= self._best:
-                self._best, self._best_step, self._run = level, step, 0
-                continue
-            rise = level - self._best
-            drop = max(self._first - self._best, 0.0)
-            high = (
-                rise > cfg.divergence_rise * abs(self._best)
-                and rise >= cfg.divergence_giveback * drop
-                # rare: only then is the noise level measured
-                and rise > cfg.divergence_noise * _noise_sd(np.fromiter(recent, float))
-            )
-            self._run = self._run + 1 if high else 0
-            if self._run >= w:
-                self._done = True
-                yield self._finding(ctx, int(step), level, drop)
-                return
+        points = ctx.points(LOSS)
+        verdict = divergence_scan(ctx.state, points.new_steps, points.new_values, ctx.config)
+        if verdict is not None:
+            yield self._finding(ctx, verdict)
 
-    def _finding(self, ctx: Context, step: int, level: float, drop: float) -> Finding:
+    def _finding(self, ctx: Context, v: Divergence) -> Finding:
         lr = ctx.facts.learning_rate
         lr_text = f" (learning_rate={_fmt(lr)})" if lr else ""
         return self.finding(
             ctx,
-            f"Training loss diverged: {_fmt(level)} against a best of {_fmt(self._best)}",
+            f"Training loss diverged: {_fmt(v.level)} against a best of {_fmt(v.best)}",
             f"The median training loss of the last {ctx.config.divergence_window} logs is "
-            f"{_fmt(level)}, {_fmt(level / self._best if self._best > 0 else math.inf)}x its best "
-            f"({_fmt(self._best)} at step {int(self._best_step)}), and has stayed up: the run is "
+            f"{_fmt(v.level)}, {_fmt(v.level / v.best if v.best > 0 else math.inf)}x its best "
+            f"({_fmt(v.best)} at step {v.best_step}), and has stayed up: the run is "
             f"undoing what it learned. The usual cause is a learning rate too high for the LoRA "
-            f"scaling{lr_text}. Roll back to the checkpoint before step {int(self._best_step)} "
+            f"scaling{lr_text}. Roll back to the checkpoint before step {v.best_step} "
             "or restart with half the learning rate and max_grad_norm=1.0.",
             evidence={
-                "level": level,
-                "best": self._best,
-                "best_step": int(self._best_step),
-                "initial": self._first,
-                "drop_before": drop,
+                "level": v.level,
+                "best": v.best,
+                "best_step": v.best_step,
+                "initial": v.first,
+                "drop_before": v.drop,
             },
             recommendation=Recommendation(
                 summary="Halve the learning rate and restart from the last good checkpoint",
                 steps=(
                     "Stop training",
-                    f"Resume from the last checkpoint before step {int(self._best_step)}, or "
-                    "restart",
+                    f"Resume from the last checkpoint before step {v.best_step}, or restart",
                     "Halve learning_rate and keep max_grad_norm=1.0",
                 ),
                 config_changes={"learning_rate": lr / 2} if lr else {},
             ),
-            step=step,
+            step=v.step,
         )
+
+
+# --- grad-norm spikes ---------------------------------------------------------------------------
+def spike_scan(
+    context: Sequence[float],
+    steps: Sequence[float],
+    values: Sequence[float],
+    seen: int,
+    cfg: DoctorConfig,
+) -> tuple[int, float, float] | None:
+    """The first new grad norm far above the median of the (up to) ``spike_window`` finite ones
+    logged before it, as (step, value, median); None when there is none.
+
+    Args:
+        context: the grad norms logged just before the new ones (``spike_window`` of them, fewer at
+            the start of the run).
+        steps, values: the new grad norms and their steps.
+        seen: how many grad norms came before the first new one: a point is judged once
+            ``spike_min_points`` came before it.
+        cfg: the thresholds (``spike_factor``, ``spike_window``, ``spike_min_points``).
+
+    Example:
+        >>> norms = [1.0] * 12
+        >>> spike_scan(norms, [13], [50.0], 12, DoctorConfig())
+        (13, 50.0, 1.0)
+    """
+    width = cfg.spike_window
+    tail = [v for v in context if math.isfinite(v)][-width:]
+    x, y = finite(steps, values)
+    if not len(y):
+        return None
+    # no window median is below the smallest value seen: when even that cannot make a spike,
+    # skip the medians (the common case)
+    lowest = min(float(y.min()), min(tail, default=math.inf))
+    if lowest > 0 and float(y.max()) <= cfg.spike_factor * lowest:
+        return None
+    prev = len(tail)
+    joined = np.concatenate([np.asarray(tail, dtype=float), y])
+    medians = np.full(len(y), np.nan)
+    for j in range(max(prev, 1), min(width, len(joined))):  # the run's first points only
+        medians[j - prev] = np.median(joined[:j])
+    lo = max(width, prev)
+    if len(joined) > lo:
+        medians[lo - prev :] = np.median(_windows(joined[:-1], width)[lo - width :], axis=1)
+    enough = seen + np.arange(len(y)) >= cfg.spike_min_points
+    with np.errstate(invalid="ignore"):
+        spikes = np.nonzero(enough & (medians > 0) & (y > cfg.spike_factor * medians))[0]
+    if not len(spikes):
+        return None
+    i = int(spikes[0])
+    return int(x[i]), float(y[i]), float(medians[i])
 
 
 class GradNormSpike(Check):
@@ -415,53 +444,15 @@ class GradNormSpike(Check):
 
     code, slug, severity = "LD206", "grad-norm-spike", Severity.WARNING
     phases = frozenset({Phase.LOG, Phase.END})
-    batched = True
-
-    def __init__(self) -> None:
-        self._cursor = _Cursor(GRAD_NORM)
-        self._tail: list[float] = []
-        self._count = 0
-        self._done = False
+    reads = (Reads(GRAD_NORM, before="spike_window"),)
 
     def run(self, ctx: Context) -> Iterable[Finding]:
-        cfg = ctx.config
-        steps, values = self._cursor.new(ctx)
-        if self._done or not values:
-            return
-        if not all(map(math.isfinite, values)):
-            steps, values = _finite(steps, values)
-            if not values:
-                return
-        # no window median is below the smallest value seen: when even that cannot make a spike,
-        # skip the medians (the common case, without numpy)
-        lowest = min(min(values), min(self._tail, default=math.inf))
-        if lowest > 0 and max(values) <= cfg.spike_factor * lowest:
-            self._tail = (self._tail + list(values))[-cfg.spike_window :]
-            self._count += len(values)
-            return
-        x, y = np.asarray(steps, dtype=float), np.asarray(values, dtype=float)
-        medians = self._medians_before(y, cfg.spike_window)
-        enough = self._count + np.arange(len(y)) >= cfg.spike_min_points
-        self._count += len(y)
-        with np.errstate(invalid="ignore"):
-            spikes = np.nonzero(enough & (medians > 0) & (y > cfg.spike_factor * medians))[0]
-        if len(spikes):
-            i = int(spikes[0])
-            self._done = True
-            yield self._finding(ctx, int(x[i]), float(y[i]), float(medians[i]))
-
-    def _medians_before(self, y: np.ndarray, width: int) -> np.ndarray:
-        """For each new point, the median of the (up to) ``width`` points logged before it."""
-        prev = len(self._tail)
-        joined = np.concatenate([np.asarray(self._tail, dtype=float), y])
-        self._tail = joined[-width:].tolist()
-        out = np.full(len(y), np.nan)
-        for j in range(max(prev, 1), min(width, len(joined))):  # the run's first points only
-            out[j - prev] = np.median(joined[:j])
-        lo = max(width, prev)
-        if len(joined) > lo:
-            out[lo - prev :] = np.median(_windows(joined[:-1], width)[lo - width :], axis=1)
-        return out
+        p = ctx.points(GRAD_NORM)
+        spike = spike_scan(
+            p.values[: p.new_from], p.new_steps, p.new_values, p.seen_before, ctx.config
+        )
+        if spike is not None:
+            yield self._finding(ctx, *spike)
 
     def _finding(self, ctx: Context, step: int, value: float, median: float) -> Finding:
         cfg = ctx.config
@@ -487,6 +478,81 @@ class GradNormSpike(Check):
 
 
 # --- overfit --------------------------------------------------------------------------------------
+@dataclass
+class EvalTrack:
+    """One eval metric's running summary: how many finite evaluations, the best one (value, index,
+    step), the last ``overfit_patience`` values and the last one."""
+
+    patience: int
+    n: int = 0
+    best: float = math.inf
+    best_i: int = -1
+    best_step: float = 0.0
+    tail: deque[float] = field(default_factory=deque)
+
+    @property
+    def last(self) -> float:
+        return self.tail[-1]
+
+
+@dataclass
+class OverfitState:
+    """The running summary of each eval loss (``eval_loss``, ``eval_<name>_loss``)."""
+
+    tracks: dict[str, EvalTrack] = field(default_factory=dict)
+
+
+def overfit_scan(
+    track: EvalTrack, steps: Sequence[float], values: Sequence[float], cfg: DoctorConfig
+) -> Iterable[float]:
+    """Feeds new evaluations to ``track`` (updated in place) and yields the step of each one after
+    which the last ``overfit_patience`` evaluations all stand above the best by
+    ``overfit_min_rise`` (relative) and ``overfit_min_abs_rise`` (absolute). Constant time per
+    evaluation.
+
+    Example:
+        >>> cfg = DoctorConfig()
+        >>> track = EvalTrack(cfg.overfit_patience)
+        >>> list(overfit_scan(track, [1, 2, 3, 4, 5], [1.0, 0.8, 0.9, 0.95, 1.0], cfg))
+        [5]
+    """
+    patience = cfg.overfit_patience
+    for step, value in zip(steps, values, strict=True):
+        if not math.isfinite(value):
+            continue
+        track.n += 1
+        track.tail.append(value)
+        if len(track.tail) > patience:
+            track.tail.popleft()
+        if value < track.best:
+            track.best, track.best_i, track.best_step = value, track.n - 1, step
+        if track.n < patience + 1 or track.best_i > track.n - 1 - patience:
+            continue
+        threshold = max(
+            track.best * (1 + cfg.overfit_min_rise), track.best + cfg.overfit_min_abs_rise
+        )
+        if all(v > threshold for v in track.tail):
+            yield step
+
+
+#: Training losses compared before and after the best evaluation (a bound that keeps each
+#: evaluation's cost constant on long runs).
+_TRAIN_POINTS = 1000
+
+
+def _train_before_after(ctx: Context, best_step: float) -> tuple[float, float]:
+    """Median training loss since the best evaluation and over as many logs before it (at most
+    ``_TRAIN_POINTS`` each side, at least 3 before); NaN when either side has none."""
+    tsteps, train = ctx.history.points(LOSS)
+    cut = bisect.bisect_right(tsteps, best_step)  # steps are logged in order
+    after = [v for v in train[max(cut, len(train) - _TRAIN_POINTS) :] if math.isfinite(v)]
+    width = min(max(len(train) - cut, 3), _TRAIN_POINTS)
+    before = [v for v in train[max(0, cut - width) : cut] if math.isfinite(v)]
+    if not (before and after):
+        return math.nan, math.nan
+    return float(np.median(before)), float(np.median(after))
+
+
 class Overfit(Check):
     """Training loss still falling while the eval loss has risen from its best.
 
@@ -495,105 +561,41 @@ class Overfit(Check):
     ``overfit_min_rise`` (relative) and ``overfit_min_abs_rise`` (absolute: a run whose train and
     eval losses are both tiny and flat is not overfitting), while the training loss since the best
     evaluation is lower than before it. Fixes follow practice for LoRA (DESIGN.md section 3): the
-    best checkpoint first, then fewer epochs, then a smaller r, dropout and weight decay.
+    best checkpoint first, then fewer epochs, then a smaller r, dropout and weight decay. Judging
+    costs constant time per evaluation (a running best and the last ``overfit_patience`` values).
     """
 
     code, slug, severity = "LD202", "overfit", Severity.WARNING
     phases = frozenset({Phase.EVAL})
-
-    def __init__(self) -> None:
-        self._done: set[str] = set()
+    # eval_loss, or eval_<name>_loss for each dataset when eval_dataset is a dict
+    reads = (Reads("eval_*loss"),)
+    once = False
+    State = OverfitState
 
     def run(self, ctx: Context) -> Iterable[Finding]:
         if ctx.facts.is_rl:
             return
-        # eval_loss, or eval_<name>_loss for each dataset when eval_dataset is a dict
-        for key in ctx.history.keys():  # noqa: SIM118 (History has keys(), no __iter__)
-            if key.startswith("eval_") and key.endswith("loss") and key not in self._done:
-                finding = self._judge(ctx, key)
-                if finding is not None:
-                    self._done.add(key)
-                    yield finding
-
-    def _judge(self, ctx: Context, key: str) -> Finding | None:
         cfg = ctx.config
-        esteps, evals = _finite(*ctx.history.points(key))
-        if len(evals) < cfg.overfit_patience + 1:
-            return None
-        best_i = int(np.argmin(evals))
-        best = evals[best_i]
-        tail = evals[-cfg.overfit_patience :]
-        if best_i > len(evals) - 1 - cfg.overfit_patience:
-            return None
-        threshold = max(best * (1 + cfg.overfit_min_rise), best + cfg.overfit_min_abs_rise)
-        if not all(v > threshold for v in tail):
-            return None
-        best_step = esteps[best_i]
-        tsteps, train = ctx.history.points(LOSS)
-        cut = bisect.bisect_right(tsteps, best_step)  # steps are logged in order
-        after = [v for v in train[cut:] if math.isfinite(v)]
-        before = [v for v in train[max(0, cut - max(len(after), 3)) : cut] if math.isfinite(v)]
-        if before and after:
-            then, now = float(np.median(before)), float(np.median(after))
-            if now > then:
-                return None  # both rise: that is divergence or noise, not overfitting
-        else:
-            then = now = math.nan
-        return self._finding(ctx, key, esteps, evals, best_i, then, now)
+        for key, points in ctx.reads.items():
+            track = ctx.state.tracks.setdefault(key, EvalTrack(cfg.overfit_patience))
+            for _ in overfit_scan(track, points.new_steps, points.new_values, cfg):
+                then, now = _train_before_after(ctx, track.best_step)
+                if now > then:
+                    continue  # both rise: that is divergence or noise, not overfitting
+                yield self._finding(ctx, key, track, then, now)
+                break
 
     def dedup_key(self, finding: Finding) -> Hashable:
         return str(finding.evidence.get("key", EVAL_LOSS))
 
     def _finding(
-        self,
-        ctx: Context,
-        key: str,
-        esteps: list[float],
-        evals: list[float],
-        best_i: int,
-        then: float,
-        now: float,
+        self, ctx: Context, key: str, track: EvalTrack, then: float, now: float
     ) -> Finding:
-        cfg, facts = ctx.config, ctx.facts
-        best, best_step, last = evals[best_i], int(esteps[best_i]), evals[-1]
-        since = len(evals) - 1 - best_i
+        cfg = ctx.config
+        best, best_step, last = track.best, int(track.best_step), track.last
+        since = track.n - 1 - track.best_i
         epoch = _value_at(ctx, "epoch", best_step)
-        metric = key.removeprefix("eval_")  # the Trainer adds the prefix back
-        steps = [
-            "Keep the best checkpoint: load_best_model_at_end=True, "
-            f"metric_for_best_model='{metric}', save_strategy equal to eval_strategy, and add "
-            f"EarlyStoppingCallback(early_stopping_patience={cfg.overfit_patience})",
-        ]
-        changes: dict[str, object] = {
-            "load_best_model_at_end": True,
-            "metric_for_best_model": metric,
-        }
-        if epoch is not None and epoch > 0:
-            epochs = max(1, math.ceil(epoch))
-            steps.append(
-                f"Train fewer epochs: num_train_epochs={epochs} (the best eval was at epoch {_fmt(epoch)})"
-            )
-            changes["num_train_epochs"] = epochs
-        else:
-            steps.append(f"Train fewer steps: stop near step {best_step}")
-        ranks = [a.r for a in facts.adapters.values() if a.r] or [
-            lf.r for lf in facts.layers if lf.r
-        ]
-        r = max(ranks) if ranks else None
-        if r is not None and r > 8:
-            steps.append(f"Lower the rank: r=8 (now {r}), lora_alpha=16")
-            changes.update({"r": 8, "lora_alpha": 16})
-        elif r is None:
-            steps.append("Lower the rank to r=4..8 (with lora_alpha = 2r)")
-        dropouts = [a.lora_dropout for a in facts.adapters.values() if a.lora_dropout is not None]
-        if not dropouts or min(dropouts) < 0.1:
-            steps.append("Set lora_dropout=0.1 (0.1 to 0.2)")
-            changes["lora_dropout"] = 0.1
-        n = facts.train_examples
-        small = n is not None and n < cfg.overfit_small_dataset
-        if small:
-            steps.append(f"With only {n} training examples, add weight_decay=0.01 to 0.1")
-            changes["weight_decay"] = 0.05
+        steps, changes = _overfit_fixes(ctx, key, best_step, epoch)
         train_text = (
             f", while the training loss kept falling ({_fmt(then)} -> {_fmt(now)})"
             if math.isfinite(then)
@@ -615,7 +617,7 @@ class Overfit(Check):
                 "train_loss_at_best": then,
                 "train_loss_now": now,
                 "best_epoch": epoch,
-                "train_examples": n,
+                "train_examples": ctx.facts.train_examples,
             },
             recommendation=Recommendation(
                 summary=f"Use the checkpoint of step {best_step} and stop earlier (early stopping)",
@@ -623,6 +625,48 @@ class Overfit(Check):
                 config_changes=changes,
             ),
         )
+
+
+def _overfit_fixes(
+    ctx: Context, key: str, best_step: int, epoch: float | None
+) -> tuple[list[str], dict[str, object]]:
+    """The overfit fixes in order (best checkpoint, fewer epochs, smaller r, dropout, weight
+    decay) with their config changes."""
+    cfg, facts = ctx.config, ctx.facts
+    metric = key.removeprefix("eval_")  # the Trainer adds the prefix back
+    steps = [
+        "Keep the best checkpoint: load_best_model_at_end=True, "
+        f"metric_for_best_model='{metric}', save_strategy equal to eval_strategy, and add "
+        f"EarlyStoppingCallback(early_stopping_patience={cfg.overfit_patience})",
+    ]
+    changes: dict[str, object] = {
+        "load_best_model_at_end": True,
+        "metric_for_best_model": metric,
+    }
+    if epoch is not None and epoch > 0:
+        epochs = max(1, math.ceil(epoch))
+        steps.append(
+            f"Train fewer epochs: num_train_epochs={epochs} (the best eval was at epoch {_fmt(epoch)})"
+        )
+        changes["num_train_epochs"] = epochs
+    else:
+        steps.append(f"Train fewer steps: stop near step {best_step}")
+    ranks = [a.r for a in facts.adapters.values() if a.r] or [lf.r for lf in facts.layers if lf.r]
+    r = max(ranks) if ranks else None
+    if r is not None and r > 8:
+        steps.append(f"Lower the rank: r=8 (now {r}), lora_alpha=16")
+        changes.update({"r": 8, "lora_alpha": 16})
+    elif r is None:
+        steps.append("Lower the rank to r=4..8 (with lora_alpha = 2r)")
+    dropouts = [a.lora_dropout for a in facts.adapters.values() if a.lora_dropout is not None]
+    if not dropouts or min(dropouts) < 0.1:
+        steps.append("Set lora_dropout=0.1 (0.1 to 0.2)")
+        changes["lora_dropout"] = 0.1
+    n = facts.train_examples
+    if n is not None and n < cfg.overfit_small_dataset:
+        steps.append(f"With only {n} training examples, add weight_decay=0.01 to 0.1")
+        changes["weight_decay"] = 0.05
+    return steps, changes
 
 
 def _value_at(ctx: Context, key: str, step: float) -> float | None:
@@ -634,7 +678,7 @@ def _value_at(ctx: Context, key: str, step: float) -> float | None:
 
 # --- plateau --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class _Trend:
+class Trend:
     """A Theil-Sen fit of the loss over a window, as gains relative to the loss level."""
 
     start: float
@@ -660,13 +704,15 @@ def _binned(x: np.ndarray, y: np.ndarray, bins: int) -> tuple[np.ndarray, np.nda
     return medians(x), medians(y)
 
 
-def _trend(x: np.ndarray, y: np.ndarray, horizon: float, ctx: Context, points: int) -> _Trend:
+def _trend(x: np.ndarray, y: np.ndarray, horizon: float, cfg: DoctorConfig, points: int) -> Trend:
     """Theil-Sen slope of ``y`` over ``x`` with Sen's confidence interval (from Kendall's tau, as
     in the Mann-Kendall test), turned into the relative loss improvement per 10% of training."""
-    slope, _intercept, low, _high = stats.theilslopes(y, x, alpha=ctx.config.plateau_confidence)
+    from scipy import stats  # imported when a plateau is first judged: not at import time
+
+    slope, _intercept, low, _high = stats.theilslopes(y, x, alpha=cfg.plateau_confidence)
     level = max(float(np.median(y[-max(3, len(y) // 5) :])), 1e-12)
     per = 0.1 * horizon / level
-    return _Trend(
+    return Trend(
         start=float(x[0]),
         end=float(x[-1]),
         points=points,
@@ -676,9 +722,35 @@ def _trend(x: np.ndarray, y: np.ndarray, horizon: float, ctx: Context, points: i
     )
 
 
-#: Findings that explain a flat loss better than underfitting: a zero loss (masked labels or a
-#: hidden NaN), a diverged loss that stays high, non-finite values.
-_PLATEAU_PRE_EMPTED = ("zero-loss", "loss-divergence", "non-finite-values")
+def flat_window(x: np.ndarray, y: np.ndarray, horizon: float, cfg: DoctorConfig) -> Trend | None:
+    """The earliest window start (every ``plateau_start_stride`` from ``plateau_early_fraction``
+    to ``plateau_latest_start`` of ``horizon``) over which the finite loss ``y`` at steps ``x`` is
+    flat: a Theil-Sen improvement per 10% of training below ``plateau_max_gain`` whose steepest
+    value in the confidence interval is below ``plateau_max_gain_bound``. The points are binned
+    once for all starts.
+
+    Example:
+        >>> x = np.arange(1.0, 101.0)
+        >>> flat_window(x, np.full(100, 2.0), 100.0, DoctorConfig()).start
+        10.0
+    """
+    first = np.searchsorted(x, cfg.plateau_early_fraction * horizon)
+    bx, by = _binned(x[first:], y[first:], cfg.plateau_max_points)
+    start = cfg.plateau_early_fraction
+    while start <= cfg.plateau_latest_start + 1e-9:
+        at = start * horizon
+        points = len(x) - int(np.searchsorted(x, at))
+        sel = bx >= at
+        if (
+            points >= cfg.plateau_min_points
+            and sel.sum() >= 3
+            and x[-1] - at >= cfg.plateau_min_span * horizon
+        ):
+            trend = _trend(bx[sel], by[sel], horizon, cfg, points)
+            if trend.gain < cfg.plateau_max_gain and trend.gain_bound < cfg.plateau_max_gain_bound:
+                return trend
+        start += cfg.plateau_start_stride
+    return None
 
 
 class LossPlateau(Check):
@@ -694,110 +766,53 @@ class LossPlateau(Check):
     ``plateau_early_fraction`` and ``plateau_latest_start`` of training, so a run that keeps falling
     until late and then flattens (a converged run, a decayed learning rate) is not a plateau: every
     window still sees the fall. A loss already down by ``plateau_converged_drop`` of its first value
-    has converged. The statistics run on a geometric schedule (``plateau_look_growth``): each look
-    is a chance for noise to pass as a plateau, so there are about ten, whatever the run's length.
-    The check stands down once ``zero-loss``, ``loss-divergence`` or ``non-finite-values`` is
-    reported: a flat loss there has another cause, and raising r or the learning rate would mislead.
+    has converged. The engine looks on a geometric schedule (``plateau_look_growth``): each look is a
+    chance for noise to pass as a plateau, so there are about ten, whatever the run's length. The
+    diagnosis pass stands the finding down when ``zero-loss``, ``loss-divergence`` or
+    ``non-finite-values`` explains the flat loss, and ranks its causes.
     """
 
     code, slug, severity = "LD201", "loss-plateau", Severity.WARNING
     phases = frozenset({Phase.LOG, Phase.END})
-    batched = True
+    reads = (Reads(LOSS, Read.ALL),)
+    cadence = Cadence(growth="plateau_look_growth")
 
-    def __init__(self) -> None:
-        self._next = -math.inf
-        self._found = False
-        self._cursor = _Cursor(LOSS)
-        self._x = np.empty(0)
-        self._y = np.empty(0)
+    def ready(self, ctx: Context) -> bool:
+        cfg = ctx.config
+        return (
+            not ctx.facts.is_rl
+            and ctx.history.last_step
+            >= (cfg.plateau_early_fraction + cfg.plateau_min_span) * ctx.horizon
+            and ctx.history.count(LOSS) >= cfg.plateau_min_points
+        )
 
     def run(self, ctx: Context) -> Iterable[Finding]:
-        if ctx.facts.is_rl or self._found:
-            return
-        if any(ctx.found(slug) is not None for slug in _PLATEAU_PRE_EMPTED):
-            return  # a flat loss there has another cause, and the plateau's advice would mislead
         cfg = ctx.config
-        horizon = _horizon(ctx)
-        step = float(ctx.history.last_step)
-        if step < self._next and ctx.phase is not Phase.END:
-            return
-        if step < (cfg.plateau_early_fraction + cfg.plateau_min_span) * horizon:
-            return
-        if ctx.history.count(LOSS) < cfg.plateau_min_points:
-            return
-        # the next look once the step has grown by plateau_look_growth (a geometric schedule):
-        # about ten looks whatever the run's length
-        self._next = step * (1 + cfg.plateau_look_growth)
-        x, y = self._points(ctx)
+        loss = ctx.series(LOSS)
+        x, y = finite(loss.steps, loss.values)
         if len(y) < cfg.plateau_min_points:
             return
         first = float(np.median(y[:3]))
-        trend = self._flat_window(x, y, horizon, ctx)
+        trend = flat_window(x, y, ctx.horizon, cfg)
         if trend is None:
             return
         if first > 0 and (first - trend.level) / first >= cfg.plateau_converged_drop:
             return
-        self._found = True
-        yield self._finding(ctx, trend, first, horizon)
+        yield self._finding(ctx, trend, first)
 
-    def _points(self, ctx: Context) -> tuple[np.ndarray, np.ndarray]:
-        """The finite loss points so far, appended to the check's own arrays since the last look."""
-        steps, values = ctx.history.points(LOSS, self._cursor.seen)
-        self._cursor.seen += len(values)
-        if values:
-            x, y = np.asarray(steps, dtype=float), np.asarray(values, dtype=float)
-            keep = np.isfinite(y)
-            self._x = np.concatenate([self._x, x[keep]])
-            self._y = np.concatenate([self._y, y[keep]])
-        return self._x, self._y
-
-    def _flat_window(
-        self, x: np.ndarray, y: np.ndarray, horizon: float, ctx: Context
-    ) -> _Trend | None:
-        """The earliest window start (every plateau_start_stride from plateau_early_fraction to
-        plateau_latest_start) whose loss is flat. The points are binned once for all starts."""
+    def _finding(self, ctx: Context, trend: Trend, first: float) -> Finding:
         cfg = ctx.config
-        first = np.searchsorted(x, cfg.plateau_early_fraction * horizon)
-        bx, by = _binned(x[first:], y[first:], cfg.plateau_max_points)
-        start = cfg.plateau_early_fraction
-        while start <= cfg.plateau_latest_start + 1e-9:
-            at = start * horizon
-            points = len(x) - int(np.searchsorted(x, at))
-            sel = bx >= at
-            if (
-                points >= cfg.plateau_min_points
-                and sel.sum() >= 3
-                and x[-1] - at >= cfg.plateau_min_span * horizon
-            ):
-                trend = _trend(bx[sel], by[sel], horizon, ctx, points)
-                if (
-                    trend.gain < cfg.plateau_max_gain
-                    and trend.gain_bound < cfg.plateau_max_gain_bound
-                ):
-                    return trend
-            start += cfg.plateau_start_stride
-        return None
-
-    def _finding(self, ctx: Context, trend: _Trend, first: float, horizon: float) -> Finding:
-        share = 100 * trend.start / horizon
-        causes = plateau_causes(ctx)
-        top = causes[0]
-        others = [c.name for c in causes[1:]]
-        message = (
-            f"Since step {int(trend.start)} ({share:.0f}% of training) the training loss stays near "
-            f"{_fmt(trend.level)}: a Theil-Sen fit over {trend.points} logs gives a relative "
-            f"improvement of {100 * trend.gain:.2g}% per 10% of training (at most "
-            f"{100 * trend.gain_bound:.2g}% at {100 * ctx.config.plateau_confidence:.0f}% "
-            f"confidence; threshold {100 * ctx.config.plateau_max_gain:.2g}%), after a fall from "
-            f"{_fmt(first)}. The adapter has stopped learning: the remaining steps are mostly "
-            f"wasted. Most likely cause: {top.name} ({top.evidence})."
-        )
-        if others:
-            message += " Other causes that would explain the curve: " + "; ".join(others) + "."
+        share = 100 * trend.start / ctx.horizon
         return self.finding(
             ctx,
             f"Training loss has been flat since step {int(trend.start)} ({share:.0f}% of training)",
-            message,
+            f"Since step {int(trend.start)} ({share:.0f}% of training) the training loss stays near "
+            f"{_fmt(trend.level)}: a Theil-Sen fit over {trend.points} logs gives a relative "
+            f"improvement of {100 * trend.gain:.2g}% per 10% of training (at most "
+            f"{100 * trend.gain_bound:.2g}% at {100 * cfg.plateau_confidence:.0f}% "
+            f"confidence; threshold {100 * cfg.plateau_max_gain:.2g}%), after a fall from "
+            f"{_fmt(first)}. The adapter has stopped learning: the remaining steps are mostly "
+            "wasted.",
             evidence={
                 "since_step": int(trend.start),
                 "level": trend.level,
@@ -805,206 +820,8 @@ class LossPlateau(Check):
                 "gain_per_10pct": trend.gain,
                 "gain_bound_per_10pct": trend.gain_bound,
                 "points": trend.points,
-                "causes": [c.name for c in causes],
             },
-            recommendation=top.recommendation,
         )
-
-
-# --- differential diagnosis -------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Cause:
-    """One candidate explanation of a plateau, with the evidence for it and its fix."""
-
-    name: str
-    evidence: str
-    recommendation: Recommendation
-
-
-def _rank_and_alpha(ctx: Context) -> tuple[int | None, float | None, float | None]:
-    """The adapter's r, lora_alpha and effective scaling, from the live layers or the config."""
-    for lf in ctx.facts.layers:
-        if lf.r:
-            return lf.r, lf.lora_alpha, lf.scaling or None
-    for a in ctx.facts.adapters.values():
-        if a.r and a.lora_alpha is not None:
-            scale = a.lora_alpha / (math.sqrt(a.r) if a.use_rslora else a.r)
-            return a.r, a.lora_alpha, scale
-    return None, None, None
-
-
-def plateau_causes(ctx: Context) -> list[Cause]:
-    """The candidate causes of a plateau, most supported by the evidence first.
-
-    Order: adapters that do not learn, a learning rate far below LoRA's usual range, an alpha that
-    scales the update down, adapters on attention only, and then the rank (doubled only when no
-    ``rank-underused`` finding says the rank is not the limit).
-
-    Example:
-        >>> from lora_doctor.checks.base import Context, Phase
-        >>> from lora_doctor.config import DoctorConfig
-        >>> from lora_doctor.facts import RunFacts
-        >>> from lora_doctor.history import History
-        >>> ctx = Context(RunFacts(learning_rate=1e-5), History(), DoctorConfig(), Phase.LOG, 0)
-        >>> plateau_causes(ctx)[0].name
-        'learning rate too low for LoRA'
-    """
-    cfg, facts = ctx.config, ctx.facts
-    causes: list[Cause] = []
-    stuck = ctx.found("adapter-not-learning")
-    frozen = facts.no_grad_layers or facts.b_still_zero_layers
-    if stuck is not None or frozen:
-        detail = stuck.title if stuck is not None else f"{len(frozen)} LoRA layers got no update"
-        causes.append(
-            Cause(
-                "adapters not learning",
-                detail,
-                Recommendation(
-                    summary="Make the LoRA parameters train before anything else",
-                    steps=(
-                        "Check model.print_trainable_parameters() shows the LoRA parameters",
-                        "Build the optimizer after get_peft_model (let the Trainer build it)",
-                        "Do not freeze the model after wrapping it with peft",
-                    ),
-                ),
-            )
-        )
-    lr = facts.learning_rate
-    if lr is not None and 0 < lr < cfg.plateau_low_lr:
-        causes.append(
-            Cause(
-                "learning rate too low for LoRA",
-                f"learning_rate={_fmt(lr)}, below {_fmt(cfg.plateau_low_lr)}; LoRA usually needs "
-                "1e-4 to 5e-4, about 10x full fine-tuning",
-                Recommendation(
-                    summary=f"Raise learning_rate from {_fmt(lr)} to 2e-4",
-                    steps=(
-                        "Set learning_rate=2e-4 in TrainingArguments (LoRA's usual 1e-4 to 5e-4)",
-                        "Restart from the last checkpoint or from scratch; the rank can stay",
-                    ),
-                    config_changes={"learning_rate": 2e-4},
-                ),
-            )
-        )
-    r, alpha, scale = _rank_and_alpha(ctx)
-    ratio = ctx.found("alpha-rank-ratio")
-    low_scale = scale is not None and scale < cfg.scaling_low * (1 - cfg.scaling_tolerance)
-    if (
-        ratio is not None and float(ratio.evidence.get("scaling", 0)) < cfg.scaling_low
-    ) or low_scale:
-        shown = float(ratio.evidence.get("scaling", 0)) if ratio is not None else scale
-        target = 2 * r if r else None
-        causes.append(
-            Cause(
-                "alpha scales the update down",
-                f"effective scaling {_fmt(shown or 0)} (lora_alpha={_fmt(alpha or 0)}, r={r}), "
-                "below alpha = r",
-                Recommendation(
-                    summary=f"Set lora_alpha={target} (2r) and restart"
-                    if target
-                    else "Set lora_alpha = 2r and restart",
-                    steps=(
-                        f"Set lora_alpha={target} in LoraConfig"
-                        if target
-                        else "Set lora_alpha = 2r",
-                        "Restart from scratch (the scaling is part of the trained update)",
-                    ),
-                    config_changes={"lora_alpha": target} if target else {},
-                    restart_from_scratch=True,
-                ),
-            )
-        )
-    attn = ctx.found("attention-only-targets")
-    if attn is not None:
-        causes.append(
-            Cause(
-                "adapters on attention only",
-                attn.title,
-                Recommendation(
-                    summary="Add the MLP projections to target_modules",
-                    steps=(
-                        "Set target_modules='all-linear' in LoraConfig (or add gate_proj, up_proj, "
-                        "down_proj)",
-                        "Restart from scratch: new target modules mean new adapters",
-                    ),
-                    config_changes={"target_modules": "all-linear"},
-                    restart_from_scratch=True,
-                ),
-            )
-        )
-    underused = ctx.found("rank-underused")
-    if underused is None and facts.has_lora is not False:
-        saturated = ctx.found("rank-saturated")
-        inconclusive = ctx.found("rank-inconclusive")
-        if saturated is not None:
-            evidence = saturated.title
-        elif inconclusive is not None:
-            evidence = f"the spectrum could not tell whether r binds ({inconclusive.title})"
-        else:
-            evidence = f"no other cause shows in the facts; r={r}" if r else "no other cause shows"
-        causes.append(
-            Cause(
-                f"rank r={r} too small" if r else "rank too small",
-                evidence,
-                rollback(r, alpha, facts),
-            )
-        )
-    if not causes:
-        causes.append(
-            Cause(
-                "a task that needs more capacity or better data",
-                (
-                    "the rank is not the limit (rank-underused)"
-                    if underused is not None
-                    else "no adapter cause is known"
-                ),
-                Recommendation(
-                    summary="Check the data and the learning rate before adding capacity",
-                    steps=(
-                        "Check a few examples: labels, prompt format, truncation",
-                        "Try learning_rate=2e-4 if it is lower",
-                    ),
-                ),
-            )
-        )
-    return causes
-
-
-def rollback(r: int | None, alpha: float | None, facts: RunFacts | None = None) -> Recommendation:
-    """The rank rollback: stop, reload the base model, double r and alpha, restart from step 0.
-
-    With ``facts``, a step says whether the doubled rank fits in memory (from the run's memory
-    estimate; "if memory allows" when the run has none).
-
-    Example:
-        >>> rollback(8, 16).config_changes
-        {'r': 16, 'lora_alpha': 32}
-    """
-    changes: dict[str, object] = {}
-    if r:
-        changes["r"] = 2 * r
-        if alpha is not None:
-            changes["lora_alpha"] = int(2 * alpha) if float(alpha).is_integer() else 2 * alpha
-    target = (
-        f"r={2 * r}, lora_alpha={changes.get('lora_alpha', '2x')}"
-        if r
-        else "r and lora_alpha doubled"
-    )
-    return Recommendation(
-        summary=f"Rank {r} looks too small: restart with {target}"
-        if r
-        else "Restart with r and lora_alpha doubled",
-        steps=(
-            "Stop training now",
-            "Reload the base model fresh (not the PeftModel you trained)",
-            f"Set {target} in LoraConfig",
-            *([rank_memory_step(facts, 2 * r)] if facts is not None and r else []),
-            "Restart from step 0; never resume a checkpoint with a new rank: adapter shapes are "
-            "fixed at initialisation",
-        ),
-        config_changes=changes,
-        restart_from_scratch=True,
-    )
 
 
 CHECKS: tuple[type[Check], ...] = (

@@ -7,14 +7,15 @@ back from the history, so that they need no device and work the same on scripted
 
 from __future__ import annotations
 
+import bisect
+import math
 import re
 from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-from scipy import stats
 
-from lora_doctor.checks.base import Check, Context, Phase
+from lora_doctor.checks.base import Check, Context, Phase, Points, Reads, finite
 from lora_doctor.facts import AdapterFacts, MemoryFacts
 from lora_doctor.findings import Finding, Recommendation, Severity
 from lora_doctor.memory_estimate import GIB, estimate_memory
@@ -30,6 +31,7 @@ __all__ = [
     "KEY_PEAK_RESERVED",
     "OomRisk",
     "OutOfMemory",
+    "memory_figures",
 ]
 
 #: The growth rule's cheap gate: a least-squares projection below this share of the memory
@@ -117,6 +119,31 @@ def _estimate_note(mem: MemoryFacts | None) -> str:
     return f" Where the memory goes: {est.describe()}." if est is not None else ""
 
 
+def memory_figures(
+    peak_gib: float, capacity_gib: float, headroom_gib: float, threshold: float
+) -> dict[str, float]:
+    """The figures of one memory reading: the peak PyTorch allocated, what is held outside PyTorch
+    (CUDA context, other processes) and the share of the capacity both take.
+
+    Example:
+        >>> memory_figures(70.0, 80.0, 4.0, 0.9)["share"]
+        0.95
+    """
+    used = capacity_gib - headroom_gib
+    return {
+        "peak_alloc_gib": peak_gib,
+        "outside_gib": max(0.0, used - peak_gib),
+        "capacity_gib": capacity_gib,
+        "share": used / capacity_gib,
+        "threshold": threshold,
+    }
+
+
+def _by_step(points: Points) -> dict[float, float]:
+    """The finite values of ``points``, by step."""
+    return {s: v for s, v in zip(points.steps, points.values, strict=True) if math.isfinite(v)}
+
+
 class OomRisk(Check):
     """Peak memory close to the device's capacity, allocator retries rising, or a peak that grows
     toward the capacity before ``max_steps``.
@@ -128,38 +155,40 @@ class OomRisk(Check):
     ``torch.OutOfMemoryError`` (PyTorch docs, "CUDA memory management"). Fixes follow the usual
     order (Hugging Face "GPU memory" guide; QLoRA, Dettmers et al. 2023, for paged optimizers):
     smaller batch with more accumulation, lower r, fewer target modules, gradient checkpointing.
+    Every reading is judged (peak share and retries at each one; the growth at the latest).
     """
 
     code, slug, severity = "LD301", "oom-risk", Severity.WARNING
     phases = frozenset({Phase.SETUP, Phase.LOG})
-    batched = True
+    reads = (
+        Reads(KEY_PEAK_ALLOC, before="oom_growth_window"),
+        Reads(KEY_CAPACITY),
+        Reads(KEY_HEADROOM),
+        Reads(KEY_ALLOC_RETRIES, before="oom_retry_window"),
+    )
 
     def run(self, ctx: Context) -> Iterable[Finding]:
         if ctx.phase is Phase.SETUP:
             yield from self._static(ctx)
             return
-        if not ctx.history.count(KEY_PEAK_ALLOC):  # no readings (no GPU, or offline): cheap exit
+        peak = ctx.points(KEY_PEAK_ALLOC)
+        if not len(peak):  # no readings (no GPU, or offline): cheap exit
             return
-        peak = ctx.history.series(KEY_PEAK_ALLOC).finite()
-        cap = ctx.history.series(KEY_CAPACITY).finite()
-        head = ctx.history.series(KEY_HEADROOM).finite()
-        if not len(peak) or not len(cap) or not len(head) or cap.values[-1] <= 0:
-            return
-        capacity = float(cap.values[-1])
-        used = capacity - float(head.values[-1])
-        outside = max(0.0, used - float(peak.values[-1]))
-        figures = {
-            "peak_alloc_gib": float(peak.values[-1]),
-            "outside_gib": outside,
-            "capacity_gib": capacity,
-            "share": used / capacity,
-            "threshold": ctx.config.oom_peak_share,
-        }
-        for rule in (self._peak, self._retries, self._growth):
-            found = rule(ctx, figures)
+        capacity, headroom = _by_step(ctx.points(KEY_CAPACITY)), _by_step(ctx.points(KEY_HEADROOM))
+        figures = None
+        for step, value in zip(peak.new_steps, peak.new_values, strict=True):
+            cap, head = capacity.get(step), headroom.get(step)
+            if not math.isfinite(value) or cap is None or head is None or cap <= 0:
+                continue
+            figures = memory_figures(value, cap, head, ctx.config.oom_peak_share)
+            found = self._peak(ctx, figures, int(step)) or self._retries(ctx, figures, step)
             if found is not None:
                 yield found
                 return
+        if figures is not None:
+            found = self._growth(ctx, figures, peak)
+            if found is not None:
+                yield found
 
     def _recommendation(self, ctx: Context, summary: str, lead: tuple[str, ...] = ()) -> Any:
         steps, changes = _fixes(ctx)
@@ -187,7 +216,7 @@ class OomRisk(Check):
             ),
         )
 
-    def _peak(self, ctx: Context, fig: dict[str, float]) -> Finding | None:
+    def _peak(self, ctx: Context, fig: dict[str, float], step: int) -> Finding | None:
         if fig["share"] < ctx.config.oom_peak_share:
             return None
         return self.finding(
@@ -203,16 +232,20 @@ class OomRisk(Check):
             recommendation=self._recommendation(
                 ctx, "Lower the peak: smaller batch with more accumulation, then r, targets"
             ),
+            step=step,
         )
 
-    def _retries(self, ctx: Context, fig: dict[str, float]) -> Finding | None:
-        retries = ctx.history.series(KEY_ALLOC_RETRIES).finite()
+    def _retries(self, ctx: Context, fig: dict[str, float], step: float) -> Finding | None:
+        points = ctx.points(KEY_ALLOC_RETRIES)
+        upto = bisect.bisect_right(points.steps, step)  # the readings up to this one
+        _, values = finite(points.steps[:upto], points.values[:upto])
         window = ctx.config.oom_retry_window
-        rises = np.diff(retries.values[-(window + 1) :])
+        recent = values[-(window + 1) :]
+        rises = np.diff(recent)
         rose = int(np.count_nonzero(rises > 0))
         if rose < ctx.config.oom_retry_intervals:
             return None
-        first, last = float(retries.values[-(len(rises) + 1)]), float(retries.values[-1])
+        first, last = float(recent[0]), float(recent[-1])
         return self.finding(
             ctx,
             f"The CUDA allocator keeps retrying allocations ({rose} of the last {len(rises)} "
@@ -224,24 +257,27 @@ class OomRisk(Check):
             f"is an out-of-memory error. Peak memory is at {fig['share']:.0%} of capacity.",
             evidence={
                 "rule": "retries",
-                "alloc_retries": retries.values[-(len(rises) + 1) :].tolist(),
+                "alloc_retries": recent.tolist(),
                 **fig,
             },
             recommendation=self._recommendation(
                 ctx, "Make room before the allocator gives up: smaller batch, then r, targets"
             ),
+            step=int(step),
         )
 
-    def _growth(self, ctx: Context, fig: dict[str, float]) -> Finding | None:
+    def _growth(self, ctx: Context, fig: dict[str, float], peak: Points) -> Finding | None:
         max_steps = ctx.facts.max_steps
         mem = ctx.facts.memory
         if max_steps <= 0 or (mem is not None and not mem.peaks_reset):
             return None
-        peak = ctx.history.series(KEY_PEAK_ALLOC).finite()
-        # The first reading holds the warm-up; the fit looks at the most recent readings only,
-        # which bounds its cost (Theil-Sen is quadratic) on long runs and follows today's trend.
+        # The first reading of the run holds the warm-up; the fit looks at the most recent
+        # readings only, which bounds its cost (Theil-Sen is quadratic) on long runs and follows
+        # today's trend.
+        skip = 1 if peak.offset == 0 else 0
+        steps, values = finite(peak.steps[skip:], peak.values[skip:])
         window = ctx.config.oom_growth_window
-        steps, values = peak.steps[1:][-window:], peak.values[1:][-window:]
+        steps, values = steps[-window:], values[-window:]
         if len(values) < ctx.config.oom_growth_min_readings or np.ptp(steps) <= 0:
             return None
         limit = fig["capacity_gib"] - fig["outside_gib"]
@@ -254,6 +290,8 @@ class OomRisk(Check):
             _GROWTH_GATE * limit
         ):
             return None
+        from scipy import stats  # only when the cheap gate passes: not at import time
+
         slope, intercept, low, high = stats.theilslopes(
             values, steps, alpha=ctx.config.oom_growth_confidence
         )

@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from lora_doctor.checks.base import Check, Context, Phase
-from lora_doctor.checks.curves import rollback
+from lora_doctor.checks.base import Check, Context, Phase, Read, Reads
+from lora_doctor.diagnosis.causes import rank_and_alpha, rollback
 from lora_doctor.facts import LayerSpectrum, SpectrumSnapshot
 from lora_doctor.findings import Finding, Recommendation, Severity
 
@@ -37,6 +37,7 @@ __all__ = [
     "RankUnderused",
     "cliff",
     "effective_rank",
+    "inconclusive_by_memorising",
     "stable_rank",
     "summarise",
     "used_rank",
@@ -288,10 +289,10 @@ def _capacity(ctx: Context) -> dict[str, Any] | None:
 
 
 def _memorisable(ctx: Context) -> tuple[bool, str]:
-    """Whether a full spectrum could come from memorising the data, and why."""
+    """Whether a full spectrum could come from memorising the data (the adapter's capacity
+    exceeds the data's information), and why. The diagnosis pass adds the other sign of
+    memorising, an overfit finding."""
     cap = _capacity(ctx)
-    if ctx.found("overfit") is not None:
-        return True, "the validation loss rises while the training loss falls (overfit)"
     if cap is not None and cap["data_bits"] <= cap["capacity_bits"]:
         return True, (
             f"the adapter can hold the whole training set: about {cap['capacity_bits']:.3g} bits of "
@@ -334,6 +335,11 @@ def _fmt_kinds(a: _Assessment, key: str) -> str:
 
 
 # --- checks -------------------------------------------------------------------------------------
+#: What the spectrum checks read: they look when a new spectrum reading or a new loss arrives
+#: (the loss trend is part of the verdict).
+_RANK_READS = (Reads("spectrum", Read.LATEST, fact=True), Reads("loss", Read.LATEST))
+
+
 class RankSaturated(Check):
     """The learned update fills its whole rank in most layers and the loss has stopped improving.
 
@@ -349,7 +355,7 @@ class RankSaturated(Check):
 
     code, slug, severity = "LD401", "rank-saturated", Severity.WARNING
     phases = frozenset({Phase.LOG, Phase.END})
-    batched = True
+    reads = _RANK_READS
     needs_lora = True
 
     def run(self, ctx: Context) -> Iterable[Finding]:
@@ -375,51 +381,56 @@ class RankSaturated(Check):
             "rank is the likely limit. A too-low learning rate or adapters on attention only also "
             "stall a loss; rule them out first (loss-plateau lists them).",
             evidence=evidence,
-            recommendation=rollback(r if isinstance(r, int) else None, _alpha(ctx)),
+            recommendation=_rollback(ctx, r),
         )
 
 
-def _alpha(ctx: Context) -> float | None:
-    """The lora_alpha shared by every adapter, when there is one."""
-    alphas = {a.lora_alpha for a in ctx.facts.adapters.values()}
-    return alphas.pop() if len(alphas) == 1 else None
+def _rollback(ctx: Context, spectrum_r: Any) -> Recommendation:
+    """The same rank rollback as the plateau's (:func:`~lora_doctor.diagnosis.causes.rollback`):
+    r and lora_alpha from the run's facts, the rank of the spectrum when the facts have none."""
+    r, alpha, _ = rank_and_alpha(ctx.facts)
+    if r is None and isinstance(spectrum_r, int):
+        r = spectrum_r
+    return rollback(r, alpha, ctx.facts, ctx.config)
 
 
 class RankInconclusive(Check):
     """The update fills its rank, but the evidence cannot tell whether r binds.
 
     Reported instead of ``rank-saturated`` when the adapter could memorise its training data (its
-    capacity exceeds the data's estimated information, or the run overfits): memorising fills every
-    direction at any r, so a full spectrum says nothing about the rank. Also reported at the end of
-    training when the spectrum is full but the loss history cannot show a stall.
+    capacity exceeds the data's estimated information; the diagnosis pass adds the other sign, an
+    overfit finding, through :func:`inconclusive_by_memorising`): memorising fills every direction
+    at any r, so a full spectrum says nothing about the rank. Also reported at the end of training
+    when the spectrum is full but the loss history cannot show a stall.
     """
 
     code, slug, severity = "LD404", "rank-inconclusive", Severity.INFO
     phases = frozenset({Phase.LOG, Phase.END})
-    batched = True
+    reads = _RANK_READS
     needs_lora = True
 
     def run(self, ctx: Context) -> Iterable[Finding]:
-        if ctx.found("rank-saturated") is not None:
-            return
         a = _widespread(ctx, "full")
         if a is None:
             return
         memorisable, why = _memorisable(ctx)
         stalled, improvement = _loss_trend(ctx)
         if memorisable:
-            reason = (
-                f"{why}, so a full spectrum may come from memorising examples rather than from a "
-                "rank that binds (a memorising update fills every direction at any r)"
-            )
+            reason = _memorising(why)
         elif stalled is None and ctx.phase is Phase.END:
             reason = "the logged training loss is too short to show whether it stalled"
         else:
             return
+        yield self.build(ctx, a, reason, improvement)
+
+    def build(
+        self, ctx: Context, a: _Assessment, reason: str, improvement: float | None
+    ) -> Finding:
+        """The finding for assessment ``a``, with the ``reason`` r's role cannot be told."""
         evidence = _with_capacity(
             ctx, {**a.evidence, "loss_improvement": improvement, "reason": reason}
         )
-        yield self.finding(
+        return self.finding(
             ctx,
             f"The LoRA update fills its rank in {len(a.full)} of {len(a.layers)} layers, but "
             "whether r binds cannot be told",
@@ -430,6 +441,26 @@ class RankInconclusive(Check):
             "first; if validation loss rises, lower r or add lora_dropout instead.",
             evidence=evidence,
         )
+
+
+def _memorising(why: str) -> str:
+    return (
+        f"{why}, so a full spectrum may come from memorising examples rather than from a rank "
+        "that binds (a memorising update fills every direction at any r)"
+    )
+
+
+def inconclusive_by_memorising(ctx: Context, why: str) -> Finding | None:
+    """``rank-inconclusive`` when the latest spectrum is full and a sign of memorising (``why``,
+    e.g. an overfit finding) is known; None when the spectrum is not full or not ready.
+
+    The diagnosis pass calls it: memorising explains a full spectrum, so it is no evidence that
+    r binds (``rank-saturated`` is stood down then).
+    """
+    a = _widespread(ctx, "full")
+    if a is None:
+        return None
+    return RankInconclusive().build(ctx, a, _memorising(why), _loss_trend(ctx)[1])
 
 
 class RankUnderused(Check):
@@ -445,7 +476,7 @@ class RankUnderused(Check):
 
     code, slug, severity = "LD402", "rank-underused", Severity.INFO
     phases = frozenset({Phase.LOG, Phase.END})
-    batched = True
+    reads = _RANK_READS
     needs_lora = True
 
     def run(self, ctx: Context) -> Iterable[Finding]:

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 from transformers import TrainerCallback
 from transformers.trainer_callback import DefaultFlowCallback, ExportableState
 
-from lora_doctor.checks import Phase
+from lora_doctor.checks import Check, Phase, Registry
 from lora_doctor.checks.ecosystem import is_rl_or_preference
 from lora_doctor.config import DoctorConfig
 from lora_doctor.engine import Doctor
@@ -101,6 +101,8 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
         memory_reader: reads device memory (a :class:`~lora_doctor.probes.memory.MemoryReader`);
             the CUDA caching allocator's counters when None. Pass your own for another accelerator
             or to script readings in tests.
+        extra_checks: your own :class:`~lora_doctor.checks.Check` classes, run beside the built-in
+            ones; their slugs can be used in ``ignore`` and ``stop_on``.
 
     When training dies of an error (CUDA out-of-memory above all), the diagnosis is still written,
     with an ``out-of-memory`` finding, and the error goes on unchanged (see
@@ -125,6 +127,7 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
         check_after_steps: int | None = None,
         config: DoctorConfig | dict[str, Any] | None = None,
         memory_reader: MemoryReader | None = None,
+        extra_checks: Iterable[type[Check]] = (),
     ) -> None:
         if isinstance(config, dict):  # the form a checkpoint saves (see state())
             unknown = sorted(set(config) - {f.name for f in dataclasses.fields(DoctorConfig)})
@@ -152,6 +155,10 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
             overrides["check_after_steps"] = check_after_steps
         base = config or DoctorConfig()
         self.config = dataclasses.replace(base, **overrides) if overrides else base
+        self.extra_checks = tuple(extra_checks)
+        registry = Registry(extra=self.extra_checks)
+        registry.validate("DoctorConfig.ignore", self.config.ignore)
+        registry.validate("DoctorConfig.stop_on", self.config.stop_on)
         self.report_path = report_path
         self.memory_reader = memory_reader
         self.doctor: Doctor | None = None
@@ -205,6 +212,11 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
     def _run(self, phase: Phase, state: Any, control: Any) -> None:
         assert self.doctor is not None
         self.doctor.run_phase(phase, int(getattr(state, "global_step", 0) or 0))
+        self._stop_if_asked(state, control)
+
+    def _stop_if_asked(self, state: Any, control: Any) -> None:
+        """Stops training once a finding in ``stop_on`` is reported (once, with a log line)."""
+        assert self.doctor is not None
         reason = self.doctor.stop_reason
         if reason is not None and not self._stopped:
             self._stopped = True
@@ -230,7 +242,12 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
             guard.guard_steps(trainer, self._train_failed)  # this train() call began unguarded
         self._attach(trainer)
         self._failed_id = None
-        self.doctor = Doctor(self.config, RunFacts(), emit=bool(state.is_world_process_zero))
+        self.doctor = Doctor(
+            self.config,
+            RunFacts(),
+            emit=bool(state.is_world_process_zero),
+            extra_checks=self.extra_checks,
+        )
         saved = _saved_state(state, type(self).__name__)
         if saved is not None and int(getattr(state, "global_step", 0) or 0) > 0:
             self.doctor.restore_state(saved, getattr(state, "log_history", None) or ())
@@ -280,10 +297,9 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
         self._call("log", self._event(args, state, kwargs, logs))
         # the Trainer logs evaluation metrics through on_log, then calls on_evaluate: the entry is
         # observed here, once, and runs the EVAL phase, as the offline replay of log_history does
-        evaluation = is_eval_entry(logs)
-        self._eval_logged = evaluation
+        self._eval_logged = is_eval_entry(logs)
         self.doctor.observe(state.global_step, logs)
-        self._run(Phase.EVAL if evaluation else Phase.LOG, state, control)
+        self._stop_if_asked(state, control)
         self._publish(state, logs)
 
     @_guarded
@@ -296,7 +312,7 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
         if self._eval_logged:  # already observed and judged in on_log
             self._eval_logged = False
             return
-        self.doctor.observe(state.global_step, metrics)
+        self.doctor.observe(state.global_step, metrics, run=False)
         self._run(Phase.EVAL, state, control)
 
     @_guarded
@@ -386,7 +402,9 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
         is_main = bool(getattr(trainer, "is_world_process_zero", lambda: True)())
         model = getattr(trainer, "model", None)
         if self.doctor is None:  # died before on_train_begin (e.g. loading the checkpoint)
-            self.doctor = Doctor(self.config, RunFacts(), emit=is_main)
+            self.doctor = Doctor(
+                self.config, RunFacts(), emit=is_main, extra_checks=self.extra_checks
+            )
             facts = self.doctor.facts
             _facts_from_trainer(facts, args, state, {}, type(trainer).__name__)
             for name, cfg in dict(getattr(model, "peft_config", None) or {}).items():
