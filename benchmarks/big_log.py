@@ -1,10 +1,14 @@
-"""Times the offline doctor on a 100,000-entry log (target: under 1 s).
+"""Times the offline doctor on a 100,000-entry log (target: under 1 s), and how judging overfit
+scales with the number of evaluations (target: linear).
 
 Builds a synthetic ``trainer_state.json`` (a training log every step with loss, grad_norm and
 learning_rate, an evaluation every 1,000 steps), writes it, then times ``lora_doctor.diagnose`` on the
-file (JSON parsing included), best of ``--repeat`` runs.
+file (JSON parsing included), best of ``--repeat`` runs. Then replays logs with 10,000, 20,000 and
+40,000 evaluations (one per training log) and prints the time per evaluation at each size: flat
+when the cost is linear (the earlier overfit check rescanned every evaluation at each one: 4 s for
+10,000, 64 s for 40,000).
 
-    python benchmarks/big_log.py [--entries 100000] [--repeat 3]
+    python benchmarks/big_log.py [--entries 100000] [--repeat 3] [--evals 10000 20000 40000]
 """
 
 from __future__ import annotations
@@ -21,6 +25,26 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
 from lora_doctor.offline import diagnose
+
+
+def eval_scaling(sizes: list[int]) -> list[tuple[int, float]]:
+    """Seconds to diagnose a log with ``n`` evaluations (and ``n`` training logs), for each ``n``.
+
+    The eval loss falls, then rises slowly in small steps that never last ``overfit_patience``
+    evaluations above the threshold, so every evaluation is judged and none ends the check.
+    """
+    out = []
+    for n in sizes:
+        i = np.arange(1, n + 1)
+        evals = 1.0 + 0.5 / np.sqrt(i) + 0.002 * np.sin(i)
+        log = []
+        for k in range(n):
+            log.append({"loss": 1.0 / (k + 1), "step": k + 1})
+            log.append({"eval_loss": float(evals[k]), "step": k + 1})
+        start = time.perf_counter()
+        diagnose({"max_steps": n, "log_history": log})
+        out.append((n, time.perf_counter() - start))
+    return out
 
 
 def make_state(entries: int, seed: int = 0) -> dict:
@@ -53,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--entries", type=int, default=100_000)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--evals", type=int, nargs="*", default=[10_000, 20_000, 40_000])
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "trainer_state.json"
@@ -68,6 +93,14 @@ def main(argv: list[str] | None = None) -> int:
         f"wall, {min(cpus):.3f} s CPU (best of {args.repeat}; findings: "
         f"{', '.join(sorted(diagnosis.slugs)) or 'none'})"
     )
+    scaling = eval_scaling(args.evals)
+    for n, seconds in scaling:
+        print(f"{n:>7} evaluations: {seconds:.2f} s, {1e6 * seconds / n:.0f} us per evaluation")
+    if len(scaling) > 1:
+        (n0, t0), (n1, t1) = scaling[0], scaling[-1]
+        print(
+            f"{n1 / n0:.0f}x the evaluations took {t1 / t0:.1f}x the time (linear: {n1 / n0:.0f}x)"
+        )
     return 0
 
 

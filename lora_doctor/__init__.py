@@ -20,6 +20,7 @@ from lora_doctor.sweep import SweepResult, SweepRow, rank_sweep
 
 if TYPE_CHECKING:
     from lora_doctor.integrations.hf import LoraDoctorCallback
+    from lora_doctor.integrations.loop import read_model
     from lora_doctor.integrations.watch import watch
 
 __all__ = [
@@ -35,12 +36,14 @@ __all__ = [
     "__version__",
     "diagnose",
     "rank_sweep",
+    "read_model",
     "watch",
 ]
 
 _LAZY = {
     "LoraDoctorCallback": "lora_doctor.integrations.hf",
     "watch": "lora_doctor.integrations.watch",
+    "read_model": "lora_doctor.integrations.loop",
 }
 
 
