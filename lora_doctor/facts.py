@@ -7,6 +7,7 @@ saved (``adapter_config.json``, ``trainer_state.json``). Every field has a neutr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, TypeVar
@@ -17,9 +18,11 @@ __all__ = [
     "LayerSpectrum",
     "MemoryFacts",
     "RunFacts",
+    "SetupFacts",
     "SpectrumSnapshot",
     "derive_facts",
     "is_rl_key",
+    "precision_in_use",
 ]
 
 
@@ -205,6 +208,63 @@ class SpectrumSnapshot:
 
 
 @dataclass
+class SetupFacts:
+    """How the run is set up: what the causes of a symptom are judged against and what their fixes
+    are built from. Every field may be unknown (None or empty), offline above all.
+
+    Attributes:
+        optimizer: the optimizer: ``TrainingArguments.optim`` (``"adamw_torch"``,
+            ``"paged_adamw_8bit"`` ...) or the optimizer's class name (``"AdamW"``, ``"SGD"``).
+        lr_scheduler_type: the schedule (``"linear"``, ``"cosine"``, ``"constant_with_warmup"`` ...).
+        warmup_steps: optimizer steps of warm-up (from ``warmup_steps`` or ``warmup_ratio``).
+        max_grad_norm: gradient clipping's threshold (0 or None: no clipping).
+        weight_decay: the optimizer's weight decay.
+        fp16, bf16: the mixed-precision flags of the arguments.
+        trainable_dtypes: dtypes of the trainable parameters (``"float32"``, ``"float16"`` ...).
+        base_dtypes: storage types of the frozen weights (``"bf16"``, ``"4-bit"`` ...).
+        precision: the precision the forward pass computes in (derived by the engine):
+            ``"fp16"``, ``"bf16"`` or ``"fp32"``.
+        vocab_size: the model's vocabulary (``config.vocab_size``).
+        loss_at_chance: ``ln(vocab_size)``, the cross-entropy of a uniform guess (derived).
+        module_kinds: the kinds of linear (and Conv1D) modules the model has, as peft's
+            ``target_modules`` name them (``q_proj``, ``gate_proj`` ...; GPT-2: ``c_attn``, ``c_fc``,
+            ``c_proj``), in model order.
+        gradient_checkpointing: whether gradient checkpointing is on.
+        use_reentrant: its ``use_reentrant`` setting (None: the library's default).
+        logging_steps: steps between logs.
+        save_strategy: ``"steps"``, ``"epoch"``, ``"best"`` or ``"no"``.
+        save_steps: steps between checkpoints under ``save_strategy="steps"``.
+        checkpoint_steps: steps of the checkpoints found in the output folder.
+        metric_for_best_model: the metric the run keeps its best checkpoint by.
+        greater_is_better: whether that metric improves upward.
+        output_dir: the run's output folder.
+    """
+
+    optimizer: str | None = None
+    lr_scheduler_type: str | None = None
+    warmup_steps: int | None = None
+    max_grad_norm: float | None = None
+    weight_decay: float | None = None
+    fp16: bool | None = None
+    bf16: bool | None = None
+    trainable_dtypes: list[str] = field(default_factory=list)
+    base_dtypes: list[str] = field(default_factory=list)
+    precision: str | None = None
+    vocab_size: int | None = None
+    loss_at_chance: float | None = None
+    module_kinds: list[str] = field(default_factory=list)
+    gradient_checkpointing: bool | None = None
+    use_reentrant: bool | None = None
+    logging_steps: int | None = None
+    save_strategy: str | None = None
+    save_steps: int | None = None
+    checkpoint_steps: list[int] = field(default_factory=list)
+    metric_for_best_model: str | None = None
+    greater_is_better: bool | None = None
+    output_dir: str | None = None
+
+
+@dataclass
 class RunFacts:
     """Everything the checks may know about a run besides its metric history.
 
@@ -247,6 +307,8 @@ class RunFacts:
         supervised_tokens: tokens of the training set with a label other than -100 (estimated
             from a sample when the set is large); None when unknown (an iterable dataset).
         supervised_tokens_sampled: True when ``supervised_tokens`` is extrapolated from a sample.
+        setup: the training set-up the causes and their fixes are read from (optimizer, schedule,
+            precision, checkpoints, the model's module names ...).
         extra: facts added by probes that have no field yet (plain JSON-able data).
     """
 
@@ -283,6 +345,7 @@ class RunFacts:
     spectrum_notes: list[str] = field(default_factory=list)
     supervised_tokens: int | None = None
     supervised_tokens_sampled: bool = False
+    setup: SetupFacts = field(default_factory=SetupFacts)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -310,6 +373,10 @@ class RunFacts:
                 }
         if isinstance(values.get("memory"), Mapping):
             values["memory"] = _dataclass_from(MemoryFacts, values["memory"])
+        if isinstance(values.get("setup"), Mapping):
+            values["setup"] = _dataclass_from(SetupFacts, values["setup"])
+        elif "setup" in values:
+            del values["setup"]
         if isinstance(values.get("layers"), list):
             values["layers"] = [
                 _dataclass_from(LayerFacts, lf)
@@ -377,7 +444,30 @@ def derive_facts(facts: RunFacts, keys: Iterable[str]) -> RunFacts:
         if rl_keys:
             facts.rl_keys = rl_keys
             facts.is_rl = True
+    setup = facts.setup
+    setup.precision = precision_in_use(setup)
+    if setup.vocab_size and setup.vocab_size > 1:
+        setup.loss_at_chance = math.log(setup.vocab_size)
     return facts
+
+
+def precision_in_use(setup: SetupFacts) -> str | None:
+    """The precision the forward pass computes in: the mixed-precision flag, else the dtype of the
+    trainable parameters; None when neither is known.
+
+    Example:
+        >>> precision_in_use(SetupFacts(fp16=True)), precision_in_use(SetupFacts(trainable_dtypes=["float32"]))
+        ('fp16', 'fp32')
+    """
+    if setup.bf16:
+        return "bf16"
+    if setup.fp16:
+        return "fp16"
+    names = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+    dtypes = {names.get(d, d) for d in setup.trainable_dtypes}
+    if len(dtypes) == 1:
+        return dtypes.pop()
+    return None
 
 
 _T = TypeVar("_T")

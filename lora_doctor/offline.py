@@ -156,6 +156,20 @@ def facts_from_files(run: RunFiles) -> RunFacts:
     ]
     # the configured rate is the peak of the schedule, not the first (warm-up) value
     facts.learning_rate = float(max(lrs)) if lrs else None
+    setup = facts.setup
+    for key in ("logging_steps", "save_steps"):
+        value = _int(run.state.get(key))
+        setattr(setup, key, value if value > 0 else None)
+    if run.state_path is not None:
+        folder = run.state_path.parent
+        if _CHECKPOINT.match(folder.name):  # a checkpoint's own state: the run is one folder up
+            folder = folder.parent
+        setup.output_dir = str(folder)
+        try:
+            names = [p.name for p in folder.iterdir()]
+        except OSError:
+            names = []
+        setup.checkpoint_steps = sorted(int(m.group(1)) for n in names if (m := _CHECKPOINT.match(n)))
     if run.adapter_config is not None:
         facts.adapters = {"default": AdapterFacts.from_config("default", run.adapter_config)}
         peft_type = str(run.adapter_config.get("peft_type", "LORA")).upper()

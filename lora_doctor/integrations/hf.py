@@ -44,6 +44,7 @@ from lora_doctor.probes.dist import RankReadings, StepTimeProbe
 from lora_doctor.probes.ecosystem import vllm_max_lora_rank
 from lora_doctor.probes.memory import MemoryProbe, MemoryReader, record_out_of_memory
 from lora_doctor.probes.model import AdapterProbe
+from lora_doctor.probes.setup import read_setup
 from lora_doctor.probes.spectrum import SpectrumProbe
 
 __all__ = ["LoraDoctorCallback"]
@@ -406,7 +407,8 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
                 self.config, RunFacts(), emit=is_main, extra_checks=self.extra_checks
             )
             facts = self.doctor.facts
-            _facts_from_trainer(facts, args, state, {}, type(trainer).__name__)
+            seen = {"model": model, "optimizer": getattr(trainer, "optimizer", None)}
+            _facts_from_trainer(facts, args, state, seen, type(trainer).__name__)
             for name, cfg in dict(getattr(model, "peft_config", None) or {}).items():
                 to_dict = getattr(cfg, "to_dict", None)
                 data = to_dict() if callable(to_dict) else dict(vars(cfg))
@@ -514,6 +516,9 @@ def _facts_from_trainer(
     facts.num_train_epochs = getattr(args, "num_train_epochs", None)
     facts.learning_rate = getattr(args, "learning_rate", None)
     facts.world_size = int(getattr(args, "world_size", 1) or 1)
+    read_setup(
+        facts.setup, kwargs.get("model"), args, kwargs.get("optimizer"), max_steps=facts.max_steps
+    )
     loader = kwargs.get("train_dataloader")
     dataset = getattr(loader, "dataset", None)
     try:

@@ -12,6 +12,7 @@ from typing import Any
 
 from lora_doctor.facts import RunFacts
 from lora_doctor.probes.model import read_facts
+from lora_doctor.probes.setup import read_setup
 
 __all__ = ["read_model"]
 
@@ -47,4 +48,5 @@ def read_model(model: Any, optimizer: Any = None, **run: Any) -> RunFacts:
         )
     facts = RunFacts(**run)
     read_facts(model, facts, optimizer)
+    read_setup(facts.setup, model, None, optimizer, max_steps=facts.max_steps)
     return facts
