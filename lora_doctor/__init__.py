@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
-
+from lora_doctor._version import __version__
 from lora_doctor.config import DoctorConfig
 from lora_doctor.engine import Doctor
 from lora_doctor.findings import Finding, Recommendation, Severity

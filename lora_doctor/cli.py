@@ -12,13 +12,17 @@ read or an output not written (with one line naming the problem, no traceback). 
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 from lora_doctor.findings import Severity
 from lora_doctor.offline import RunReadError, diagnose
-from lora_doctor.sweep import add_sweep_parser
+from lora_doctor.sweep import rank_sweep
 
 __all__ = ["main"]
 
@@ -49,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
         default=Severity.ERROR.value,
         help="exit 1 when a finding is at or above this severity (default: error)",
     )
-    add_sweep_parser(sub)
+    _add_sweep_parser(sub)
     return parser
 
 
@@ -88,6 +92,131 @@ def main(argv: Sequence[str] | None = None) -> int:
     threshold = Severity.parse(args.fail_on)
     worst = diagnosis.worst
     return EXIT_FOUND if worst is not None and worst >= threshold else EXIT_OK
+
+
+# --- lora-doctor sweep ---------------------------------------------------------------------------
+def _add_sweep_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Adds ``lora-doctor sweep`` to the command's subparsers (``argparse`` ``add_subparsers()``).
+
+    Its description is not %-formatted by argparse (its help strings are): a bare % is right.
+    """
+    parser = subparsers.add_parser(
+        "sweep",
+        help="train a few LoRA ranks from scratch and choose r from the measurements",
+        description=(
+            "Trains each rank from scratch with the trainer that MODULE:FUNCTION builds "
+            "(FUNCTION(r, lora_alpha) returns a fresh transformers.Trainer), and chooses the "
+            "smallest rank that reaches 95% of the best metric within 70% of the slowest rank's "
+            "training time. Exit 0: a rank was chosen; 1: every rank failed; 2: bad input."
+        ),
+    )
+    parser.add_argument(
+        "build",
+        metavar="MODULE:FUNCTION",
+        help="the build function, in an importable module (pkg.train:build) or a file "
+        "(path/to/train.py:build)",
+    )
+    parser.add_argument("--ranks", type=int, nargs="+", default=[4, 8, 16], metavar="R")
+    parser.add_argument("--metric", default="eval_loss", help="metric to compare (eval_loss)")
+    parser.add_argument("--alpha-ratio", type=float, default=2.0, help="lora_alpha = ratio * r (2)")
+    direction = parser.add_mutually_exclusive_group()
+    direction.add_argument(
+        "--greater-is-better",
+        dest="greater_is_better",
+        action="store_const",
+        const=True,
+        help="a higher metric is better (default: from the metric's name)",
+    )
+    direction.add_argument(
+        "--lower-is-better", dest="greater_is_better", action="store_const", const=False
+    )
+    parser.add_argument("--quality-share", type=float, default=0.95)
+    parser.add_argument("--time-share", type=float, default=0.70)
+    parser.add_argument("--min-gain", type=float, default=0.01)
+    parser.add_argument(
+        "--out", metavar="DIR", help="write sweep.json, sweep.csv and sweep.png into DIR"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(handler=_run_sweep)
+    return parser
+
+
+def _run_sweep(args: argparse.Namespace) -> int:
+    """Runs ``lora-doctor sweep``; returns the exit code."""
+    try:
+        build = load_build(args.build)
+        result = rank_sweep(
+            build,
+            args.ranks,
+            args.metric,
+            alpha_ratio=args.alpha_ratio,
+            greater_is_better=args.greater_is_better,
+            quality_share=args.quality_share,
+            time_share=args.time_share,
+            min_gain=args.min_gain,
+            progress=not args.no_progress,
+        )
+    except ValueError as exc:
+        print(f"lora-doctor sweep: {exc}", file=sys.stderr)
+        return 2
+    print(result.summary())
+    if args.out:
+        out = Path(args.out)
+        result.to_json(out / "sweep.json")
+        result.to_csv(out / "sweep.csv")
+        written = [out / "sweep.json", out / "sweep.csv"]
+        try:
+            written.append(result.plot(out / "sweep.png"))
+        except ImportError as exc:
+            print(f"lora-doctor sweep: no plot: {exc}", file=sys.stderr)
+        print("written: " + ", ".join(str(p) for p in written))
+    return 0 if result.chosen_rank is not None else 1
+
+
+def load_build(spec: str) -> Callable[..., Any]:
+    """The function named by ``MODULE:FUNCTION``, MODULE being importable or a ``.py`` file.
+
+    Raises:
+        ValueError: with one line saying what could not be found or loaded.
+
+    Example:
+        >>> load_build("os.path:join")("a", "b")
+        'a/b'
+    """
+    module_name, sep, func_name = spec.rpartition(":")
+    if not sep or not module_name or not func_name:
+        raise ValueError(
+            f"expected MODULE:FUNCTION (e.g. my_train:build or path/to/train.py:build), got {spec!r}"
+        )
+    try:
+        if module_name.endswith(".py") or "/" in module_name or os.sep in module_name:
+            module = _load_file(Path(module_name))
+        else:
+            if os.getcwd() not in sys.path and "" not in sys.path:
+                sys.path.insert(0, os.getcwd())  # as `python -m` does
+            module = importlib.import_module(module_name)
+    except ValueError:
+        raise
+    except Exception as exc:
+        raise ValueError(f"cannot load {module_name!r}: {type(exc).__name__}: {exc}") from None
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise ValueError(f"{module_name!r} has no function {func_name!r}")
+    return func  # type: ignore[no-any-return]
+
+
+def _load_file(path: Path) -> Any:
+    if not path.is_file():
+        raise ValueError(f"no such file: {path}")
+    name = f"_lora_doctor_build_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"cannot load {path} as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(path.resolve().parent))  # its sibling modules import, as `python file`
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 if __name__ == "__main__":

@@ -1,23 +1,24 @@
 """Draws a diagnosis: training loss, eval loss and grad norm, with each finding marked at its step.
 
 matplotlib is an optional dependency (``pip install 'lora-doctor[plot]'``); it is imported only
-when a plot is drawn.
+when a plot is drawn. This module sits below :mod:`lora_doctor.report`: it reads a diagnosis
+through :class:`Plottable` (what a plot needs of it), so ``Diagnosis.plot`` can call it without an
+import cycle.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from lora_doctor.findings import Severity
+from lora_doctor.findings import Finding, Severity
+from lora_doctor.history import History
 
-if TYPE_CHECKING:
-    from lora_doctor.report import Diagnosis
-
-__all__ = ["MISSING_MATPLOTLIB", "plot_diagnosis"]
+__all__ = ["MISSING_MATPLOTLIB", "Plottable", "plot_diagnosis"]
 
 MISSING_MATPLOTLIB = "plotting needs matplotlib: pip install 'lora-doctor[plot]'"
 
@@ -35,7 +36,23 @@ def _pyplot() -> Any:
     return plt
 
 
-def plot_diagnosis(diagnosis: Diagnosis, path: str | os.PathLike[str]) -> Path:
+class Plottable(Protocol):
+    """What a plot reads of a diagnosis (:class:`lora_doctor.Diagnosis` is one)."""
+
+    @property
+    def history(self) -> History | None:
+        """The curves (None for a diagnosis read back from JSON)."""
+
+    @property
+    def findings(self) -> Sequence[Finding]:
+        """The findings, each marked at its step."""
+
+    @property
+    def run(self) -> Mapping[str, Any]:
+        """What is known about the run; ``max_steps`` sets the x range."""
+
+
+def plot_diagnosis(diagnosis: Plottable, path: str | os.PathLike[str]) -> Path:
     """Draws the curves the diagnosis was made from, each finding marked at its step, to ``path``.
 
     Top panel: training loss (and its rolling median when the log is noisy) and eval loss. Bottom
@@ -124,7 +141,7 @@ def plot_diagnosis(diagnosis: Diagnosis, path: str | os.PathLike[str]) -> Path:
     return target
 
 
-def _mark_findings(diagnosis: Diagnosis, axes: list[Any]) -> None:
+def _mark_findings(diagnosis: Plottable, axes: list[Any]) -> None:
     """A dashed line per finding with a step, on every panel; its code and slug on the top one."""
     placed = [(f, f.step) for f in diagnosis.findings if f.step is not None]
     top = axes[0]

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lora_doctor import __version__
+from lora_doctor._version import __version__
 from lora_doctor.facts import RunFacts
 from lora_doctor.findings import Finding, Severity, to_jsonable
 from lora_doctor.history import History

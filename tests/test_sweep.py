@@ -368,3 +368,15 @@ def test_bad_arguments(kwargs: dict, match: str) -> None:
     build = kwargs.pop("build", _build)
     with pytest.raises(ValueError, match=match):
         rank_sweep(build, **kwargs)
+
+
+def test_cli_sweep_help_shows_plain_percent(capsys: pytest.CaptureFixture[str]) -> None:
+    """argparse does not %-format a description: "95%%" was printed as it stands."""
+    from lora_doctor.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sweep", "--help"])
+    assert exit_info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines at the terminal width
+    assert "reaches 95% of the best metric within 70% of the slowest rank's training time" in out
+    assert "%%" not in out

@@ -40,12 +40,13 @@ from lora_doctor.integrations.resume import (
     resolve_checkpoint,
 )
 from lora_doctor.probes.base import Event, Probe
-from lora_doctor.probes.dist import RankReadings, StepTimeProbe
+from lora_doctor.probes.dist import RankReadings
 from lora_doctor.probes.ecosystem import vllm_max_lora_rank
 from lora_doctor.probes.memory import MemoryProbe, MemoryReader, record_out_of_memory
 from lora_doctor.probes.model import AdapterProbe
 from lora_doctor.probes.setup import read_setup
 from lora_doctor.probes.spectrum import SpectrumProbe
+from lora_doctor.probes.step_time import StepTimeProbe
 
 __all__ = ["LoraDoctorCallback"]
 

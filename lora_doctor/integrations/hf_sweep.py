@@ -1,6 +1,6 @@
 """The Trainer side of the rank sweep: trains each rank, reads CUDA memory, logs the result to the
 trainers' integrations. :func:`lora_doctor.rank_sweep` is the entry point; the rule and the result
-are in :mod:`lora_doctor.sweep`.
+are in :mod:`lora_doctor.sweep`, which imports this module only when a sweep runs.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from transformers import Trainer
 from transformers.integrations import get_reporting_integration_callbacks
 
 from lora_doctor.integrations.hf import LoraDoctorCallback
-from lora_doctor.sweep import SweepRow, is_main_process
+from lora_doctor.sweep.row import SweepRow
 
 __all__ = ["check_report_to", "log_summary", "run_sweep"]
 
@@ -60,7 +60,8 @@ def run_sweep(
     progress: bool,
 ) -> tuple[list[SweepRow], Reporter | None]:
     """Trains each rank from scratch, in order, freeing memory in between; returns the rows and the
-    integrations of the last trainer that trained (to log the summary through)."""
+    integrations of the last trainer that trained (to log the summary through). ``progress``: show
+    a progress bar (the caller passes False on the non-main processes)."""
     from tqdm.auto import tqdm
 
     rows: list[SweepRow] = []
@@ -69,7 +70,7 @@ def run_sweep(
         list(zip(ranks, alphas, strict=True)),
         desc="lora-doctor rank sweep",
         unit="rank",
-        disable=not progress or not is_main_process(),
+        disable=not progress,
     )
     for r, alpha in bar:
         bar.set_postfix_str(f"r={r}")

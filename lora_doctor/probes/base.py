@@ -1,4 +1,8 @@
-"""The probe protocol: one object per kind of reading, called at each Trainer event it cares for."""
+"""The probe protocol: one object per kind of reading, called at each Trainer event it cares for.
+
+This module imports no torch: the model is read in :mod:`lora_doctor.probes.view`, once per event
+that asks (:meth:`Event.model_view`).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from lora_doctor.engine import Doctor
     from lora_doctor.probes.dist import RankReadings
+    from lora_doctor.probes.view import ModelView
 
 __all__ = ["Event", "Probe"]
 
@@ -30,6 +35,7 @@ class Event:
         ranks: this process's per-rank readings; a probe ``put``s readings into it at any time and
             reads their min/max over ranks from ``ranks.spread`` in its ``log`` hook (the callback
             exchanges them on every rank just before the Trainer logs; probes never communicate).
+        view: the shared view of ``model`` once a probe asked for it (:meth:`model_view`).
     """
 
     doctor: Doctor
@@ -41,6 +47,7 @@ class Event:
     kwargs: dict[str, Any] = field(default_factory=dict)
     ranks: RankReadings | None = None
     control: Any = None
+    view: ModelView | None = None
 
     @property
     def step(self) -> int:
@@ -49,6 +56,19 @@ class Event:
     @property
     def is_main(self) -> bool:
         return bool(getattr(self.state, "is_world_process_zero", True))
+
+    def model_view(self) -> ModelView:
+        """The view of ``model`` and ``optimizer`` that the probes share: built by the first probe
+        that asks (one walk of the model), then the same object for every probe of this event.
+
+        The callback hands one event to all probes at ``train_begin``, where the probes read the
+        model; they keep what they need from it, so no later event walks the model again.
+        """
+        if self.view is None:
+            from lora_doctor.probes.view import ModelView
+
+            self.view = ModelView.build(self.model, self.optimizer)
+        return self.view
 
 
 class Probe:

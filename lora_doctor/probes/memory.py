@@ -32,6 +32,7 @@ from lora_doctor.probes.base import Event, Probe
 
 if TYPE_CHECKING:
     from lora_doctor.engine import Doctor
+    from lora_doctor.probes.view import ModelView
 
 logger = logging.getLogger("lora_doctor")
 
@@ -256,8 +257,10 @@ class MemoryProbe(Probe):
         mem.outside_bytes = reading.outside
         event.doctor.facts.device_total_memory = reading.capacity
         if event.model is not None:
-            _measure_model(mem, event.model, kind, event.doctor)
-        optimizer = _unwrap_optimizer(event.optimizer)
+            _measure_model(mem, event.model_view(), kind, event.doctor)
+        from lora_doctor.probes.view import unwrap_optimizer  # torch: imported once it trains
+
+        optimizer = unwrap_optimizer(event.optimizer)
         mem.optimizer = type(optimizer).__name__ if optimizer is not None else None
         mem.estimates = estimates_by_rank(mem)
 
@@ -314,45 +317,24 @@ class MemoryProbe(Probe):
         record_out_of_memory(event.doctor, error, event.step, self.reader if self.active else None)
 
 
-def _unwrap_optimizer(optimizer: Any) -> Any:
-    """The optimizer inside accelerate's AcceleratedOptimizer (or any ``.optimizer`` wrapper)."""
-    inner = getattr(optimizer, "optimizer", None)
-    return inner if inner is not None and hasattr(inner, "param_groups") else optimizer
-
-
-def _storage(param: Any) -> tuple[str, int]:
-    """A parameter's storage type label and its bytes on this device (ZeRO-3: its partition)."""
-    import torch
-
-    local = getattr(param, "ds_tensor", None)
-    tensor = local if local is not None else param
-    size = int(tensor.numel()) * int(tensor.element_size())
-    cls = type(param).__name__
-    if cls == "Params4bit":
-        return "4-bit", size
-    if cls == "Int8Params" or param.dtype == torch.int8:
-        return "8-bit", size
-    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-    return names.get(param.dtype, str(param.dtype).replace("torch.", "")), size
-
-
-def _measure_model(mem: MemoryFacts, model: Any, device_type: str, doctor: Doctor) -> None:
+def _measure_model(mem: MemoryFacts, view: ModelView, device_type: str, doctor: Doctor) -> None:
     """Frozen weights by storage type, trainable and LoRA parameters, and the reference rank."""
-    for name, param in model.named_parameters():
+    from lora_doctor.probes.view import storage
+
+    for param, is_lora in view.tensors():
         if param.device.type != device_type:  # offloaded or meta: not on this device
             continue
-        label, size = _storage(param)
+        label, size = storage(param)
         if param.requires_grad:
             mem.trainable_numel += int(getattr(param, "ds_numel", 0) or param.numel())
             mem.trainable_bytes += size
-            if "lora_" in name:
+            if is_lora:
                 mem.lora_bytes += size
         else:
             mem.weights_by_dtype[label] = mem.weights_by_dtype.get(label, 0) + size
     ranks = [a.r for a in doctor.facts.adapters.values() if a.r]
     if not ranks:
-        config = getattr(model, "peft_config", None) or {}
-        ranks = [int(c.r) for c in config.values() if isinstance(getattr(c, "r", None), int)]
+        ranks = [int(c["r"]) for c in view.configs.values() if isinstance(c.get("r"), int)]
     mem.r = ranks[0] if ranks else None
 
 
@@ -360,7 +342,9 @@ def _optimizer_state_bytes(optimizer: Any) -> int | None:
     """Bytes of the optimizer's state tensors (None when it has none yet)."""
     import torch
 
-    state = getattr(_unwrap_optimizer(optimizer), "state", None)
+    from lora_doctor.probes.view import unwrap_optimizer
+
+    state = getattr(unwrap_optimizer(optimizer), "state", None)
     if not state:
         return None
     return sum(

@@ -1,14 +1,13 @@
 """RunFacts from a live PEFT model: LoRA layers, parameter counts, optimizer coverage, first steps.
 
-Safe under DeepSpeed ZeRO-3 (parameters carry ``ds_shape``/``ds_numel``, the local tensor is empty),
-FSDP (flat parameters: true shapes from the ``FlatParameter``'s records or the modules' features;
-``DTensor`` shapes are global) and 4-bit bases (``Params4bit`` packs two values per byte).
+The model is read through the run's :class:`~lora_doctor.probes.view.ModelView` (which parameters
+are LoRA and their true sizes under DeepSpeed ZeRO-3, FSDP and 4-bit); this module turns it into
+facts, and follows the adapters' weights and gradients through the first steps.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,171 +16,25 @@ from torch import nn
 
 from lora_doctor.facts import AdapterFacts, LayerFacts, RunFacts
 from lora_doctor.probes.base import Event, Probe
+from lora_doctor.probes.view import (
+    LayerView,
+    ModelView,
+    ParamView,
+    Role,
+    optimizer_chain,
+    weight_of,
+)
 
-__all__ = ["AdapterProbe", "find_lora_layers", "read_facts", "unwrap_model"]
-
-_LORA_TYPES: tuple[type, ...] = ()
-try:  # peft is optional at import time: duck typing covers its absence and patched layers
-    from peft.tuners.lora import LoraLayer
-
-    _LORA_TYPES = (LoraLayer,)
-except Exception:  # pragma: no cover - peft is installed with the [hf] extra
-    pass
-
-#: Wrapper prefixes that distributed/compile wrappers add to parameter names.
-_WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
-#: The prefix peft puts before the base model's own module names.
-_PEFT_PREFIX = "base_model.model."
-#: Names of peft's trainable-but-not-base parameters besides LoRA's own.
-_AUX_MARKERS = (".modules_to_save.", "trainable_tokens_delta")
-
-
-def unwrap_model(model: Any) -> Any:
-    """The model under DDP, FSDP, DeepSpeed and ``torch.compile`` wrappers.
-
-    Example:
-        >>> class Wrapper(nn.Module):
-        ...     def __init__(self, module):
-        ...         super().__init__()
-        ...         self.module = module
-        >>> inner = nn.Linear(2, 2)
-        >>> unwrap_model(Wrapper(Wrapper(inner))) is inner
-        True
-    """
-    seen = 0
-    while model is not None and seen < 8 and not hasattr(model, "peft_config"):
-        inner = getattr(model, "module", None)
-        if not isinstance(inner, nn.Module):
-            inner = getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            break
-        model, seen = inner, seen + 1
-    return model
-
-
-def _clean(name: str) -> str:
-    """A parameter or module name without wrapper parts and peft's ``base_model.model.`` prefix."""
-    for part in _WRAPPER_PARTS:
-        name = name.replace(part, "")
-    if name.startswith("module."):
-        name = name[len("module.") :]
-    if name.startswith(_PEFT_PREFIX):
-        name = name[len(_PEFT_PREFIX) :]
-    return name
-
-
-def _is_lora_layer(module: nn.Module) -> bool:
-    """peft's ``LoraLayer``, or a layer that looks like one (Unsloth and other patched layers)."""
-    if isinstance(module, _LORA_TYPES):
-        return True
-    return all(
-        isinstance(getattr(module, attr, None), dict | nn.ModuleDict | nn.ParameterDict)
-        for attr in ("r", "lora_alpha", "scaling")
-    ) and (hasattr(module, "lora_A") and hasattr(module, "lora_B"))
-
-
-def find_lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The LoRA-wrapped modules of ``model`` as (clean name, module).
-
-    Example:
-        >>> [name for name, _ in find_lora_layers(peft_model)]  # doctest: +SKIP
-        ['model.layers.0.self_attn.q_proj', ...]
-    """
-    return [(_clean(n), m) for n, m in model.named_modules() if _is_lora_layer(m)]
-
-
-# --- true sizes -------------------------------------------------------------------------------------
-def _flat_records(model: nn.Module) -> dict[str, tuple[tuple[int, ...], int]]:
-    """FSDP (v1) flat parameters' records: clean original name -> (true shape, true numel)."""
-    out: dict[str, tuple[tuple[int, ...], int]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        fqns, shapes = getattr(p, "_fqns", None), getattr(p, "_shapes", None)
-        if fqns is None or shapes is None:
-            continue
-        prefix = name.rsplit("_flat_param", 1)[0]
-        for fqn, shape in zip(fqns, shapes, strict=False):
-            dims = tuple(int(d) for d in shape)
-            out[_clean(prefix + fqn)] = (dims, math.prod(dims))
-    return out
-
-
-def _true_shape(
-    p: torch.Tensor, records: dict[str, tuple[tuple[int, ...], int]], name: str
-) -> tuple[int, ...]:
-    """The logical shape of ``p``: ZeRO-3's ``ds_shape``, FSDP's records, 4-bit's quant state,
-    else the tensor's own (a ``DTensor``'s shape is global)."""
-    ds = getattr(p, "ds_shape", None)
-    if ds is not None:
-        return tuple(int(d) for d in ds)
-    if name in records:
-        return records[name][0]
-    qs_shape = getattr(getattr(p, "quant_state", None), "shape", None)
-    if qs_shape is not None:
-        return tuple(int(d) for d in qs_shape)
-    return tuple(int(d) for d in p.shape)
-
-
-def _true_numel(p: torch.Tensor, records: dict[str, tuple[tuple[int, ...], int]], name: str) -> int:
-    """The logical element count of ``p`` (see :func:`_true_shape`); packed 4-bit counts twice."""
-    ds = getattr(p, "ds_numel", None)
-    if ds is not None:
-        return int(ds)
-    if name in records:
-        return records[name][1]
-    if type(p).__name__ == "Params4bit":
-        qs_shape = getattr(getattr(p, "quant_state", None), "shape", None)
-        if qs_shape is not None:
-            return math.prod(int(d) for d in qs_shape)
-        return p.numel() * 2 if p.dtype == torch.uint8 else p.numel()
-    return p.numel()
-
-
-@dataclass
-class _Param:
-    name: str
-    numel: int
-    trainable: bool
-    tensor: torch.Tensor
-
-
-def _params(model: nn.Module, records: dict[str, tuple[tuple[int, ...], int]]) -> Iterator[_Param]:
-    """Every parameter once, by clean name, at its true size; FSDP flat parameters expanded."""
-    for name, p in model.named_parameters():
-        fqns, numels = getattr(p, "_fqns", None), getattr(p, "_numels", None)
-        if fqns is not None and numels is not None:  # FSDP flat parameter (use_orig_params=False)
-            prefix = name.rsplit("_flat_param", 1)[0]
-            for fqn, n in zip(fqns, numels, strict=False):
-                yield _Param(_clean(prefix + fqn), int(n), bool(p.requires_grad), p)
-            continue
-        clean = _clean(name)
-        yield _Param(clean, _true_numel(p, records, clean), bool(p.requires_grad), p)
+__all__ = ["AdapterProbe", "facts_from_view", "read_facts"]
 
 
 # --- LoRA layers --------------------------------------------------------------------------------------
-def _lora_pair(module: nn.Module, adapter: str) -> tuple[Any, Any]:
-    """The (A, B) holders of ``adapter`` in a LoRA layer: Linear/Conv modules or bare Parameters."""
-    for a_attr, b_attr in (("lora_A", "lora_B"), ("lora_embedding_A", "lora_embedding_B")):
-        a_dict, b_dict = getattr(module, a_attr, None), getattr(module, b_attr, None)
-        if a_dict is not None and b_dict is not None and adapter in a_dict and adapter in b_dict:
-            return a_dict[adapter], b_dict[adapter]
-    return None, None
-
-
-def _weight(holder: Any) -> torch.Tensor | None:
-    if isinstance(holder, torch.Tensor):
-        return holder
-    w = getattr(holder, "weight", None)
-    return w if isinstance(w, torch.Tensor) else None
-
-
-def _holder_shape(
-    holder: Any, records: dict[str, tuple[tuple[int, ...], int]], name: str
-) -> tuple[int, ...] | None:
+def _holder_shape(view: ModelView, holder: Any, name: str) -> tuple[int, ...] | None:
     """True shape of a LoRA A or B weight; from the module's features when the tensor is flat."""
-    w = _weight(holder)
+    w = weight_of(holder)
     if w is None:
         return None
-    shape = _true_shape(w, records, name)
+    shape = view.true_shape(w, name)
     if len(shape) >= 2:
         return shape
     out_f, in_f = getattr(holder, "out_features", None), getattr(holder, "in_features", None)
@@ -200,13 +53,6 @@ def _base_kind(base: nn.Module) -> tuple[str, bool]:
     if isinstance(base, nn.Conv1d | nn.Conv2d | nn.Conv3d):
         return "conv", False
     return "linear", False
-
-
-def _base_layer(module: nn.Module) -> nn.Module:
-    get = getattr(module, "get_base_layer", None)
-    if callable(get):
-        return get()
-    return getattr(module, "base_layer", module)
 
 
 def _features(module: nn.Module, base: nn.Module) -> tuple[int | None, int | None]:
@@ -231,26 +77,23 @@ def _dict_get(d: Any, key: str, default: Any) -> Any:
 
 
 def _layer_facts(
-    name: str,
-    module: nn.Module,
-    adapters: dict[str, AdapterFacts],
-    records: dict[str, tuple[tuple[int, ...], int]],
+    view: ModelView, layer: LayerView, adapters: dict[str, AdapterFacts]
 ) -> list[LayerFacts]:
     """One LayerFacts per adapter of a LoRA layer, read from the layer itself."""
-    base = _base_layer(module)
+    name, module, base = layer.name, layer.module, layer.base
     kind, fan_in_fan_out = _base_kind(base)
     fan_in_fan_out = bool(getattr(module, "fan_in_fan_out", fan_in_fan_out))
     d_in, d_out = _features(module, base)
     base_weight = getattr(base, "weight", None)
     base_numel = (
-        _true_numel(base_weight, records, f"{name}.base_layer.weight")
+        view.true_numel(base_weight, f"{name}.base_layer.weight")
         if isinstance(base_weight, torch.Tensor)
         else 0
     )
-    active = _active_adapters(module)
+    active = layer.active
     out: list[LayerFacts] = []
-    for adapter in list(getattr(module, "r", {}) or {}):
-        a, b = _lora_pair(module, adapter)
+    for adapter in layer.adapters:
+        a, b = layer.holders(adapter)
         if a is None:
             continue
         cfg = adapters.get(adapter)
@@ -282,8 +125,8 @@ def _layer_facts(
                 use_dora=use_dora,
                 d_in=d_in,
                 d_out=d_out,
-                a_shape=_holder_shape(a, records, a_name),
-                b_shape=_holder_shape(b, records, b_name),
+                a_shape=_holder_shape(view, a, a_name),
+                b_shape=_holder_shape(view, b, b_name),
                 base_type=type(base).__name__,
                 fan_in_fan_out=fan_in_fan_out,
                 base_numel=base_numel,
@@ -293,54 +136,10 @@ def _layer_facts(
     return out
 
 
-# --- optimizer ----------------------------------------------------------------------------------------
-def _optimizer_param_ids(optimizer: Any) -> set[int]:
-    """Ids of the model parameters an optimizer updates, through accelerate/DeepSpeed wrappers."""
-    ids: set[int] = set()
-    seen = 0
-    while optimizer is not None and seen < 4:
-        for group in getattr(optimizer, "param_groups", None) or ():
-            ids.update(id(p) for p in group.get("params", ()))
-        for attr in ("bit16_groups", "fp16_groups"):  # DeepSpeed ZeRO keeps the model's params here
-            for group in getattr(optimizer, attr, None) or ():
-                ids.update(id(p) for p in group)
-        optimizer, seen = getattr(optimizer, "optimizer", None), seen + 1
-    return ids
-
-
-# --- the probe ----------------------------------------------------------------------------------------
-#: Names of the module dicts that hold LoRA's own parameters, keyed by adapter name.
-_LORA_HOLDERS = (
-    "lora_A",
-    "lora_B",
-    "lora_embedding_A",
-    "lora_embedding_B",
-    "lora_magnitude_vector",
-)
-
-
-def _lora_adapter_of(name: str) -> str | None:
-    """The adapter a LoRA parameter belongs to, from its name (``...lora_A.<adapter>.weight``)."""
-    parts = name.split(".")
-    for i, part in enumerate(parts[:-1]):
-        if part in _LORA_HOLDERS:
-            return parts[i + 1]
-    return None
-
-
-def _active_adapters(module: nn.Module) -> set[str] | None:
-    """The adapters selected to train in a LoRA layer (even while disabled, which is then a
-    finding); None when the layer does not say."""
-    active = getattr(module, "active_adapters", None)
-    if active is None:
-        active = getattr(module, "active_adapter", None)
-    if isinstance(active, str):
-        return {active}
-    return {str(a) for a in active} if isinstance(active, list | tuple | set) else None
-
-
+# --- facts ------------------------------------------------------------------------------------------
 def read_facts(model: Any, facts: RunFacts, optimizer: Any = None) -> list[tuple[str, nn.Module]]:
-    """Fills ``facts`` from a live (possibly wrapped) PEFT model; returns its LoRA layers.
+    """Fills ``facts`` from a live (possibly wrapped) PEFT model; returns its LoRA layers as
+    (clean name, module). :func:`facts_from_view` on a view built now.
 
     Example:
         >>> facts = RunFacts()
@@ -348,69 +147,49 @@ def read_facts(model: Any, facts: RunFacts, optimizer: Any = None) -> list[tuple
         >>> facts.has_lora, facts.lora_params  # doctest: +SKIP
         (True, 16384)
     """
-    model = unwrap_model(model)
-    if not isinstance(model, nn.Module):
-        return []
-    configs = getattr(model, "peft_config", None) or {}
-    for adapter, cfg in dict(configs).items():
-        to_dict = getattr(cfg, "to_dict", None)
-        data = to_dict() if callable(to_dict) else dict(vars(cfg))
-        facts.adapters[str(adapter)] = AdapterFacts.from_config(str(adapter), data)
-    records = _flat_records(model)
-    layers = find_lora_layers(model)
-    facts.has_lora = bool(layers)
-    facts.layers = [
-        lf for name, m in layers for lf in _layer_facts(name, m, facts.adapters, records)
+    return [
+        (layer.name, layer.module)
+        for layer in facts_from_view(ModelView.build(model, optimizer), facts)
     ]
-    _count_params(model, layers, facts, records, optimizer)
-    return layers
 
 
-def _count_params(
-    model: nn.Module,
-    layers: list[tuple[str, nn.Module]],
-    facts: RunFacts,
-    records: dict[str, tuple[tuple[int, ...], int]],
-    optimizer: Any,
-) -> None:
+def facts_from_view(view: ModelView, facts: RunFacts) -> list[LayerView]:
+    """Fills ``facts`` from the model's view: adapter configs, LoRA layers, parameter counts,
+    trainable base weights and LoRA parameters missing from the optimizer. Leaves ``facts`` as they
+    are when the view has no model. Returns the LoRA layers."""
+    if not view.is_module:
+        return []
+    for adapter, data in view.configs.items():
+        facts.adapters[adapter] = AdapterFacts.from_config(adapter, data)
+    facts.has_lora = bool(view.layers)
+    facts.layers = [lf for layer in view.layers for lf in _layer_facts(view, layer, facts.adapters)]
+    _count_params(view, facts)
+    return view.layers
+
+
+def _count_params(view: ModelView, facts: RunFacts) -> None:
     """Parameter counts, trainable base weights and LoRA parameters missing from the optimizer."""
-    lora_ids = {
-        id(p)
-        for _, m in layers
-        for attr in _LORA_HOLDERS
-        if isinstance(getattr(m, attr, None), nn.Module)
-        for p in getattr(m, attr).parameters()
-    }
     biases_trained = any(a.bias in ("all", "lora_only") for a in facts.adapters.values())
     facts.lora_params = facts.base_params = facts.trainable_params = 0
     facts.trainable_lora_params = facts.trainable_base_params = 0
     facts.lora_params_by_adapter, facts.trainable_base, facts.not_in_optimizer = {}, [], []
-    lora_trainable: list[_Param] = []
-    model_ids: set[int] = set()
-    for prm in _params(model, records):
-        model_ids.add(id(prm.tensor))
-        adapter = _lora_adapter_of(prm.name)
+    lora_trainable: list[ParamView] = []
+    for prm in view.params:
         if prm.trainable:
             facts.trainable_params += prm.numel
-        if adapter is not None or id(prm.tensor) in lora_ids:
+        if prm.role.is_lora:
             facts.lora_params += prm.numel
-            key = adapter or "default"
+            key = prm.adapter or "default"
             facts.lora_params_by_adapter[key] = facts.lora_params_by_adapter.get(key, 0) + prm.numel
             if prm.trainable:
                 facts.trainable_lora_params += prm.numel
                 lora_trainable.append(prm)
-        elif not any(marker in prm.name for marker in _AUX_MARKERS):
+        elif prm.role is Role.BASE:
             facts.base_params += prm.numel
             if prm.trainable and not (biases_trained and prm.name.endswith(".bias")):
                 facts.trainable_base.append(prm.name)
                 facts.trainable_base_params += prm.numel
-    # Judge optimizer coverage only when the optimizer visibly holds some of this model's params
-    # (DeepSpeed or FSDP flat buffers we cannot see through make it unknown, not a finding).
-    in_optimizer = _optimizer_param_ids(optimizer) if optimizer is not None else set()
-    if in_optimizer & model_ids:
-        facts.not_in_optimizer = [
-            p.name for p in lora_trainable if id(p.tensor) not in in_optimizer
-        ]
+    facts.not_in_optimizer = [p.name for p in lora_trainable if view.in_optimizer(p) is False]
 
 
 def _data(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -446,13 +225,10 @@ def _grads_elsewhere(optimizer: Any, tensors: list[torch.Tensor]) -> bool:
     partitions)."""
     if any(hasattr(t, "ds_id") or hasattr(t, "ds_shape") for t in tensors):
         return True
-    seen = 0
-    while optimizer is not None and seen < 4:
-        cls = type(optimizer)
-        if cls.__module__.startswith("deepspeed") or "DeepSpeed" in cls.__name__:
-            return True
-        optimizer, seen = getattr(optimizer, "optimizer", None), seen + 1
-    return False
+    return any(
+        type(opt).__module__.startswith("deepspeed") or "DeepSpeed" in type(opt).__name__
+        for opt in optimizer_chain(optimizer)
+    )
 
 
 def _grad(t: torch.Tensor) -> torch.Tensor | None:
@@ -546,22 +322,20 @@ class AdapterProbe(Probe):
         self._done = False
 
     def train_begin(self, event: Event) -> None:
-        layers = read_facts(event.model, event.doctor.facts, event.optimizer)
+        layers = facts_from_view(event.model_view(), event.doctor.facts)
         self._watched = []
         if event.step >= event.doctor.config.check_after_steps:  # resumed past the first steps
             self._done = True
             return
-        for name, module in layers:
-            active = _active_adapters(module)
-            adapters = list(getattr(module, "r", {}) or {})
-            for adapter in adapters:
-                if active is not None and adapter not in active:
+        for layer in layers:
+            for adapter in layer.adapters:
+                if layer.active is not None and adapter not in layer.active:
                     continue
-                a, b = (_weight(h) for h in _lora_pair(module, adapter))
-                a, b = (t if _data(t) is not None else None for t in (a, b))
+                a, b = (t if _data(t) is not None else None for t in layer.weights(adapter))
                 if a is None and b is None:  # empty ZeRO-3/FSDP shards: nothing to follow here
                     continue
-                key = f"{name} ({adapter})" if len(adapters) > 1 else name
+                several = len(layer.adapters) > 1
+                key = f"{layer.name} ({adapter})" if several else layer.name
                 self._watched.append(_Watched(key, a, b))
         with torch.no_grad():
             starts = _fingerprints([d for w in self._watched for d in (_data(w.a), _data(w.b))])

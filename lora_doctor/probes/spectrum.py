@@ -21,13 +21,7 @@ from lora_doctor.checks.rank import summarise
 from lora_doctor.config import DoctorConfig
 from lora_doctor.facts import LayerSpectrum, SpectrumSnapshot
 from lora_doctor.probes.base import Event, Probe
-from lora_doctor.probes.model import (
-    _base_layer,
-    _lora_pair,
-    _weight,
-    find_lora_layers,
-    unwrap_model,
-)
+from lora_doctor.probes.view import ModelView
 
 __all__ = ["SpectrumProbe", "count_supervised_tokens", "lora_layers", "lowrank_singular_values"]
 
@@ -83,24 +77,29 @@ def lora_layers(model: Any) -> list[_Layer]:
         >>> lora_layers(torch.nn.Linear(2, 2))
         []
     """
+    return _layers_of(ModelView.build(model))
+
+
+def _layers_of(view: ModelView) -> list[_Layer]:
+    """The (LoRA module, adapter) pairs of a view whose A and B are there and whose r is positive."""
     out: list[_Layer] = []
-    for name, module in find_lora_layers(unwrap_model(model)):
-        ranks, scaling = getattr(module, "r", {}), getattr(module, "scaling", {})
-        for adapter in ranks:
-            a, b = (_weight(h) for h in _lora_pair(module, adapter))
+    for layer in view.layers:
+        ranks, scaling = getattr(layer.module, "r", {}), getattr(layer.module, "scaling", {})
+        for adapter in layer.adapters:
+            a, b = layer.weights(adapter)
             r = int(ranks[adapter] or 0)
             if a is None or b is None or r <= 0:
                 continue
             out.append(
                 _Layer(
-                    name=name,
-                    kind=name.rsplit(".", 1)[-1],
+                    name=layer.name,
+                    kind=layer.name.rsplit(".", 1)[-1],
                     adapter=adapter,
                     r=r,
                     scaling=float(scaling.get(adapter, 1.0)),
                     a=a,
                     b=b,
-                    base=_base_layer(module),
+                    base=layer.base,
                 )
             )
     return out
@@ -204,9 +203,10 @@ def _example_tokens(example: Any) -> int | None:
 class SpectrumProbe(Probe):
     """Reads the spectrum of every layer's learned update periodically and at the end.
 
-    At ``train_begin``: finds the LoRA layers, reads each frozen base weight's norm once (one layer
-    at a time: gathered under ZeRO-3 or FSDP2, dequantized for 4-bit bases), notes layers whose B
-    does not start at zero, and counts the training set's supervised tokens. Every
+    At ``train_begin``: takes the LoRA layers from the run's model view (:meth:`Event.model_view`),
+    reads each frozen base weight's norm once (one layer at a time: gathered under ZeRO-3 or FSDP2,
+    dequantized for 4-bit bases), notes layers whose B does not start at zero, and counts the
+    training set's supervised tokens. Every
     ``spectrum_every_steps`` optimizer steps (default: about a tenth of ``max_steps``) and at the end
     it adds a :class:`~lora_doctor.facts.SpectrumSnapshot` to the run's facts, and puts per-kind
     ``lora_doctor/...`` metrics into the next log. Every rank walks the same layers at the same steps,
@@ -229,7 +229,7 @@ class SpectrumProbe(Probe):
     def train_begin(self, event: Event) -> None:
         facts = event.doctor.facts
         if event.model is not None:
-            self._layers = lora_layers(event.model)
+            self._layers = _layers_of(event.model_view())
         notes: list[str] = []
         with torch.no_grad():
             for layer in self._layers:
