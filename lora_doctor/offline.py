@@ -169,7 +169,9 @@ def facts_from_files(run: RunFiles) -> RunFacts:
             names = [p.name for p in folder.iterdir()]
         except OSError:
             names = []
-        setup.checkpoint_steps = sorted(int(m.group(1)) for n in names if (m := _CHECKPOINT.match(n)))
+        setup.checkpoint_steps = sorted(
+            int(m.group(1)) for n in names if (m := _CHECKPOINT.match(n))
+        )
     if run.adapter_config is not None:
         facts.adapters = {"default": AdapterFacts.from_config("default", run.adapter_config)}
         peft_type = str(run.adapter_config.get("peft_type", "LORA")).upper()

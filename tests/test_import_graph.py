@@ -25,12 +25,6 @@ PACKAGE = "lora_doctor"
 
 Graph = Mapping[str, frozenset[str]]
 
-#: Edges of a cycle that the engine rewrite (issue 11, lead's branch) removes: the slug validation
-#: in config asks the check registry. Left out of :func:`test_no_import_cycle` until it lands;
-#: :func:`test_pending_edges_still_close_a_cycle` fails as soon as they no longer do, so this
-#: list cannot outlive the fix.
-PENDING: frozenset[tuple[str, str]] = frozenset({("lora_doctor.config", "lora_doctor.checks")})
-
 
 def module_names(root: Path = ROOT, package: str = PACKAGE) -> dict[str, Path]:
     """Every module of ``package`` under ``root``, by dotted name (a package by its own name)."""
@@ -215,16 +209,5 @@ def test_graph_covers_every_module() -> None:
 
 
 def test_no_import_cycle() -> None:
-    found = cycles(without(import_graph(), PENDING))
+    found = cycles(import_graph())
     assert found == [], "import cycles among lora_doctor's modules:\n" + "\n".join(found)
-
-
-def test_pending_edges_still_close_a_cycle() -> None:
-    """Each edge in PENDING is still there and still closes a cycle; when the fix lands, this
-    fails: remove the edge from PENDING."""
-    graph = import_graph()
-    for source, target in sorted(PENDING):
-        assert target in graph[source], f"{source} no longer imports {target}: drop it from PENDING"
-        assert cycles(without(graph, PENDING - {(source, target)})), (
-            f"{source} -> {target} closes no cycle any more: drop it from PENDING"
-        )

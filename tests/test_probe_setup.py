@@ -14,6 +14,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
 from lora_doctor.facts import RunFacts, SetupFacts, derive_facts
 from lora_doctor.offline import diagnose
 from lora_doctor.probes.setup import checkpoint_steps, read_setup
+from lora_doctor.probes.view import ModelView
 from tests.tiny import tiny_llama
 
 
@@ -36,7 +37,7 @@ def test_llama_setup_from_arguments(tmp_path: Path) -> None:
         use_cpu=True,
         report_to=[],
     )
-    setup = read_setup(SetupFacts(), model, args, max_steps=100)
+    setup = read_setup(SetupFacts(), ModelView.build(model), args, max_steps=100)
     assert setup.optimizer == "adamw_torch_fused" or setup.optimizer.startswith("adamw")
     assert (setup.lr_scheduler_type, setup.warmup_steps, setup.max_grad_norm) == ("cosine", 10, 0.5)
     assert (setup.save_strategy, setup.save_steps, setup.checkpoint_steps) == (
@@ -73,7 +74,7 @@ def test_warmup_steps(args: dict, steps: int) -> None:
 def test_gpt2_module_names_and_optimizer_class() -> None:
     model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    setup = read_setup(SetupFacts(), model, None, optimizer)
+    setup = read_setup(SetupFacts(), ModelView.build(model, optimizer), None, optimizer)
     assert setup.module_kinds == ["c_attn", "c_proj", "c_fc"]
     assert setup.optimizer == "SGD" and setup.vocab_size == 50
 

@@ -44,9 +44,10 @@ from lora_doctor.probes.dist import RankReadings
 from lora_doctor.probes.ecosystem import vllm_max_lora_rank
 from lora_doctor.probes.memory import MemoryProbe, MemoryReader, record_out_of_memory
 from lora_doctor.probes.model import AdapterProbe
-from lora_doctor.probes.setup import read_setup
+from lora_doctor.probes.setup import SetupProbe, read_setup
 from lora_doctor.probes.spectrum import SpectrumProbe
 from lora_doctor.probes.step_time import StepTimeProbe
+from lora_doctor.probes.view import ModelView
 
 __all__ = ["LoraDoctorCallback"]
 
@@ -175,7 +176,12 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
 
     # --- plumbing ---------------------------------------------------------------------------------
     def _make_probes(self) -> list[Probe]:
-        probes: list[Probe] = [AdapterProbe(), StepTimeProbe(), MemoryProbe(self.memory_reader)]
+        probes: list[Probe] = [
+            AdapterProbe(),
+            SetupProbe(),
+            StepTimeProbe(),
+            MemoryProbe(self.memory_reader),
+        ]
         if self.config.spectrum:
             probes.append(SpectrumProbe(self.config))
         return probes
@@ -408,8 +414,10 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
                 self.config, RunFacts(), emit=is_main, extra_checks=self.extra_checks
             )
             facts = self.doctor.facts
-            seen = {"model": model, "optimizer": getattr(trainer, "optimizer", None)}
-            _facts_from_trainer(facts, args, state, seen, type(trainer).__name__)
+            _facts_from_trainer(facts, args, state, {"model": model}, type(trainer).__name__)
+            optimizer = getattr(trainer, "optimizer", None)
+            view = ModelView.build(model, optimizer)
+            read_setup(facts.setup, view, args, optimizer, facts.max_steps)
             for name, cfg in dict(getattr(model, "peft_config", None) or {}).items():
                 to_dict = getattr(cfg, "to_dict", None)
                 data = to_dict() if callable(to_dict) else dict(vars(cfg))
@@ -517,9 +525,6 @@ def _facts_from_trainer(
     facts.num_train_epochs = getattr(args, "num_train_epochs", None)
     facts.learning_rate = getattr(args, "learning_rate", None)
     facts.world_size = int(getattr(args, "world_size", 1) or 1)
-    read_setup(
-        facts.setup, kwargs.get("model"), args, kwargs.get("optimizer"), max_steps=facts.max_steps
-    )
     loader = kwargs.get("train_dataloader")
     dataset = getattr(loader, "dataset", None)
     try:

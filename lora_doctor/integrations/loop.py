@@ -11,8 +11,9 @@ import dataclasses
 from typing import Any
 
 from lora_doctor.facts import RunFacts
-from lora_doctor.probes.model import read_facts
+from lora_doctor.probes.model import facts_from_view
 from lora_doctor.probes.setup import read_setup
+from lora_doctor.probes.view import ModelView
 
 __all__ = ["read_model"]
 
@@ -47,6 +48,7 @@ def read_model(model: Any, optimizer: Any = None, **run: Any) -> RunFacts:
             "max_steps, learning_rate, num_train_epochs, train_examples"
         )
     facts = RunFacts(**run)
-    read_facts(model, facts, optimizer)
-    read_setup(facts.setup, model, None, optimizer, max_steps=facts.max_steps)
+    view = ModelView.build(model, optimizer)
+    facts_from_view(view, facts)
+    read_setup(facts.setup, view, None, optimizer, max_steps=facts.max_steps)
     return facts

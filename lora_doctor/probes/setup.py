@@ -14,12 +14,12 @@ import warnings
 from typing import Any
 
 import torch
-from torch import nn
 
 from lora_doctor.facts import SetupFacts
-from lora_doctor.probes.model import unwrap_model
+from lora_doctor.probes.base import Event, Probe
+from lora_doctor.probes.view import ModelView, unwrap_optimizer
 
-__all__ = ["checkpoint_steps", "module_kinds", "read_setup"]
+__all__ = ["SetupProbe", "checkpoint_steps", "read_setup"]
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 _DTYPE = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -38,28 +38,6 @@ def _number(value: Any) -> float | None:
     return float(value)
 
 
-def module_kinds(model: nn.Module) -> list[str]:
-    """The names peft's ``target_modules`` would use for the model's linear layers (the last part
-    of each module's name), in model order: ``q_proj``, ``gate_proj`` ... or GPT-2's ``c_attn``,
-    ``c_fc``, ``c_proj``. LoRA's own ``lora_A``/``lora_B`` and the output head are left out.
-
-    Example:
-        >>> module_kinds(nn.Sequential(nn.Linear(2, 2)))
-        ['0']
-    """
-    kinds: dict[str, None] = {}
-    for name, module in model.named_modules():
-        parts = name.split(".")
-        if parts[-1] == "base_layer":  # the layer a peft LoRA module wraps: named by its parent
-            parts = parts[:-1]
-        kind = parts[-1]
-        if not name or "lora_" in name or kind in ("lm_head", "score", "classifier"):
-            continue
-        if isinstance(module, nn.Linear) or type(module).__name__ in ("Conv1D", "Linear4bit"):
-            kinds.setdefault(kind, None)
-    return list(kinds)
-
-
 def checkpoint_steps(output_dir: str | os.PathLike[str] | None) -> list[int]:
     """The steps of the ``checkpoint-N`` folders in ``output_dir``, sorted (empty when none)."""
     if not output_dir or not os.path.isdir(output_dir):
@@ -73,20 +51,20 @@ def checkpoint_steps(output_dir: str | os.PathLike[str] | None) -> list[int]:
 
 def read_setup(
     setup: SetupFacts,
-    model: Any = None,
+    view: ModelView | None = None,
     args: Any = None,
     optimizer: Any = None,
     max_steps: int = 0,
 ) -> SetupFacts:
-    """Fills ``setup`` from the model, the ``TrainingArguments`` and the optimizer (each may be
-    None); never raises on odd objects.
+    """Fills ``setup`` from the model's shared view, the ``TrainingArguments`` and the optimizer
+    (each may be None).
 
     Args:
         setup: the facts to fill, in place.
-        model: the model being trained (possibly wrapped).
+        view: the model's view (:class:`~lora_doctor.probes.view.ModelView`).
         args: the Trainer's arguments (any object with their attribute names).
         optimizer: the optimizer (its class name is used when ``args`` has no ``optim``).
-        max_steps: the planned steps, to turn ``warmup_ratio`` into steps.
+        max_steps: the planned steps, to turn a warm-up ratio into steps.
 
     Returns:
         ``setup``.
@@ -94,12 +72,20 @@ def read_setup(
     if args is not None:
         _read_args(setup, args, max_steps)
     if setup.optimizer is None and optimizer is not None:
-        inner = getattr(optimizer, "optimizer", None)
-        setup.optimizer = type(inner if hasattr(inner, "param_groups") else optimizer).__name__
-    model = unwrap_model(model)
-    if isinstance(model, nn.Module):
-        _read_model(setup, model)
+        setup.optimizer = type(unwrap_optimizer(optimizer)).__name__
+    if view is not None and view.is_module:
+        _read_model(setup, view)
     return setup
+
+
+class SetupProbe(Probe):
+    """Reads the training set-up at train begin (:func:`read_setup`), from the shared view."""
+
+    name = "setup"
+
+    def train_begin(self, event: Event) -> None:
+        facts = event.doctor.facts
+        read_setup(facts.setup, event.model_view(), event.args, event.optimizer, facts.max_steps)
 
 
 def _read_args(setup: SetupFacts, args: Any, max_steps: int) -> None:
@@ -132,7 +118,8 @@ def _read_args(setup: SetupFacts, args: Any, max_steps: int) -> None:
     setup.checkpoint_steps = checkpoint_steps(setup.output_dir)
 
 
-def _read_model(setup: SetupFacts, model: nn.Module) -> None:
+def _read_model(setup: SetupFacts, view: ModelView) -> None:
+    model = view.model
     config = getattr(model, "config", None)
     get_config = getattr(model, "get_base_model", None)
     if config is None and callable(get_config):
@@ -146,11 +133,12 @@ def _read_model(setup: SetupFacts, model: nn.Module) -> None:
     rows = getattr(table, "num_embeddings", None)
     vocab = rows if isinstance(rows, int) and rows > 1 else vocab
     setup.vocab_size = vocab if isinstance(vocab, int) and vocab > 1 else None
-    setup.module_kinds = module_kinds(model)
-    trainable, frozen = set(), set()
-    for p in model.parameters():
-        name = _DTYPE.get(p.dtype, str(p.dtype).removeprefix("torch."))
-        (trainable if p.requires_grad else frozen).add(name)
+    setup.module_kinds = list(view.module_kinds)
+    trainable: set[str] = set()
+    frozen: set[str] = set()
+    for p in view.params:
+        name = _DTYPE.get(p.tensor.dtype, str(p.tensor.dtype).removeprefix("torch."))
+        (trainable if p.trainable else frozen).add(name)
     setup.trainable_dtypes = sorted(trainable)
     setup.base_dtypes = sorted(frozen)
     if setup.gradient_checkpointing is None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -153,6 +153,9 @@ class ModelView:
             (no optimizer, or one that visibly holds none of this model's parameters: DeepSpeed or
             FSDP flat buffers we cannot see through).
         records: FSDP1 flat parameters' originals: clean name -> (true shape, true numel).
+        module_kinds: the names peft's ``target_modules`` uses for the model's linear (and Conv1D)
+            layers, the last part of each module's name, in model order (``q_proj`` ...; GPT-2:
+            ``c_attn``, ``c_proj``, ``c_fc``); LoRA's own and the output head left out.
 
     Example:
         >>> view = ModelView.build(peft_model, optimizer)  # doctest: +SKIP
@@ -166,6 +169,7 @@ class ModelView:
     params: list[ParamView]
     optimizer_ids: frozenset[int] | None
     records: Records
+    module_kinds: list[str] = field(default_factory=list)
 
     @classmethod
     def build(cls, model: Any, optimizer: Any = None) -> ModelView:
@@ -173,7 +177,7 @@ class ModelView:
         model = unwrap_model(model)
         if not isinstance(model, nn.Module):
             return cls(model, {}, [], [], None, {})
-        layers, named, records = _walk(model)
+        layers, named, records, kinds = _walk(model)
         lora_parts = _lora_parts(layers)
         params = [v for name, p in named for v in _param_views(name, p, records, lora_parts)]
         in_optimizer = _optimizer_param_ids(optimizer)
@@ -185,6 +189,7 @@ class ModelView:
             params=params,
             optimizer_ids=frozenset(in_optimizer) if visible else None,
             records=records,
+            module_kinds=kinds,
         )
 
     @property
@@ -314,13 +319,17 @@ def is_lora_layer(module: nn.Module) -> bool:
     ) and (hasattr(module, "lora_A") and hasattr(module, "lora_B"))
 
 
-def _walk(model: nn.Module) -> tuple[list[LayerView], list[tuple[str, torch.Tensor]], Records]:
+def _walk(
+    model: nn.Module,
+) -> tuple[list[LayerView], list[tuple[str, torch.Tensor]], Records, list[str]]:
     """The one walk: LoRA layers, each parameter once with its first name (as
-    ``named_modules()`` / ``named_parameters()`` give them), and FSDP1 flat parameters' records
-    from every name a flat parameter has (as ``named_parameters(remove_duplicate=False)``)."""
+    ``named_modules()`` / ``named_parameters()`` give them), FSDP1 flat parameters' records
+    from every name a flat parameter has (as ``named_parameters(remove_duplicate=False)``), and the
+    kinds of linear layers (see :attr:`ModelView.module_kinds`)."""
     layers: list[LayerView] = []
     named: list[tuple[str, torch.Tensor]] = []
     records: Records = {}
+    kinds: dict[str, None] = {}
     seen_modules: set[int] = set()
     seen_params: set[int] = set()
     for prefix, module in model.named_modules(remove_duplicate=False):
@@ -328,6 +337,9 @@ def _walk(model: nn.Module) -> tuple[list[LayerView], list[tuple[str, torch.Tens
             seen_modules.add(id(module))
             if is_lora_layer(module):
                 layers.append(_lora_layer(clean_name(prefix), module))
+            kind = _linear_kind(prefix, module)
+            if kind is not None:
+                kinds.setdefault(kind, None)
         for key, p in module._parameters.items():  # what named_parameters() reads, per module
             if p is None:
                 continue
@@ -336,7 +348,24 @@ def _walk(model: nn.Module) -> tuple[list[LayerView], list[tuple[str, torch.Tens
             if id(p) not in seen_params:
                 seen_params.add(id(p))
                 named.append((name, p))
-    return layers, named, records
+    return layers, named, records, list(kinds)
+
+
+#: Output heads, never a LoRA target by their kind.
+_HEADS = ("lm_head", "score", "classifier")
+
+
+def _linear_kind(prefix: str, module: nn.Module) -> str | None:
+    """The ``target_modules`` name of a linear layer (the base layer a LoRA module wraps is named
+    by that module), None for other modules, LoRA's own layers and output heads."""
+    if not (isinstance(module, nn.Linear) or type(module).__name__ in ("Conv1D", "Linear4bit")):
+        return None
+    parts = prefix.split(".")
+    if parts[-1] == "base_layer":
+        parts = parts[:-1]
+    if not prefix or any(p.startswith("lora_") for p in parts) or parts[-1] in _HEADS:
+        return None
+    return parts[-1]
 
 
 def _add_records(records: Records, name: str, p: torch.Tensor) -> None:
