@@ -294,7 +294,9 @@ def test_not_learning_names_the_frozen_cause() -> None:
     facts = live(trainable_lora_params=0, no_grad_layers=["model.layers.0.self_attn.q_proj", MLP])
     (finding,) = run(facts, Phase.FIRST_STEPS)
     assert finding.title == "2 of 2 LoRA layers are not learning after 2 steps"
-    assert "is_trainable=True" in finding.message
+    assert "Most likely cause: no LoRA parameter is trainable" in finding.message
+    assert finding.recommendation is not None
+    assert "is_trainable=True" in finding.recommendation.summary
 
 
 @pytest.mark.parametrize(

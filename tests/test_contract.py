@@ -16,7 +16,6 @@ from lora_doctor.checks import Check, Context, Phase, Reads
 from lora_doctor.facts import AdapterFacts, LayerSpectrum, MemoryFacts, RunFacts, SpectrumSnapshot
 from lora_doctor.history import History
 from lora_doctor.memory_estimate import GIB
-from lora_doctor.offline import replay
 from lora_doctor.probes.memory import MemoryReading
 
 CAP = 80 * GIB
@@ -81,39 +80,10 @@ def _measured(peak_gib: float) -> MemoryFacts:
     )
 
 
-def _flat_run(config: DoctorConfig) -> Doctor:
-    rng = np.random.default_rng(0)
-    t = np.arange(1, 501) / 500
-    loss = 2.0 + 1.5 * np.exp(-t / 0.03) + rng.normal(0, 0.04, 500)
-    facts = RunFacts(
-        max_steps=500,
-        learning_rate=2e-4,
-        has_lora=True,
-        adapters={"default": AdapterFacts(r=8, lora_alpha=16)},
-        memory=_measured(30.0),
-    )
-    doctor = Doctor(config, facts, emit=False)
-    replay(doctor, [{"step": i + 1, "loss": float(v)} for i, v in enumerate(loss)])
-    return doctor
+def _saturated(config: DoctorConfig) -> Finding:
+    """rank-saturated from the engine (the config reaches the check through the context)."""
+    from lora_doctor.checks.rank import summarise
 
-
-@pytest.mark.parametrize(
-    ("share", "says"), [(0.9, "Memory: r=16 fits"), (0.3, "Memory: r=16 does not fit")]
-)
-def test_rollback_memory_advice_uses_the_users_threshold(share: float, says: str) -> None:
-    doctor = _flat_run(DoctorConfig(oom_peak_share=share))
-    plateau = next(f for f in doctor.findings if f.slug == "loss-plateau")
-    assert plateau.recommendation is not None
-    step = next(s for s in plateau.recommendation.steps if s.startswith("Memory:"))
-    assert step.startswith(says)
-    assert f"({share:.0%} of 80.00 GiB)" in step
-
-
-def test_rank_saturated_gives_the_same_rollback_as_the_plateau() -> None:
-    from lora_doctor.checks.rank import RankSaturated, summarise
-    from lora_doctor.diagnosis.causes import Findings, plateau_causes
-
-    config = DoctorConfig(oom_peak_share=0.3)
     facts = RunFacts(
         has_lora=True,
         max_steps=100,
@@ -122,21 +92,50 @@ def test_rank_saturated_gives_the_same_rollback_as_the_plateau() -> None:
         memory=_measured(30.0),
     )
     layers = [
-        LayerSpectrum(f"l{i}.q_proj", "q_proj", r=4, singular_values=[1.0, 0.9, 0.8, 0.7])
+        LayerSpectrum(
+            f"l{i}.q_proj",
+            "q_proj",
+            r=4,
+            singular_values=[1.0, 0.9, 0.8, 0.7],
+            relative_update=0.05,
+            b_norm=1.0,
+        )
         for i in range(4)
     ]
-    layers = [
-        LayerSpectrum(**{**vars(lay), "relative_update": 0.05, "b_norm": 1.0}) for lay in layers
-    ]
     facts.spectrum = [SpectrumSnapshot(100, summarise(layers, 0.1), layers)]
-    history = History()
+    doctor = Doctor(config, facts, emit=False)
     for i, v in enumerate([2.0, 1.5, 1.2, 1.1, 1.1, 1.1, 1.1, 1.1, 1.1, 1.1]):
-        history.add(10 * (i + 1), {"loss": v})
-    ctx = Context(facts, history, config, Phase.END, 100)
-    saturated = next(iter(RankSaturated().run(ctx)))
-    rank_cause = plateau_causes(Findings([saturated]), facts, config)[-1]
-    assert saturated.recommendation == rank_cause.recommendation
-    assert any("does not fit" in s for s in saturated.recommendation.steps)
+        doctor.observe(10 * (i + 1), {"loss": v})
+    doctor.run_phase(Phase.END, 100)
+    return next(f for f in doctor.findings if f.slug == "rank-saturated")
+
+
+@pytest.mark.parametrize(
+    ("share", "says"), [(0.9, "Memory: r=8 fits"), (0.3, "Memory: r=8 does not fit")]
+)
+def test_rollback_memory_advice_uses_the_users_threshold(share: float, says: str) -> None:
+    saturated = _saturated(DoctorConfig(oom_peak_share=share))
+    assert saturated.recommendation is not None
+    step = next(s for s in saturated.recommendation.steps if s.startswith("Memory:"))
+    assert step.startswith(says)
+    assert f"({share:.0%} of 80.00 GiB)" in step
+
+
+def test_rank_saturated_gives_the_same_rollback_as_the_plateau() -> None:
+    from lora_doctor.diagnosis.causes import Findings, Look, diagnose
+
+    config = DoctorConfig(oom_peak_share=0.3)
+    saturated = _saturated(config)
+    facts = RunFacts(
+        has_lora=True,
+        adapters={"default": AdapterFacts(r=4, lora_alpha=8)},
+        memory=_measured(30.0),
+    )
+    flat = Finding("LD201", "loss-plateau", Severity.WARNING, 100, "flat", "flat")
+    diagnosed = diagnose(Look(flat, Findings([saturated, flat]), facts, config, History()))
+    assert diagnosed is not None and diagnosed.top is not None
+    assert diagnosed.top.cause == "rank-too-small"
+    assert saturated.recommendation == diagnosed.top.fix
 
 
 # --- 3. a user's own check is a first-class check --------------------------------------------------

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from lora_doctor.config import DoctorConfig
-from lora_doctor.diagnosis.causes import Findings, plateau_causes, rollback
+from lora_doctor.diagnosis.causes import Findings, Look, diagnose, rollback
 from lora_doctor.engine import Doctor
 from lora_doctor.facts import AdapterFacts, RunFacts
 from lora_doctor.findings import Finding, Severity
+from lora_doctor.history import History
 from lora_doctor.offline import replay
 
 N = 500  # optimizer steps of the synthetic runs, a log every step
@@ -128,7 +129,9 @@ def _causes(facts: RunFacts, found: list[str] = (), **evidence) -> list:
         Finding("LD000", slug, Severity.WARNING, None, slug, slug, evidence.get(slug, {}))
         for slug in found
     ]
-    return plateau_causes(Findings(findings), facts, DoctorConfig())
+    flat = Finding("LD201", "loss-plateau", Severity.WARNING, 100, "flat", "flat")
+    look = Look(flat, Findings([*findings, flat]), facts, DoctorConfig(), History())
+    return list(diagnose(look).causes)
 
 
 LORA = {"default": AdapterFacts(r=8, lora_alpha=16)}
@@ -150,8 +153,9 @@ LORA = {"default": AdapterFacts(r=8, lora_alpha=16)}
             ["attention-only-targets"],
             "adapters on attention only",
         ),
-        (RunFacts(adapters=LORA, learning_rate=2e-4), [], "rank r=8 too small"),
         (RunFacts(adapters=LORA, learning_rate=2e-4), ["rank-saturated"], "rank r=8 too small"),
+        (RunFacts(adapters=LORA, learning_rate=0.2), [], "learning rate far above LoRA's range"),
+        (RunFacts(adapters=LORA, learning_rate=2e-4), [], None),
     ],
     ids=[
         "no-grad",
@@ -159,28 +163,39 @@ LORA = {"default": AdapterFacts(r=8, lora_alpha=16)}
         "low-lr",
         "low-alpha",
         "attention-only",
-        "rank",
         "rank-saturated",
+        "lr-far-too-high",
+        "no-fact-no-cause",
     ],
 )
-def test_plateau_causes_ranked_by_evidence(facts: RunFacts, found: list[str], top: str) -> None:
+def test_plateau_causes_ranked_by_evidence(
+    facts: RunFacts, found: list[str], top: str | None
+) -> None:
     causes = _causes(facts, found)
-    assert causes[0].name == top
-    # rank always comes last among the candidates it is listed with
-    names = [c.name for c in causes]
-    assert names.index(names[-1]) == len(names) - 1
+    supported = [c.name for c in causes if c.verdict == "supported"]
+    assert (supported[0] if supported else None) == top
+    assert causes[0].verdict == ("supported" if top else "open")
 
 
-def test_rank_underused_means_no_doubling() -> None:
+def test_rank_is_never_named_without_evidence() -> None:
+    """A plateau with nothing but a rank in the facts lists the rank among the causes to rule
+    out, after the adapters and before the data; it is not the most likely cause."""
+    causes = _causes(RunFacts(adapters=LORA, learning_rate=2e-4))
+    names = [c.name for c in causes if c.verdict == "open"]
+    assert names.index("rank r=8 too small") > names.index("adapters not learning")
+    assert all(c.verdict != "supported" for c in causes)
+
+
+def test_rank_underused_rules_the_rank_out() -> None:
     causes = _causes(RunFacts(adapters=LORA, learning_rate=2e-4), ["rank-underused"])
-    assert not any("rank" in c.name for c in causes)
-    assert all("r" not in c.recommendation.config_changes for c in causes)
+    rank = next(c for c in causes if c.cause == "rank-too-small")
+    assert rank.verdict == "ruled-out"
 
 
-def test_rank_inconclusive_is_named_in_the_rank_cause() -> None:
+def test_rank_inconclusive_is_named_in_the_rank_check() -> None:
     causes = _causes(RunFacts(adapters=LORA, learning_rate=2e-4), ["rank-inconclusive"])
-    assert causes[-1].name == "rank r=8 too small"
-    assert "could not tell whether r binds" in causes[-1].evidence
+    rank = next(c for c in causes if c.cause == "rank-too-small")
+    assert "could not tell whether r binds" in rank.check
 
 
 def test_rollback_recommendation() -> None:
@@ -191,13 +206,18 @@ def test_rollback_recommendation() -> None:
     assert any("never resume a checkpoint with a new rank" in s for s in rec.steps)
 
 
-def test_plateau_finding_carries_the_rollback_when_rank_is_the_call() -> None:
+def test_plateau_without_a_supporting_fact_names_no_cause() -> None:
+    """Nothing in the facts singles out a cause: the finding lists them to rule out, in order,
+    and changes no setting (it used to say "rank too small: restart with r=16")."""
     loss = 2.0 + 1.5 * np.exp(-T / 0.03) + _noise(N, 0.04)
     adapters = {"default": AdapterFacts(r=8, lora_alpha=16)}
     doctor = _diagnose(_train_log(loss), adapters=adapters, learning_rate=2e-4, has_lora=True)
-    rec = _one(doctor, "loss-plateau").recommendation
-    assert rec is not None and rec.config_changes == {"r": 16, "lora_alpha": 32}
-    assert rec.restart_from_scratch
+    finding = _one(doctor, "loss-plateau")
+    assert "Most likely cause" not in finding.message
+    assert "rule these out in order: (1) adapters not learning" in finding.message
+    assert finding.recommendation is not None and finding.recommendation.config_changes == {}
+    causes = finding.evidence["causes"]
+    assert {c["cause"]: c["verdict"] for c in causes}["learning-rate-too-low"] == "ruled-out"
 
 
 def test_plateau_finding_names_the_learning_rate_first_when_it_is_low() -> None:
@@ -206,7 +226,7 @@ def test_plateau_finding_names_the_learning_rate_first_when_it_is_low() -> None:
     finding = _one(doctor, "loss-plateau")
     assert finding.recommendation is not None
     assert finding.recommendation.config_changes == {"learning_rate": 2e-4}
-    assert "rank r=8 too small" in finding.message  # named as another possible cause
+    assert "rank r=8 too small" in finding.message  # named as another cause to rule out
 
 
 # --- overfit -----------------------------------------------------------------------------------------

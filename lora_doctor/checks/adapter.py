@@ -768,44 +768,21 @@ class AdapterNotLearning(Check):
             parts.append(f"{len(b_zero)} still have B exactly zero")
         if frozen:
             parts.append(f"{len(frozen)} did not change at all")
-        if facts.trainable_lora_params == 0:
-            cause = (
-                "No LoRA parameter is trainable (requires_grad=False): load adapters with "
-                "PeftModel.from_pretrained(..., is_trainable=True) and do not freeze them."
-            )
-        elif facts.not_in_optimizer:
-            cause = (
-                f"{len(facts.not_in_optimizer)} LoRA parameters are in no optimizer param group: "
-                "build the optimizer after get_peft_model from the trainable parameters."
-            )
-        elif no_grad:
-            cause = (
-                "Layers without gradient are not on the loss's path (adapters disabled or not "
-                "active, merged, or on modules the loss does not reach) or frozen: check "
-                "model.active_adapters and requires_grad of their lora_A/lora_B. With gradient "
-                "checkpointing (use_reentrant=True) call model.enable_input_require_grads() or set "
-                "gradient_checkpointing_kwargs={'use_reentrant': False}."
-            )
-        else:
-            cause = (
-                "The adapters get gradients but do not change: check that the optimizer holds "
-                "them and that the learning rate is not zero (a learning-rate schedule or "
-                "warm-up stuck at 0)."
-            )
         partial = len(stuck) < total
-        if partial:
-            cause += (
-                " Some layers can legitimately wait for their first gradient: MoE experts no token "
-                "was routed to yet, or a vision tower these batches did not use; if so, ignore "
-                "this warning."
-            )
+        note = (
+            " Some layers can legitimately wait for their first gradient: MoE experts no token "
+            "was routed to yet, or a vision tower these batches did not use; if so, ignore this "
+            "warning."
+            if partial
+            else ""
+        )
         yield self.finding(
             ctx,
             f"{len(stuck)} of {total} LoRA layers are not learning after {steps} steps",
             f"After {steps} optimizer steps, of {total} active LoRA layers "
             + ", ".join(parts)
             + f" (e.g. {_names(stuck, 3)}). These adapters change nothing and the run trains "
-            f"nothing useful in them. {cause}",
+            f"nothing useful in them.{note}",
             evidence={
                 "no_grad_layers": no_grad,
                 "b_still_zero_layers": b_zero,
@@ -815,13 +792,8 @@ class AdapterNotLearning(Check):
                 "trainable_lora_params": facts.trainable_lora_params,
             },
             recommendation=Recommendation(
-                summary="Make the adapters trainable and updated by the optimizer, then restart",
-                steps=(
-                    "Stop training: these steps did not train the adapters",
-                    "Check model.print_trainable_parameters() shows the LoRA parameters",
-                    "Load adapters with is_trainable=True; build the optimizer after get_peft_model",
-                    "Restart from step 0",
-                ),
+                summary="Make the adapters train, then restart",
+                steps=("Stop training: these steps did not train the adapters",),
                 restart_from_scratch=True,
             ),
             # Every layer stuck is certain trouble; some layers may be waiting for their data.

@@ -144,19 +144,13 @@ class NonFiniteValues(Check):
         return self.finding(
             ctx,
             f"{key} is {value} at step {step}",
-            f"The logged {key} became {value} at step {step}: {why}. Lower the learning rate "
-            "(halve it), keep max_grad_norm=1.0, train in bf16 rather than fp16 where the GPU "
-            "supports it, and check the data for empty or extreme examples.",
+            f"The logged {key} became {value} at step {step}: {why}.",
             evidence={"key": key, "value": str(value), "first_step": step},
-            recommendation=Recommendation(
-                summary="Lower the learning rate and use bf16 with gradient clipping",
-                steps=(
-                    "Halve learning_rate in TrainingArguments",
-                    "Keep max_grad_norm=1.0 (gradient clipping)",
-                    "Use bf16=True instead of fp16=True where the GPU supports it",
-                    "Check the training data for empty or extremely long examples",
-                ),
-                config_changes={"max_grad_norm": 1.0},
+            recommendation=None
+            if is_grad
+            else Recommendation(
+                summary="Stop training and remove the cause of the NaN",
+                steps=("Stop training: steps after a NaN loss train nothing",),
             ),
             severity=Severity.WARNING if is_grad else Severity.ERROR,
             step=step,
@@ -351,17 +345,13 @@ class LossDivergence(Check):
             yield self._finding(ctx, verdict)
 
     def _finding(self, ctx: Context, v: Divergence) -> Finding:
-        lr = ctx.facts.learning_rate
-        lr_text = f" (learning_rate={_fmt(lr)})" if lr else ""
         return self.finding(
             ctx,
             f"Training loss diverged: {_fmt(v.level)} against a best of {_fmt(v.best)}",
             f"The median training loss of the last {ctx.config.divergence_window} logs is "
             f"{_fmt(v.level)}, {_fmt(v.level / v.best if v.best > 0 else math.inf)}x its best "
-            f"({_fmt(v.best)} at step {v.best_step}), and has stayed up: the run is "
-            f"undoing what it learned. The usual cause is a learning rate too high for the LoRA "
-            f"scaling{lr_text}. Roll back to the checkpoint before step {v.best_step} "
-            "or restart with half the learning rate and max_grad_norm=1.0.",
+            f"({_fmt(v.best)} at step {v.best_step}), and has stayed up: the run is undoing what "
+            "it learned.",
             evidence={
                 "level": v.level,
                 "best": v.best,
@@ -370,13 +360,11 @@ class LossDivergence(Check):
                 "drop_before": v.drop,
             },
             recommendation=Recommendation(
-                summary="Halve the learning rate and restart from the last good checkpoint",
+                summary=f"Stop and go back to before step {v.best_step}",
                 steps=(
-                    "Stop training",
-                    f"Resume from the last checkpoint before step {v.best_step}, or restart",
-                    "Halve learning_rate and keep max_grad_norm=1.0",
+                    "Stop training: the steps since the best loss are undoing what it learned",
+                    f"Keep the last checkpoint saved before step {v.best_step}, or restart",
                 ),
-                config_changes={"learning_rate": lr / 2} if lr else {},
             ),
             step=v.step,
         )
@@ -462,17 +450,13 @@ class GradNormSpike(Check):
             f"The grad norm at step {step} is {_fmt(value)}, {_fmt(value / median)}x the median "
             f"({_fmt(median)}) of the previous {cfg.spike_window} logs (threshold "
             f"{_fmt(cfg.spike_factor)}x). A spike comes from an outlier batch or a learning rate at "
-            "the edge of stability; repeated spikes often precede a divergence. Keep "
-            "max_grad_norm=1.0, and lower the learning rate or lengthen warmup if they repeat.",
-            evidence={"value": value, "median": median, "factor": value / median},
-            recommendation=Recommendation(
-                summary="Keep gradient clipping on; lower the learning rate if spikes repeat",
-                steps=(
-                    "Keep max_grad_norm=1.0",
-                    "Inspect the batch around this step for outliers",
-                    "If spikes repeat, lower learning_rate or set warmup_ratio=0.05",
-                ),
-            ),
+            "the edge of stability; repeated spikes often precede a divergence.",
+            evidence={
+                "value": value,
+                "median": median,
+                "factor": value / median,
+                "first_step": step,
+            },
             step=step,
         )
 

@@ -1,22 +1,41 @@
-"""Candidate causes of a symptom, and the fixes built from the run's own facts.
+"""The candidate causes of each symptom, judged against the run's facts, and the fixes built from
+them.
 
-A cause is an object: its name, the evidence for it, and the fix that removes it. The diagnosis
-pass (:mod:`lora_doctor.diagnosis.reasoning`) ranks the causes of a symptom and puts the first one's
-fix on the finding.
+A cause is an object (:class:`Cause`): the facts of the run that support it, those that rule it
+out, its fix, and how to rule it out when no fact decides. :data:`CANDIDATES` lists, for each
+symptom, its candidate causes in the order practice suggests checking them; :func:`diagnose`
+judges them against the facts and ranks them: causes a fact supports (and none rules out) first,
+then the open ones, then those ruled out. A finding names a "most likely cause" only when a fact
+supports one; otherwise it lists the causes to rule out, in order (DESIGN.md section 1, the
+diagnosis pass; section 3 for the practice each cause rests on).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from lora_doctor.checks.adapter import is_attention_module
 from lora_doctor.config import DoctorConfig
 from lora_doctor.facts import RunFacts
 from lora_doctor.findings import Finding, Recommendation
+from lora_doctor.history import History
 from lora_doctor.memory_estimate import rank_memory_step
+from lora_doctor.practice import LrRange, lr_range
 
-__all__ = ["Cause", "Findings", "plateau_causes", "rank_and_alpha", "rollback"]
+__all__ = [
+    "CANDIDATES",
+    "Cause",
+    "Diagnosed",
+    "Findings",
+    "Look",
+    "diagnose",
+    "rank_and_alpha",
+    "rollback",
+]
+
+SUPPORTED, OPEN, RULED_OUT = "supported", "open", "ruled-out"
 
 
 def _fmt(x: float) -> str:
@@ -47,13 +66,176 @@ class Findings:
 
 @dataclass(frozen=True)
 class Cause:
-    """One candidate explanation of a symptom, with the evidence for it and its fix."""
+    """One candidate explanation of a symptom.
 
+    Attributes:
+        cause: a stable id (``"learning-rate-too-high"``).
+        name: the cause in words.
+        support: facts of the run that point to it, each with its numbers.
+        against: facts of the run that rule it out.
+        fix: what removes it.
+        check: how to rule it out when no fact decides.
+    """
+
+    cause: str
     name: str
-    evidence: str
-    recommendation: Recommendation
+    support: tuple[str, ...] = ()
+    against: tuple[str, ...] = ()
+    fix: Recommendation | None = None
+    check: str = ""
+
+    @property
+    def verdict(self) -> str:
+        """``"supported"`` (a fact for it, none against), ``"ruled-out"`` or ``"open"``."""
+        if self.against:
+            return RULED_OUT
+        return SUPPORTED if self.support else OPEN
+
+    def to_dict(self) -> dict[str, object]:
+        """The cause as the JSON's ``evidence.causes`` holds it."""
+        return {
+            "cause": self.cause,
+            "name": self.name,
+            "verdict": self.verdict,
+            "support": list(self.support),
+            "against": list(self.against),
+        }
 
 
+@dataclass(frozen=True)
+class Look:
+    """What a cause is judged from: the symptom, the findings, the facts, the config, the curves."""
+
+    symptom: Finding
+    found: Findings
+    facts: RunFacts
+    config: DoctorConfig
+    history: History
+
+    @property
+    def lr(self) -> float | None:
+        return self.facts.learning_rate
+
+    @property
+    def range(self) -> LrRange:
+        return lr_range(self.facts.setup.optimizer)
+
+    @property
+    def lora(self) -> bool:
+        """False only when the model is known to have no LoRA layers."""
+        return self.facts.has_lora is not False
+
+    def first_step(self) -> int | None:
+        """The step the symptom began at (its evidence's ``first_step``, else its own step)."""
+        step = self.symptom.evidence.get("first_step", self.symptom.step)
+        return int(step) if isinstance(step, int | float) and math.isfinite(step) else None
+
+    def before_any_update(self) -> bool:
+        """True when a non-finite value came before any weight update: at the first step, or
+        while the logged learning rate was still 0 (warm-up from 0)."""
+        step = self.first_step()
+        if step is None:
+            return False
+        if step <= 1:
+            return True
+        steps, rates = self.history.points("learning_rate")
+        before = [r for s, r in zip(steps, rates, strict=True) if s <= step]
+        return bool(before) and all(r == 0 for r in before)
+
+
+Candidate = Callable[[Look], Cause | None]
+
+
+# --- learning rate ---------------------------------------------------------------------------------
+def _lr_target(look: Look) -> float:
+    """The learning rate a fix sets: half the rate at the run's best loss when the run shows one
+    inside the usual range, else the usual value for the optimizer (QLoRA's 2e-4 with AdamW)."""
+    rng = look.range
+    steps, losses = look.history.points("loss")
+    lr_steps, rates = look.history.points("learning_rate")
+    finite = [(v, s) for s, v in zip(steps, losses, strict=True) if math.isfinite(v)]
+    if finite and lr_steps:
+        best_step = min(finite)[1]
+        at = [r for s, r in zip(lr_steps, rates, strict=True) if s <= best_step]
+        if at and math.isfinite(at[-1]) and rng.low <= at[-1] / 2 <= rng.high:
+            return float(f"{at[-1] / 2:.1g}")
+    return rng.typical
+
+
+def lr_too_high(look: Look) -> Cause:
+    """A learning rate far above what LoRA uses with this optimizer (:mod:`lora_doctor.practice`)."""
+    lr, rng = look.lr, look.range
+    support: list[str] = []
+    against: list[str] = []
+    if lr is not None and lr > rng.high:
+        support.append(
+            f"learning_rate={_fmt(lr)} is {_fmt(lr / rng.high)}x the top of LoRA's usual range "
+            f"({rng.describe()})"
+        )
+    elif lr is not None and lr > 0:
+        against.append(f"learning_rate={_fmt(lr)} is within LoRA's usual range ({rng.describe()})")
+    big = look.found.get("update-too-large")
+    if big is not None and support:
+        support.append(big.title)
+    spike = look.found.get("grad-norm-spike")
+    if spike is not None and spike is not look.symptom and support:
+        support.append(spike.title)
+    if look.symptom.slug == "non-finite-values" and look.before_any_update():
+        against.append("the first non-finite value came before any weight update")
+    target = _lr_target(look)
+    return Cause(
+        "learning-rate-too-high",
+        "learning rate far above LoRA's range",
+        tuple(support),
+        tuple(against),
+        Recommendation(
+            summary=f"Set learning_rate={target:g} (LoRA's usual range; do not just halve it)",
+            steps=(
+                f"Set learning_rate={target:g} in TrainingArguments ({rng.describe()})",
+                "Restart from the base model: steps at that rate damaged the adapter",
+            ),
+            config_changes={"learning_rate": target},
+            restart_from_scratch=True,
+        ),
+        "compare learning_rate with LoRA's usual range for your optimizer",
+    )
+
+
+def lr_too_low(look: Look) -> Cause:
+    """A learning rate far below LoRA's (a full fine-tuning rate)."""
+    lr, cfg, rng = look.lr, look.config, look.range
+    if lr is not None and 0 < lr < cfg.plateau_low_lr:
+        support: tuple[str, ...] = (
+            f"learning_rate={_fmt(lr)}, below {_fmt(cfg.plateau_low_lr)}; LoRA usually needs "
+            "1e-4 to 5e-4, about 10x full fine-tuning",
+        )
+        against: tuple[str, ...] = ()
+    else:
+        support = ()
+        against = (
+            (f"learning_rate={_fmt(lr)} is not below {_fmt(cfg.plateau_low_lr)}",)
+            if lr is not None and lr > 0
+            else ()
+        )
+    target = rng.typical
+    return Cause(
+        "learning-rate-too-low",
+        "learning rate too low for LoRA",
+        support,
+        against,
+        Recommendation(
+            summary=f"Raise learning_rate from {_fmt(lr or 0)} to {target:g}",
+            steps=(
+                f"Set learning_rate={target:g} in TrainingArguments (LoRA's usual 1e-4 to 5e-4)",
+                "Restart from the last checkpoint or from scratch; the rank can stay",
+            ),
+            config_changes={"learning_rate": target},
+        ),
+        "compare learning_rate with LoRA's usual 1e-4 to 5e-4",
+    )
+
+
+# --- alpha, targets, rank ---------------------------------------------------------------------------
 def rank_and_alpha(facts: RunFacts) -> tuple[int | None, float | None, float | None]:
     """The adapter's r, lora_alpha and effective scaling, from the live layers or the config.
 
@@ -70,6 +252,104 @@ def rank_and_alpha(facts: RunFacts) -> tuple[int | None, float | None, float | N
             scale = a.lora_alpha / (math.sqrt(a.r) if a.use_rslora else a.r)
             return a.r, float(a.lora_alpha), scale
     return None, None, None
+
+
+def _alpha_fix(r: int | None, summary: str) -> Recommendation:
+    target = 2 * r if r else None
+    return Recommendation(
+        summary=summary,
+        steps=(
+            f"Set lora_alpha={target} in LoraConfig" if target else "Set lora_alpha = 2r",
+            "Restart from scratch (the scaling is part of the trained update)",
+        ),
+        config_changes={"lora_alpha": target} if target else {},
+        restart_from_scratch=True,
+    )
+
+
+def alpha_too_small(look: Look) -> Cause | None:
+    """An alpha that scales the update down (alpha/r below 1)."""
+    if not look.lora:
+        return None
+    cfg = look.config
+    r, alpha, scale = rank_and_alpha(look.facts)
+    ratio = look.found.get("alpha-rank-ratio")
+    if ratio is not None and isinstance(ratio.evidence.get("scaling"), int | float):
+        scale = float(ratio.evidence["scaling"])
+    if scale is None:
+        return Cause("alpha-too-small", "alpha scales the update down", check="check lora_alpha/r")
+    low = scale < cfg.scaling_low * (1 - cfg.scaling_tolerance)
+    words = f"effective scaling {_fmt(scale)} (lora_alpha={_fmt(alpha or 0)}, r={r})"
+    return Cause(
+        "alpha-too-small",
+        "alpha scales the update down",
+        (f"{words}, below alpha = r",) if low else (),
+        () if low else (f"{words} is not below alpha = r",),
+        _alpha_fix(r, f"Set lora_alpha={2 * r} (2r) and restart" if r else "Set lora_alpha = 2r"),
+        "check lora_alpha/r",
+    )
+
+
+def alpha_too_large(look: Look) -> Cause | None:
+    """An alpha that scales the update up (alpha/r above 2): a larger effective step."""
+    if not look.lora:
+        return None
+    cfg = look.config
+    r, alpha, scale = rank_and_alpha(look.facts)
+    before = look.symptom.slug == "non-finite-values" and look.before_any_update()
+    high = scale is not None and scale > cfg.scaling_high * (1 + cfg.scaling_tolerance)
+    words = f"effective scaling {_fmt(scale or 0)} (lora_alpha={_fmt(alpha or 0)}, r={r})"
+    support = [f"{words}, above alpha = 2r"] if high and not before else []
+    big = look.found.get("update-too-large")
+    if big is not None and support:
+        support.append(big.title)
+    against = [f"{words} is not above alpha = 2r"] if scale is not None and not high else []
+    if before:
+        against.append("before any update B is zero: the scaling multiplies nothing yet")
+    return Cause(
+        "alpha-too-large",
+        "alpha scales the update up",
+        tuple(support),
+        tuple(against),
+        _alpha_fix(r, f"Set lora_alpha={2 * r} (2r) and restart" if r else "Set lora_alpha = 2r"),
+        "check lora_alpha/r",
+    )
+
+
+def attention_only(look: Look) -> Cause | None:
+    """Adapters on the attention projections only: the MLP, most of the parameters, is not
+    adapted."""
+    if not look.lora:
+        return None
+    found = look.found.get("attention-only-targets")
+    kinds = look.facts.setup.module_kinds
+    targets: str | list[str] = list(kinds) if kinds else "all-linear"
+    shown = ", ".join(kinds) if kinds else "'all-linear'"
+    targeted = [lf.name for lf in look.facts.layers] or [
+        t
+        for a in look.facts.adapters.values()
+        if isinstance(a.target_modules, list)
+        for t in a.target_modules
+    ]
+    beyond = [t for t in targeted if not is_attention_module(t)]
+    return Cause(
+        "attention-only-targets",
+        "adapters on attention only",
+        (found.title,) if found is not None else (),
+        (f"the adapters also cover {beyond[0].rsplit('.', 1)[-1]} and other non-attention layers",)
+        if beyond and found is None
+        else (),
+        Recommendation(
+            summary="Add the MLP projections to target_modules",
+            steps=(
+                f"Set target_modules to every linear layer in LoraConfig ({shown})",
+                "Restart from scratch: new target modules mean new adapters",
+            ),
+            config_changes={"target_modules": targets},
+            restart_from_scratch=True,
+        ),
+        "check that target_modules covers the MLP projections",
+    )
 
 
 def rollback(
@@ -112,140 +392,346 @@ def rollback(
     )
 
 
-def plateau_causes(found: Findings, facts: RunFacts, config: DoctorConfig) -> list[Cause]:
-    """The candidate causes of a plateau, most supported by the evidence first.
+def rank_too_small(look: Look) -> Cause | None:
+    """The rank binds: only a full spectrum with a stalled loss (``rank-saturated``) supports it."""
+    if not look.lora:
+        return None
+    r, alpha, _ = rank_and_alpha(look.facts)
+    saturated = look.found.get("rank-saturated")
+    underused = look.found.get("rank-underused")
+    inconclusive = look.found.get("rank-inconclusive")
+    check = "the spectrum of the update (rank-saturated) tells; a rank sweep settles it"
+    if inconclusive is not None and saturated is None:
+        check = f"the spectrum could not tell whether r binds ({inconclusive.title}); {check}"
+    return Cause(
+        "rank-too-small",
+        f"rank r={r} too small" if r else "rank too small",
+        (saturated.title,) if saturated is not None else (),
+        (underused.title,) if underused is not None else (),
+        rollback(r, alpha, look.facts, look.config),
+        check,
+    )
 
-    Order: adapters that do not learn, a learning rate far below LoRA's usual range, an alpha that
-    scales the update down, adapters on attention only, and then the rank (doubled only when no
-    ``rank-underused`` finding says the rank is not the limit). Source: DESIGN.md section 3,
-    "Underfit".
+
+# --- adapters that do not learn -----------------------------------------------------------------
+def not_learning(look: Look) -> Cause | None:
+    """The adapters do not train at all (a broken set-up, not a slow one)."""
+    facts = look.facts
+    support = [
+        f.title
+        for slug in ("adapter-not-learning", "weights-not-updating", "loss-at-chance")
+        if (f := look.found.get(slug)) is not None and f is not look.symptom
+    ]
+    frozen = facts.no_grad_layers or facts.b_still_zero_layers
+    if frozen and not support:
+        support.append(f"{len(frozen)} LoRA layers got no update in the first steps")
+    return Cause(
+        "adapters-not-learning",
+        "adapters not learning",
+        tuple(support),
+        (),
+        Recommendation(
+            summary="Make the LoRA parameters train before anything else",
+            steps=(
+                "Check model.print_trainable_parameters() shows the LoRA parameters",
+                "Build the optimizer after get_peft_model (let the Trainer build it)",
+                "Do not freeze the model after wrapping it with peft",
+            ),
+        ),
+        "check that the LoRA parameters require grad and move",
+    )
+
+
+def not_trainable(look: Look) -> Cause | None:
+    """No LoRA parameter requires grad (an adapter loaded for inference)."""
+    facts = look.facts
+    if not facts.lora_params:
+        return None
+    frozen = facts.trainable_lora_params == 0
+    return Cause(
+        "lora-not-trainable",
+        "no LoRA parameter is trainable",
+        ("every LoRA parameter has requires_grad=False",) if frozen else (),
+        (f"{facts.trainable_lora_params:,} LoRA parameters are trainable",) if not frozen else (),
+        Recommendation(
+            summary="Load the adapter trainable: PeftModel.from_pretrained(..., is_trainable=True)",
+            steps=(
+                "Load adapters with PeftModel.from_pretrained(base, path, is_trainable=True)",
+                "Do not freeze the model after wrapping it with peft",
+                "Restart from step 0",
+            ),
+            restart_from_scratch=True,
+        ),
+        "check model.print_trainable_parameters()",
+    )
+
+
+def not_in_optimizer(look: Look) -> Cause | None:
+    """Trainable LoRA parameters that no optimizer param group holds."""
+    missing = look.facts.not_in_optimizer
+    if not look.facts.lora_params:
+        return None
+    return Cause(
+        "adapter-not-in-optimizer",
+        "LoRA parameters missing from the optimizer",
+        (f"{len(missing)} trainable LoRA parameters are in no optimizer param group",)
+        if missing
+        else (),
+        (),
+        Recommendation(
+            summary="Build the optimizer after get_peft_model, from the trainable parameters",
+            steps=(
+                "Create the optimizer after get_peft_model (or let the Trainer create it)",
+                "Restart from step 0",
+            ),
+            restart_from_scratch=True,
+        ),
+        "check that the optimizer's param groups hold the LoRA parameters",
+    )
+
+
+def learning_rate_zero(look: Look) -> Cause:
+    """A learning rate of 0 (a schedule or warm-up stuck at 0)."""
+    _, rates = look.history.points("learning_rate")
+    lr = look.lr
+    zero = (lr is not None and lr == 0) or (bool(rates) and all(r == 0 for r in rates))
+    positive = [r for r in rates if math.isfinite(r) and r > 0]
+    return Cause(
+        "learning-rate-zero",
+        "learning rate of 0",
+        ("the learning rate is 0 at every logged step",) if zero else (),
+        (f"the logged learning rate reaches {_fmt(max(positive))}",) if positive else (),
+        Recommendation(
+            summary=f"Set a learning rate above 0: learning_rate={look.range.typical:g}",
+            steps=(f"Set learning_rate={look.range.typical:g} and check the scheduler's warm-up",),
+            config_changes={"learning_rate": look.range.typical},
+        ),
+        "check the logged learning_rate",
+    )
+
+
+def checkpointing_without_input_grads(look: Look) -> Cause | None:
+    """Reentrant gradient checkpointing on a frozen base: no gradient reaches the adapters inside
+    the checkpointed blocks unless the inputs require grad (transformers' and peft's docs:
+    ``enable_input_require_grads`` or ``use_reentrant=False``)."""
+    setup = look.facts.setup
+    on = setup.gradient_checkpointing
+    if on is None:
+        return Cause(
+            "checkpointing-without-input-grads",
+            "gradient checkpointing without input gradients",
+            check="with gradient checkpointing, use use_reentrant=False",
+        )
+    reentrant = setup.use_reentrant is not False
+    stuck = bool(look.facts.no_grad_layers)
+    return Cause(
+        "checkpointing-without-input-grads",
+        "gradient checkpointing without input gradients",
+        ("gradient checkpointing is on (reentrant) and LoRA layers got no gradient",)
+        if on and reentrant and stuck
+        else (),
+        ("gradient checkpointing is off",)
+        if not on
+        else (("use_reentrant=False",) if not reentrant else ()),
+        Recommendation(
+            summary="Let gradients reach the adapters: gradient_checkpointing_kwargs="
+            "{'use_reentrant': False} or model.enable_input_require_grads()",
+            steps=(
+                "Set gradient_checkpointing_kwargs={'use_reentrant': False} in TrainingArguments, "
+                "or call model.enable_input_require_grads() before training",
+                "Restart from step 0",
+            ),
+            config_changes={"gradient_checkpointing_kwargs": {"use_reentrant": False}},
+            restart_from_scratch=True,
+        ),
+        "with gradient checkpointing, use use_reentrant=False",
+    )
+
+
+# --- numerics and stability --------------------------------------------------------------------------
+def no_clipping(look: Look) -> Cause:
+    """Gradient clipping is off: one bad batch can throw the weights far."""
+    norm = look.facts.setup.max_grad_norm
+    return Cause(
+        "no-gradient-clipping",
+        "gradient clipping off",
+        ("max_grad_norm=0: gradients are not clipped",) if norm == 0 else (),
+        (f"max_grad_norm={_fmt(norm)} clips the gradients",) if norm else (),
+        Recommendation(
+            summary="Clip gradients: max_grad_norm=1.0",
+            steps=("Set max_grad_norm=1.0 in TrainingArguments",),
+            config_changes={"max_grad_norm": 1.0},
+        ),
+        "check max_grad_norm (1.0 clips)",
+    )
+
+
+def fp16_overflow(look: Look) -> Cause:
+    """fp16 overflow: its range ends at 65,504 (IEEE 754 half precision)."""
+    precision = look.facts.setup.precision
+    return Cause(
+        "fp16-overflow",
+        "fp16 overflow",
+        ("the run computes in fp16, whose range ends at 65,504",) if precision == "fp16" else (),
+        (f"the run computes in {precision}, not fp16",) if precision in ("bf16", "fp32") else (),
+        Recommendation(
+            summary="Train in bf16 instead of fp16 where the GPU supports it (Ampere or newer)",
+            steps=("Set bf16=True and fp16=False in TrainingArguments",),
+            config_changes={"bf16": True, "fp16": False},
+        ),
+        "check whether the run uses fp16",
+    )
+
+
+def dora_zero_norm_rows(look: Look) -> Cause | None:
+    """DoRA divides each weight row by its norm: a base weight with all-zero rows gives 0/0 in the
+    very first forward pass (Liu et al. 2024, "DoRA"; peft's ``lora.dora``)."""
+    if not look.lora:
+        return None
+    dora = any(a.use_dora for a in look.facts.adapters.values()) or any(
+        lf.use_dora for lf in look.facts.layers
+    )
+    support = []
+    if dora:
+        support.append("the adapters use DoRA (use_dora=True), which divides by each row's norm")
+        if look.before_any_update():
+            support.append("the first non-finite value came before any weight update")
+    return Cause(
+        "dora-zero-norm-rows",
+        "DoRA on weights with all-zero rows (0/0)",
+        tuple(support),
+        () if dora else ("the adapters do not use DoRA",),
+        Recommendation(
+            summary="Train without DoRA (use_dora=False), or leave the modules with all-zero "
+            "weight rows out of target_modules",
+            steps=(
+                "Set use_dora=False in LoraConfig, or remove from target_modules the modules "
+                "whose base weight has rows of zeros",
+                "Restart from step 0",
+            ),
+            config_changes={"use_dora": False},
+            restart_from_scratch=True,
+        ),
+        "check whether the adapters use DoRA",
+    )
+
+
+def numerics_of_the_pass(look: Look) -> Cause | None:
+    """The forward/backward pass itself: attention kernels, inputs, a dtype the model was not
+    made for. Named when the non-finite value came before any update, with nothing else to show."""
+    if not look.before_any_update():
+        return None
+    return Cause(
+        "forward-numerics",
+        "the forward or backward pass (attention kernel, inputs, dtype)",
+        (),
+        (),
+        Recommendation(
+            summary="Find the operation that makes the first NaN",
+            steps=(
+                "Run one batch with torch.autograd.set_detect_anomaly(True) to find the operation",
+                "Try attn_implementation='eager' when loading the model",
+                "Check the batch for empty sequences or labels that are all -100",
+            ),
+        ),
+        "run one batch with torch.autograd.set_detect_anomaly(True), then attn_implementation="
+        "'eager'",
+    )
+
+
+def bad_batch(look: Look) -> Cause:
+    """An outlier batch: empty, extremely long, or mislabelled examples."""
+    step = look.first_step()
+    at = f" around step {step}" if step is not None else ""
+    return Cause(
+        "bad-batch",
+        "an outlier batch",
+        (),
+        (),
+        Recommendation(
+            summary=f"Inspect the batch{at}",
+            steps=(f"Inspect the batch{at}: empty or extremely long examples, broken labels",),
+        ),
+        f"inspect the batch{at} for empty or extremely long examples",
+    )
+
+
+def data_or_task(look: Look) -> Cause:
+    """Data that cannot teach the task (labels, prompt format, truncation)."""
+    return Cause(
+        "data-or-task",
+        "the data or the task",
+        (),
+        (),
+        Recommendation(
+            summary="Check the data before adding capacity",
+            steps=("Check a few examples: labels, prompt format, truncation",),
+        ),
+        "check a few examples: labels, prompt format, truncation",
+    )
+
+
+#: The candidate causes of each symptom, in the order practice suggests checking them.
+CANDIDATES: dict[str, tuple[Candidate, ...]] = {
+    "loss-plateau": (
+        not_learning,
+        lr_too_low,
+        lr_too_high,
+        alpha_too_small,
+        attention_only,
+        rank_too_small,
+        data_or_task,
+    ),
+    "loss-divergence": (lr_too_high, alpha_too_large, no_clipping, fp16_overflow, bad_batch),
+    "grad-norm-spike": (lr_too_high, no_clipping, fp16_overflow, bad_batch),
+    "non-finite-values": (
+        lr_too_high,
+        fp16_overflow,
+        dora_zero_norm_rows,
+        alpha_too_large,
+        numerics_of_the_pass,
+        bad_batch,
+    ),
+    "adapter-not-learning": (
+        not_trainable,
+        not_in_optimizer,
+        checkpointing_without_input_grads,
+        learning_rate_zero,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Diagnosed:
+    """A symptom's causes, ranked: supported first, then open, then ruled out."""
+
+    causes: tuple[Cause, ...]
+
+    @property
+    def top(self) -> Cause | None:
+        """The most likely cause: the first one, when a fact supports it."""
+        first = self.causes[0] if self.causes else None
+        return first if first is not None and first.verdict == SUPPORTED else None
+
+    @property
+    def open(self) -> tuple[Cause, ...]:
+        return tuple(c for c in self.causes if c.verdict == OPEN)
+
+
+def diagnose(look: Look) -> Diagnosed | None:
+    """The ranked causes of ``look.symptom``; None when the symptom has no candidates.
 
     Example:
-        >>> plateau_causes(Findings([]), RunFacts(learning_rate=1e-5), DoctorConfig())[0].name
-        'learning rate too low for LoRA'
+        >>> from lora_doctor.findings import Severity
+        >>> flat = Finding("LD201", "loss-plateau", Severity.WARNING, 9, "t", "m")
+        >>> look = Look(flat, Findings([]), RunFacts(learning_rate=1e-5), DoctorConfig(), History())
+        >>> diagnose(look).top.cause
+        'learning-rate-too-low'
     """
-    causes: list[Cause] = []
-    stuck = found.get("adapter-not-learning")
-    frozen = facts.no_grad_layers or facts.b_still_zero_layers
-    if stuck is not None or frozen:
-        detail = stuck.title if stuck is not None else f"{len(frozen)} LoRA layers got no update"
-        causes.append(
-            Cause(
-                "adapters not learning",
-                detail,
-                Recommendation(
-                    summary="Make the LoRA parameters train before anything else",
-                    steps=(
-                        "Check model.print_trainable_parameters() shows the LoRA parameters",
-                        "Build the optimizer after get_peft_model (let the Trainer build it)",
-                        "Do not freeze the model after wrapping it with peft",
-                    ),
-                ),
-            )
-        )
-    lr = facts.learning_rate
-    if lr is not None and 0 < lr < config.plateau_low_lr:
-        causes.append(
-            Cause(
-                "learning rate too low for LoRA",
-                f"learning_rate={_fmt(lr)}, below {_fmt(config.plateau_low_lr)}; LoRA usually needs "
-                "1e-4 to 5e-4, about 10x full fine-tuning",
-                Recommendation(
-                    summary=f"Raise learning_rate from {_fmt(lr)} to 2e-4",
-                    steps=(
-                        "Set learning_rate=2e-4 in TrainingArguments (LoRA's usual 1e-4 to 5e-4)",
-                        "Restart from the last checkpoint or from scratch; the rank can stay",
-                    ),
-                    config_changes={"learning_rate": 2e-4},
-                ),
-            )
-        )
-    causes.extend(_alpha_cause(found, facts, config))
-    attn = found.get("attention-only-targets")
-    if attn is not None:
-        causes.append(
-            Cause(
-                "adapters on attention only",
-                attn.title,
-                Recommendation(
-                    summary="Add the MLP projections to target_modules",
-                    steps=(
-                        "Set target_modules='all-linear' in LoraConfig (or add gate_proj, up_proj, "
-                        "down_proj)",
-                        "Restart from scratch: new target modules mean new adapters",
-                    ),
-                    config_changes={"target_modules": "all-linear"},
-                    restart_from_scratch=True,
-                ),
-            )
-        )
-    underused = found.get("rank-underused")
-    if underused is None and facts.has_lora is not False:
-        causes.append(_rank_cause(found, facts, config))
-    if not causes:
-        causes.append(
-            Cause(
-                "a task that needs more capacity or better data",
-                (
-                    "the rank is not the limit (rank-underused)"
-                    if underused is not None
-                    else "no adapter cause is known"
-                ),
-                Recommendation(
-                    summary="Check the data and the learning rate before adding capacity",
-                    steps=(
-                        "Check a few examples: labels, prompt format, truncation",
-                        "Try learning_rate=2e-4 if it is lower",
-                    ),
-                ),
-            )
-        )
-    return causes
-
-
-def _alpha_cause(found: Findings, facts: RunFacts, config: DoctorConfig) -> list[Cause]:
-    """An alpha that scales the update down, from the alpha-rank-ratio finding or the scaling."""
-    r, alpha, scale = rank_and_alpha(facts)
-    ratio = found.get("alpha-rank-ratio")
-    low_scale = scale is not None and scale < config.scaling_low * (1 - config.scaling_tolerance)
-    flagged = ratio is not None and float(ratio.evidence.get("scaling", 0)) < config.scaling_low
-    if not (flagged or low_scale):
-        return []
-    shown = float(ratio.evidence.get("scaling", 0)) if ratio is not None else scale
-    target = 2 * r if r else None
-    return [
-        Cause(
-            "alpha scales the update down",
-            f"effective scaling {_fmt(shown or 0)} (lora_alpha={_fmt(alpha or 0)}, r={r}), "
-            "below alpha = r",
-            Recommendation(
-                summary=f"Set lora_alpha={target} (2r) and restart"
-                if target
-                else "Set lora_alpha = 2r and restart",
-                steps=(
-                    f"Set lora_alpha={target} in LoraConfig" if target else "Set lora_alpha = 2r",
-                    "Restart from scratch (the scaling is part of the trained update)",
-                ),
-                config_changes={"lora_alpha": target} if target else {},
-                restart_from_scratch=True,
-            ),
-        )
-    ]
-
-
-def _rank_cause(found: Findings, facts: RunFacts, config: DoctorConfig) -> Cause:
-    """The rank as the cause, with what the spectrum said about it."""
-    r, alpha, _ = rank_and_alpha(facts)
-    saturated = found.get("rank-saturated")
-    inconclusive = found.get("rank-inconclusive")
-    if saturated is not None:
-        evidence = saturated.title
-    elif inconclusive is not None:
-        evidence = f"the spectrum could not tell whether r binds ({inconclusive.title})"
-    else:
-        evidence = f"no other cause shows in the facts; r={r}" if r else "no other cause shows"
-    return Cause(
-        f"rank r={r} too small" if r else "rank too small",
-        evidence,
-        rollback(r, alpha, facts, config),
-    )
+    candidates = CANDIDATES.get(look.symptom.slug)
+    if not candidates:
+        return None
+    causes = [c for c in (candidate(look) for candidate in candidates) if c is not None]
+    order = {SUPPORTED: 0, OPEN: 1, RULED_OUT: 2}
+    ranked = sorted(causes, key=lambda c: order[c.verdict])  # stable: practice's order within
+    return Diagnosed(tuple(ranked))

@@ -9,7 +9,9 @@ in this order:
 2. re-reads the evidence in the light of another finding: a full spectrum while the validation
    loss rises is what memorising looks like, so once ``overfit`` is reported a full spectrum gives
    ``rank-inconclusive``, never ``rank-saturated``;
-3. ranks the candidate causes of each symptom and puts the first one's fix on the finding.
+3. ranks the candidate causes of each symptom against the facts
+   (:mod:`lora_doctor.diagnosis.causes`): the finding names a most likely cause, with its fix, only
+   when a fact supports it, and otherwise lists the causes to rule out, in order.
 
 No step depends on the order of the checks in the registry.
 """
@@ -21,9 +23,9 @@ from collections.abc import Sequence
 
 from lora_doctor.checks import Context, rank
 from lora_doctor.config import DoctorConfig
-from lora_doctor.diagnosis.causes import Findings, plateau_causes
+from lora_doctor.diagnosis.causes import CANDIDATES, Cause, Findings, Look, diagnose
 from lora_doctor.facts import RunFacts
-from lora_doctor.findings import Finding
+from lora_doctor.findings import Finding, Recommendation
 
 __all__ = ["EXPLAINED_BY", "run"]
 
@@ -72,8 +74,8 @@ def run(
             continue
         if finding.slug == "rank-saturated" and overfit:
             continue  # memorising explains the full spectrum: see below
-        if finding.slug == "loss-plateau":
-            finding = _with_causes(finding, everything, facts, config)
+        if finding.slug in CANDIDATES:
+            finding = _with_causes(finding, everything, context)
         out.append(finding)
     rank_said = Findings([*reported, *out]).any(("rank-inconclusive", "rank-saturated"))
     if overfit and not rank_said and facts.spectrum:
@@ -85,18 +87,70 @@ def run(
     return out
 
 
-def _with_causes(
-    finding: Finding, found: Findings, facts: RunFacts, config: DoctorConfig
-) -> Finding:
-    """The plateau with its ranked causes: the first one's fix, the others named."""
-    causes = plateau_causes(found, facts, config)
-    top, others = causes[0], [c.name for c in causes[1:]]
-    message = f"{finding.message} Most likely cause: {top.name} ({top.evidence})."
-    if others:
-        message += " Other causes that would explain the curve: " + "; ".join(others) + "."
+def _with_causes(finding: Finding, found: Findings, context: Context) -> Finding:
+    """The symptom with its ranked causes (``evidence.causes``): the most likely one and its fix
+    when a fact supports it, else the causes to rule out in order. The finding's own
+    recommendation (what to do about the symptom itself: stop, roll back) comes first."""
+    diagnosed = diagnose(Look(finding, found, context.facts, context.config, context.history))
+    if diagnosed is None or not diagnosed.causes:
+        return finding
+    top = diagnosed.top
+    message = finding.message
+    if top is not None:
+        message += f" Most likely cause: {top.name} ({'; '.join(top.support)})."
+        others = [c.name for c in diagnosed.causes[1:] if c.verdict != "ruled-out"]
+        if others:
+            message += " Also to rule out: " + "; ".join(others) + "."
+        recommendation = _merge(finding.recommendation, top.fix)
+    else:
+        shown = diagnosed.open[:_SHOWN]
+        if shown:
+            message += " No fact of this run singles out one cause; rule these out in order: " + (
+                "; ".join(f"({i}) {c.name}: {c.check}" for i, c in enumerate(shown, 1)) + "."
+            )
+        recommendation = _rule_out(finding.recommendation, shown)
+    ruled = [c.name for c in diagnosed.causes if c.verdict == "ruled-out"]
+    if ruled:
+        message += " Ruled out by the run's facts: " + "; ".join(ruled) + "."
     return dataclasses.replace(
         finding,
         message=message,
-        evidence={**finding.evidence, "causes": [c.name for c in causes]},
-        recommendation=top.recommendation,
+        evidence={**finding.evidence, "causes": [c.to_dict() for c in diagnosed.causes]},
+        recommendation=recommendation,
+    )
+
+
+#: Open causes a finding lists when no fact singles one out.
+_SHOWN = 4
+
+
+def _merge(first: Recommendation | None, fix: Recommendation | None) -> Recommendation | None:
+    """The symptom's own steps, then the cause's fix (its summary leads); each step once."""
+    if fix is None:
+        return first
+    if first is None:
+        return fix
+    steps = list(dict.fromkeys([*first.steps, *fix.steps]))
+    return Recommendation(
+        summary=fix.summary,
+        steps=tuple(steps),
+        config_changes={**first.config_changes, **fix.config_changes},
+        restart_from_scratch=first.restart_from_scratch or fix.restart_from_scratch,
+    )
+
+
+def _rule_out(first: Recommendation | None, causes: Sequence[Cause]) -> Recommendation | None:
+    """The symptom's own steps, then how to rule out each open cause, in order; no config change
+    is made for a cause no fact supports."""
+    checks = [c.check[0].upper() + c.check[1:] for c in causes if c.check]
+    if not checks:
+        return first
+    summary = "Rule out the causes in order: " + ", ".join(c.name for c in causes)
+    if first is None:
+        return Recommendation(summary=summary, steps=tuple(checks))
+    return Recommendation(
+        summary=first.summary,
+        steps=tuple(dict.fromkeys([*first.steps, *checks])),
+        config_changes=dict(first.config_changes),
+        restart_from_scratch=first.restart_from_scratch,
     )
