@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, TypeVar
 
+from lora_doctor.diagnosis.crashes import Crash
+
 __all__ = [
     "AdapterFacts",
     "LayerFacts",
@@ -237,6 +239,11 @@ class RunFacts:
         vllm_max_lora_rank: the largest LoRA rank the vLLM engine that serves generations accepts
             (its ``max_lora_rank``), when the run generates through vLLM with LoRA.
         memory: what the memory probe read (None when no probe ran, e.g. offline).
+        crash: the error that ended training and what the Trainer's objects told at that moment
+            (None when training did not die, or died of out-of-memory, recorded in ``memory.oom``).
+        saved_global_step: offline, the ``global_step`` of the trainer state read (None live).
+        saved_checkpoint: offline, the ``checkpoint-N`` folder the trainer state was read from
+            (None when it is a run's own state).
         spectrum: snapshots of the learned updates' spectra, oldest first (the spectrum probe).
         spectrum_notes: why the spectrum could not be read for some layers (4-bit base without
             bitsandbytes, FSDP1 flat parameters ...).
@@ -273,6 +280,9 @@ class RunFacts:
     checkpoint_adapters: dict[str, AdapterFacts] = field(default_factory=dict)
     vllm_max_lora_rank: int | None = None
     memory: MemoryFacts | None = None
+    crash: Crash | None = None
+    saved_global_step: int | None = None
+    saved_checkpoint: str | None = None
     # --- rank ---
     spectrum: list[SpectrumSnapshot] = field(default_factory=list)
     spectrum_notes: list[str] = field(default_factory=list)
@@ -305,6 +315,8 @@ class RunFacts:
                 }
         if isinstance(values.get("memory"), Mapping):
             values["memory"] = _dataclass_from(MemoryFacts, values["memory"])
+        if isinstance(values.get("crash"), Mapping):
+            values["crash"] = Crash.from_dict(values["crash"])
         if isinstance(values.get("layers"), list):
             values["layers"] = [
                 _dataclass_from(LayerFacts, lf)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import cache
 
-from lora_doctor.checks import adapter, curves, ecosystem, memory, rank
+from lora_doctor.checks import adapter, curves, ecosystem, memory, rank, run
 from lora_doctor.checks.base import Check, Context, Phase
 
 __all__ = ["ALL_CHECKS", "Check", "Context", "Phase", "known_names"]
@@ -15,6 +15,7 @@ ALL_CHECKS: tuple[type[Check], ...] = (
     *memory.CHECKS,
     *rank.CHECKS,
     *curves.CHECKS,
+    *run.CHECKS,
 )
 
 
