@@ -485,7 +485,7 @@ def _fp16_weights(m: re.Match[str], crash: Crash, run: RunFacts) -> Verdict:
     support: list[str] = []
     against: list[str] = []
     if f.trainable_fp16_count:
-        names = ", ".join(f.trainable_fp16)
+        names = ", ".join(f.trainable_fp16[:3])
         support.append(f"{f.trainable_fp16_count} trainable tensors are float16 (e.g. {names})")
     elif f.trainable_dtypes:
         against.append(f"the trainable tensors are {sorted(f.trainable_dtypes)}, none float16")
@@ -590,7 +590,7 @@ def _placement_fix() -> Recommendation:
 def _kbit_placement(m: re.Match[str], crash: Crash, run: RunFacts) -> Verdict:
     f = crash.facts
     variant = m.group("variant")
-    support = [f"the model is {f.quantization or 'quantized'} with bitsandbytes"]
+    support = [f"the model is {f.quantization} with bitsandbytes"] if f.quantization else []
     if f.device_map:
         support.append(f"its hf_device_map places it on {', '.join(f.device_map)}")
     if variant.startswith("with CPU or disk offload"):
@@ -1039,19 +1039,34 @@ SIGNATURES: tuple[Signature, ...] = (
 # --- classification ------------------------------------------------------------------------------
 
 _EVAL_FRAMES = frozenset({"evaluate", "evaluation_loop", "prediction_step", "predict"})
-_STEP_FRAMES = frozenset({"training_step", "compute_loss", "get_batch_samples"})
+#: Functions of the Trainer and accelerate that run before the first step (inside ``train``).
+_SETUP_FRAMES = frozenset(
+    {
+        "prepare",
+        "prepare_model",
+        "_prepare_one",
+        "_wrap_model",
+        "create_optimizer",
+        "create_optimizer_and_scheduler",
+        "get_train_dataloader",
+        "_load_from_checkpoint",
+    }
+)
+_STEP_FRAMES = frozenset({"_inner_training_loop", "training_step", "compute_loss"})
 
 
 def _moment(crash: Crash) -> tuple[str, int]:
-    """Where in the run it died (evaluation, a training step, or outside the steps) and the step
-    to report: the step being computed, or the last completed one outside a step."""
+    """Where in the run it died and the step to report: the step being computed when it died in
+    the training loop, else the last completed one (set-up, evaluation, a custom loop)."""
     names = {name for _, name, _ in crash.frames}
     done = crash.completed_steps
     if names & _EVAL_FRAMES:
         return "evaluation", done
+    if names & _SETUP_FRAMES:
+        return "set-up, before the first step", done
     if names & _STEP_FRAMES:
         return "the training step", done + 1
-    return ("set-up, before the first step" if done == 0 else "training"), done
+    return "training", done
 
 
 def _short_path(path: str) -> str:
