@@ -740,3 +740,32 @@ def test_last_readings_name_the_last_finite_values() -> None:
     assert (
         "loss 2 (step 1), grad_norm 0.5 (step 2), learning_rate 0.0002 (step 1)" in finding.message
     )
+
+
+# --- the GPU script ---------------------------------------------------------------------------------
+def _gpu_script() -> Any:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_crashes.py"
+    spec = importlib.util.spec_from_file_location("gpu_crashes", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_script_refuses_without_cuda(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _gpu_script().main(["--out", str(tmp_path)]) == 2
+
+
+@pytest.mark.slow
+def test_gpu_script_dry_run_passes(tmp_path: Path) -> None:
+    """Part (a) on CPU, in its own process as on the GPU: IndexError instead of the device-side
+    assert, the same finding."""
+    assert _gpu_script().main(["--dry", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "device-side-assert" / "result0.json").read_text())
+    assert result == {
+        "surfaced": {"error": "IndexError", "message": "index out of range in self"},
+        "failed": [],
+    }

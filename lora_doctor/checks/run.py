@@ -71,14 +71,16 @@ class TrainingStoppedEarly(Check):
                 step=reached,
             )
             return
-        reasons = "early stopping, a stop_on finding or another callback, an error, a manual stop"
-        if facts.saved_global_step is not None:
-            reasons += ", or a run still going (its state is saved as it trains)"
+        reasons = ["early stopping", "a stop_on finding or another callback", "an error"]
+        reasons.append("a manual stop")
+        if facts.saved_global_step is not None:  # offline
+            reasons += ["a run still going", "a checkpoint's state copied out of its folder"]
+        why = ", ".join(reasons[:-1]) + ", or " + reasons[-1]
         yield self.finding(
             ctx,
             f"Training stopped at step {reached} of {planned}",
             f"The last step is {reached} of the {planned} planned (max_steps): {share:.0%} of the "
-            f"run. The log does not say why ({reasons}); the curves and findings above cover only "
+            f"run. The log does not say why ({why}); the curves and findings above cover only "
             "the steps that ran.",
             evidence,
             step=reached,

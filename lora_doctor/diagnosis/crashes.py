@@ -339,7 +339,7 @@ def _pad_token(m: re.Match[str], crash: Crash, run: RunFacts) -> Verdict:
     elif f.pad_token is not None:
         against.append(f"the collator's tokenizer ({f.tokenizer}) has pad_token={f.pad_token!r}")
     choice = (
-        f"tokenizer.pad_token = tokenizer.unk_token (an existing token, {f.unk_token!r})"
+        f"tokenizer.pad_token = tokenizer.unk_token ({f.unk_token!r}), or tokenizer.eos_token,"
         if f.unk_token
         else "tokenizer.pad_token = tokenizer.eos_token"
     )
@@ -351,7 +351,7 @@ def _pad_token(m: re.Match[str], crash: Crash, run: RunFacts) -> Verdict:
         Recommendation(
             summary="Give the tokenizer a pad token before building the data collator",
             steps=(
-                f"Before the collator and the Trainer are built: {choice}",
+                f"Before the collator and the Trainer are built: {choice.rstrip(',')}",
                 "Padding is masked by the attention mask, so any existing token works; with "
                 "DataCollatorForLanguageModeling a pad token equal to eos_token also hides the real "
                 "end-of-sequence tokens from the labels, so prefer another token when the model must "

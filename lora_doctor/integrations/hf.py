@@ -109,9 +109,11 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
             the CUDA caching allocator's counters when None. Pass your own for another accelerator
             or to script readings in tests.
 
-    When training dies of an error (CUDA out-of-memory above all), the diagnosis is still written,
-    with an ``out-of-memory`` finding, and the error goes on unchanged (see
-    :mod:`lora_doctor.integrations.guard`); :func:`lora_doctor.watch` is the explicit form, for
+    When training dies of an error, the diagnosis is still written, with an ``out-of-memory``
+    finding for CUDA out-of-memory and a ``training-died`` finding (the cause and the fix, when the
+    doctor knows the error; docs/crashes.md) for any other, and the error goes on unchanged (see
+    :mod:`lora_doctor.integrations.guard`); another process than the main one writes its own
+    ``lora_doctor.rank<N>.json``. :func:`lora_doctor.watch` is the explicit form, for
     ``trainer.evaluate()`` in a notebook or a custom loop.
 
     Raises:

@@ -38,8 +38,9 @@ def watch(
     *,
     memory_reader: MemoryReader | None = None,
 ) -> Iterator[None]:
-    """Records an error that ends training (CUDA out-of-memory above all) in the diagnosis, writes
-    it, and lets the error go on unchanged.
+    """Records an error that ends training in the diagnosis (``out-of-memory`` for CUDA
+    out-of-memory, else ``training-died`` with its cause when the doctor knows it), writes it, and
+    lets the error go on unchanged.
 
     The callback already does this for ``trainer.train()``; use ``watch`` where that does not
     reach: a notebook cell that calls ``trainer.evaluate()``, or a custom loop that feeds a
