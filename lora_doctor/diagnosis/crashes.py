@@ -291,7 +291,6 @@ class Signature:
         check: the fact check.
         evident: the message names the cause by itself: claimed when no fact is against it, even
             if none could be read. Otherwise a fact must support it.
-        source: where the message comes from (library and function), for the docs.
     """
 
     key: str
@@ -300,7 +299,6 @@ class Signature:
     raised_in: tuple[str, ...]
     check: FactCheck
     evident: bool
-    source: str
 
     def match(self, crash: Crash) -> re.Match[str] | None:
         """The pattern's match in the first exception of the chain of a fitting type."""
@@ -885,11 +883,8 @@ def _sig(
     check: FactCheck,
     *,
     evident: bool,
-    source: str,
 ) -> Signature:
-    return Signature(
-        key, frozenset(types), re.compile(pattern, re.S), raised_in, check, evident, source
-    )
+    return Signature(key, frozenset(types), re.compile(pattern, re.S), raised_in, check, evident)
 
 
 _LOSS_NO_GRAD = (
@@ -906,7 +901,6 @@ SIGNATURES: tuple[Signature, ...] = (
         ("transformers/tokenization_utils_base.py:_get_padding_truncation_strategies",),
         _pad_token,
         evident=True,
-        source="transformers PreTrainedTokenizerBase._get_padding_truncation_strategies",
     ),
     _sig(
         "fp16-trainable-weights",
@@ -915,7 +909,6 @@ SIGNATURES: tuple[Signature, ...] = (
         ("torch/amp/grad_scaler.py:_unscale_grads_",),
         _fp16_weights,
         evident=True,
-        source="torch.amp.GradScaler._unscale_grads_",
     ),
     _sig(
         "ddp-reentrant-checkpointing",
@@ -924,7 +917,6 @@ SIGNATURES: tuple[Signature, ...] = (
         ("torch/autograd/graph.py:_engine_run_backward",),
         _ddp_reentrant,
         evident=False,
-        source="torch DistributedDataParallel reducer",
     ),
     _sig(
         "quantized-model-placement",
@@ -934,7 +926,6 @@ SIGNATURES: tuple[Signature, ...] = (
         ("accelerate/accelerator.py:prepare_model",),
         _kbit_placement,
         evident=True,
-        source="accelerate Accelerator.prepare_model",
     ),
     _sig(
         "device-map-in-distributed-run",
@@ -944,7 +935,6 @@ SIGNATURES: tuple[Signature, ...] = (
         ("accelerate/accelerator.py:prepare_model", "accelerate/accelerator.py:prepare"),
         _device_map_ddp,
         evident=True,
-        source="accelerate Accelerator.prepare / prepare_model",
     ),
     _sig(
         "token-id-past-embedding",
@@ -953,7 +943,6 @@ SIGNATURES: tuple[Signature, ...] = (
         ("torch/nn/functional.py:embedding",),
         _token_ids,
         evident=False,
-        source="torch.nn.functional.embedding (CPU); CUDA indexSelect kernel assert",
     ),
     _sig(
         "dtype-mismatch",
@@ -965,7 +954,6 @@ SIGNATURES: tuple[Signature, ...] = (
         ("torch/nn/modules/linear.py:forward",),
         _dtype_mismatch,
         evident=False,
-        source="torch matmul / linear dtype checks",
     ),
     _sig(
         "no-trainable-parameters",
@@ -974,7 +962,6 @@ SIGNATURES: tuple[Signature, ...] = (
         ("torch/autograd/graph.py:_engine_run_backward", "deepspeed/runtime/engine.py:backward"),
         _no_trainable,
         evident=False,
-        source="torch.autograd.backward; deepspeed DeepSpeedEngine.backward",
     ),
     _sig(
         "checkpointing-without-input-grads",
@@ -983,7 +970,6 @@ SIGNATURES: tuple[Signature, ...] = (
         ("torch/autograd/graph.py:_engine_run_backward", "deepspeed/runtime/engine.py:backward"),
         _checkpointing,
         evident=False,
-        source="torch.autograd.backward; deepspeed DeepSpeedEngine.backward",
     ),
     _sig(
         "device-mismatch",
@@ -993,7 +979,6 @@ SIGNATURES: tuple[Signature, ...] = (
         (),
         _device_mismatch,
         evident=False,
-        source="torch device checks of operators",
     ),
     _sig(
         "vllm-max-lora-rank",
@@ -1002,7 +987,6 @@ SIGNATURES: tuple[Signature, ...] = (
         ("vllm/lora/worker_manager.py:_load_adapter", "vllm/lora/peft_helper.py:validate_legal"),
         _vllm_rank,
         evident=True,
-        source="vLLM WorkerLoRAManager._load_adapter / PEFTHelper.validate_legal",
     ),
     _sig(
         "labels-not-padded",
@@ -1011,7 +995,6 @@ SIGNATURES: tuple[Signature, ...] = (
         ("transformers/tokenization_utils_base.py:convert_to_tensors",),
         _unpadded,
         evident=False,
-        source="transformers BatchEncoding.convert_to_tensors",
     ),
     _sig(
         "collective-failed",
@@ -1021,7 +1004,6 @@ SIGNATURES: tuple[Signature, ...] = (
         (),
         _collective,
         evident=True,
-        source="torch ProcessGroupNCCL watchdog; gloo transport",
     ),
     _sig(
         "no-labels",
@@ -1031,7 +1013,6 @@ SIGNATURES: tuple[Signature, ...] = (
         ("transformers/trainer.py:compute_loss",),
         _no_labels,
         evident=False,
-        source="transformers Trainer.compute_loss",
     ),
 )
 
