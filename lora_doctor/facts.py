@@ -10,10 +10,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
+from types import TracebackType
 from typing import Any, TypeVar
 
 __all__ = [
     "AdapterFacts",
+    "Crash",
+    "CrashFacts",
+    "ExceptionInfo",
     "LayerFacts",
     "LayerSpectrum",
     "MemoryFacts",
@@ -207,6 +211,215 @@ class SpectrumSnapshot:
     layers: list[LayerSpectrum] = field(default_factory=list)
 
 
+# --- the error that ended training -----------------------------------------------------------
+#: A traceback frame as plain data: (file, function, line).
+Frame = tuple[str, str, int]
+
+#: Frames kept per crash (the innermost ones) and characters kept per message.
+_MAX_FRAMES = 24
+_MAX_MESSAGE = 2000
+_MAX_CHAIN = 4
+
+
+@dataclass
+class ExceptionInfo:
+    """One exception of the chain that ended training, as plain data.
+
+    Attributes:
+        type: the qualified class name, e.g. ``"builtins.ValueError"``.
+        kinds: the class names of its MRO (``("AcceleratorError", "RuntimeError")``), so that a
+            signature written for ``RuntimeError`` also matches its subclasses.
+        message: ``str(exc)``, cut at 2,000 characters.
+    """
+
+    type: str
+    kinds: tuple[str, ...] = ()
+    message: str = ""
+
+
+@dataclass
+class CrashFacts:
+    """What the Trainer's objects told when training died; None (or empty) where not known.
+
+    Filled by :func:`lora_doctor.probes.crash.gather_crash_facts`, which never raises: a fact it
+    could not read stays unknown, and a signature that needs it stays unconfirmed.
+
+    Attributes:
+        tokenizer: class of the tokenizer that pads (the data collator's, else the Trainer's
+            ``processing_class``).
+        tokenizer_len: ``len(tokenizer)``: its vocabulary with added tokens.
+        pad_token: its pad token (None: it has none; see ``has_tokenizer``).
+        eos_token: its end-of-sequence token.
+        unk_token: its unknown token.
+        has_tokenizer: True when a tokenizer was found at all.
+        num_embeddings: rows of the model's input embedding (``get_input_embeddings()``).
+        vocab_size: ``config.vocab_size``.
+        embedding_module: the input embedding's module name (``embed_tokens``).
+        output_module: the output embedding's module name (``lm_head``).
+        model_class: the model's class (the PEFT wrapper's base model).
+        trainable_params: elements of parameters with ``requires_grad`` (true size under ZeRO-3).
+        trainable_dtypes: dtype name -> number of trainable tensors.
+        trainable_fp16: names of trainable float16 tensors (the first five).
+        trainable_fp16_count: how many trainable tensors are float16.
+        param_dtypes: floating dtype name -> number of parameter tensors (frozen and trainable).
+        devices: the distinct devices the parameters are on.
+        device_map: the distinct devices of the model's ``hf_device_map`` (empty when it has none).
+        checkpointing: True when a module of the model has gradient checkpointing on.
+        use_reentrant: the ``use_reentrant`` the model's checkpoint function passes to torch.
+        input_grads: True when the input embedding's output requires grad (the hook of
+            ``enable_input_require_grads``, or a trainable embedding).
+        checkpointing_arg: the ``TrainingArguments`` field that turns checkpointing on
+            (``activation_checkpointing`` in transformers 5, ``gradient_checkpointing`` before).
+        fp16: ``TrainingArguments.fp16``.
+        bf16: ``TrainingArguments.bf16``.
+        bf16_supported: whether the device runs bfloat16 (CUDA: compute capability 8.0 and up).
+        quantization: ``"4-bit"`` or ``"8-bit"`` for a bitsandbytes base model.
+        compute_dtype: the 4-bit base's ``bnb_4bit_compute_dtype``.
+        data_collator: the Trainer's data collator (class or function name).
+        world_size: processes in the run.
+        rank: this process's global rank.
+        ddp_timeout: ``TrainingArguments.ddp_timeout`` in seconds.
+        ddp_find_unused_parameters: ``TrainingArguments.ddp_find_unused_parameters``.
+        peer_reports: other ranks' reports of this run found beside this one, each
+            ``{"rank", "file", "title"}`` (the first to die wrote one).
+    """
+
+    tokenizer: str | None = None
+    tokenizer_len: int | None = None
+    pad_token: str | None = None
+    eos_token: str | None = None
+    unk_token: str | None = None
+    has_tokenizer: bool = False
+    num_embeddings: int | None = None
+    vocab_size: int | None = None
+    embedding_module: str | None = None
+    output_module: str | None = None
+    model_class: str | None = None
+    trainable_params: int | None = None
+    trainable_dtypes: dict[str, int] = field(default_factory=dict)
+    trainable_fp16: list[str] = field(default_factory=list)
+    trainable_fp16_count: int = 0
+    param_dtypes: dict[str, int] = field(default_factory=dict)
+    devices: list[str] = field(default_factory=list)
+    device_map: list[str] = field(default_factory=list)
+    checkpointing: bool | None = None
+    use_reentrant: bool | None = None
+    input_grads: bool | None = None
+    checkpointing_arg: str = "gradient_checkpointing"
+    fp16: bool | None = None
+    bf16: bool | None = None
+    bf16_supported: bool | None = None
+    quantization: str | None = None
+    compute_dtype: str | None = None
+    data_collator: str | None = None
+    world_size: int | None = None
+    rank: int | None = None
+    ddp_timeout: int | None = None
+    ddp_find_unused_parameters: bool | None = None
+    peer_reports: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Crash:
+    """The error that ended training, as plain data (kept in ``RunFacts.crash``).
+
+    Attributes:
+        exceptions: the exception that escaped first, then the ones it was raised from
+            (``__cause__``/``__context__``), at most four.
+        frames: the escaping exception's traceback as (file, function, line), innermost last
+            (the 24 innermost frames).
+        completed_steps: optimizer steps finished before the error (``state.global_step``).
+        facts: what the Trainer's objects told at that moment.
+    """
+
+    exceptions: list[ExceptionInfo]
+    frames: list[Frame] = field(default_factory=list)
+    completed_steps: int = 0
+    facts: CrashFacts = field(default_factory=CrashFacts)
+
+    @classmethod
+    def from_exception(
+        cls, exc: BaseException, completed_steps: int, facts: CrashFacts | None = None
+    ) -> Crash:
+        """Reads an exception (and the chain it was raised from) into plain data.
+
+        Example:
+            >>> crash = Crash.from_exception(ValueError("bad batch"), completed_steps=3)
+            >>> crash.exceptions[0].type, crash.completed_steps
+            ('builtins.ValueError', 3)
+        """
+        chain: list[ExceptionInfo] = []
+        seen: set[int] = set()
+        current: BaseException | None = exc
+        while current is not None and id(current) not in seen and len(chain) < _MAX_CHAIN:
+            seen.add(id(current))
+            kind = type(current)
+            chain.append(
+                ExceptionInfo(
+                    type=f"{kind.__module__}.{kind.__qualname__}",
+                    kinds=tuple(
+                        k.__name__
+                        for k in kind.__mro__
+                        if k not in (object, BaseException, Exception)
+                    ),
+                    message=_text(current)[:_MAX_MESSAGE],
+                )
+            )
+            current = current.__cause__ or current.__context__
+        return cls(chain, _frames(exc.__traceback__), int(completed_steps), facts or CrashFacts())
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Crash:
+        """Reads a crash back from ``dataclasses.asdict`` form; unknown keys are ignored."""
+        known = {f.name for f in fields(CrashFacts)}
+        facts = data.get("facts") if isinstance(data.get("facts"), Mapping) else {}
+        return cls(
+            exceptions=[
+                ExceptionInfo(
+                    type=str(e.get("type", "")),
+                    kinds=tuple(str(k) for k in e.get("kinds") or ()),
+                    message=str(e.get("message", "")),
+                )
+                for e in data.get("exceptions") or ()
+                if isinstance(e, Mapping)
+            ],
+            frames=[
+                (str(f[0]), str(f[1]), int(f[2]))
+                for f in data.get("frames") or ()
+                if isinstance(f, (list, tuple)) and len(f) == 3
+            ],
+            completed_steps=int(data.get("completed_steps") or 0),
+            facts=CrashFacts(**{k: v for k, v in facts.items() if k in known}),  # type: ignore[union-attr]
+        )
+
+    @property
+    def error(self) -> ExceptionInfo:
+        """The exception that escaped ``train``."""
+        return self.exceptions[0] if self.exceptions else ExceptionInfo("builtins.Exception")
+
+    @property
+    def type_name(self) -> str:
+        """The escaping exception's class name without its module (``ValueError``)."""
+        return self.error.type.rsplit(".", 1)[-1]
+
+
+def _text(exc: BaseException) -> str:
+    """``str(exc)``, or its ``repr`` when its ``__str__`` raises."""
+    try:
+        return str(exc)
+    except Exception:
+        return object.__repr__(exc)
+
+
+def _frames(tb: TracebackType | None) -> list[Frame]:
+    frames: list[Frame] = []
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        frames.append((code.co_filename, code.co_name, int(tb.tb_lineno)))
+        tb = tb.tb_next
+    return frames[-_MAX_FRAMES:]
+
+
 @dataclass
 class SetupFacts:
     """How the run is set up: what the causes of a symptom are judged against and what their fixes
@@ -301,6 +514,11 @@ class RunFacts:
         vllm_max_lora_rank: the largest LoRA rank the vLLM engine that serves generations accepts
             (its ``max_lora_rank``), when the run generates through vLLM with LoRA.
         memory: what the memory probe read (None when no probe ran, e.g. offline).
+        crash: the error that ended training and what the Trainer's objects told at that moment
+            (None when training did not die, or died of out-of-memory, recorded in ``memory.oom``).
+        saved_global_step: offline, the ``global_step`` of the trainer state read (None live).
+        saved_checkpoint: offline, the ``checkpoint-N`` folder the trainer state was read from
+            (None when it is a run's own state).
         spectrum: snapshots of the learned updates' spectra, oldest first (the spectrum probe).
         spectrum_notes: why the spectrum could not be read for some layers (4-bit base without
             bitsandbytes, FSDP1 flat parameters ...).
@@ -340,6 +558,9 @@ class RunFacts:
     checkpoint_adapters: dict[str, AdapterFacts] = field(default_factory=dict)
     vllm_max_lora_rank: int | None = None
     memory: MemoryFacts | None = None
+    crash: Crash | None = None
+    saved_global_step: int | None = None
+    saved_checkpoint: str | None = None
     # --- rank ---
     spectrum: list[SpectrumSnapshot] = field(default_factory=list)
     spectrum_notes: list[str] = field(default_factory=list)
@@ -377,6 +598,8 @@ class RunFacts:
             values["setup"] = _dataclass_from(SetupFacts, values["setup"])
         elif "setup" in values:
             del values["setup"]
+        if isinstance(values.get("crash"), Mapping):
+            values["crash"] = Crash.from_dict(values["crash"])
         if isinstance(values.get("layers"), list):
             values["layers"] = [
                 _dataclass_from(LayerFacts, lf)

@@ -142,9 +142,15 @@ def _int(value: Any) -> int:
 
 
 def facts_from_files(run: RunFiles) -> RunFacts:
-    """The run facts a saved run tells: planned length, peak learning rate, adapter config."""
+    """The run facts a saved run tells: planned length, the step reached (and whether the state is a
+    checkpoint's), peak learning rate, adapter config."""
     facts = RunFacts()
     facts.max_steps = _int(run.state.get("max_steps"))
+    if "global_step" in run.state:
+        facts.saved_global_step = _int(run.state.get("global_step"))
+    folder = run.state_path.parent if run.state_path is not None else None
+    if folder is not None and _CHECKPOINT.match(folder.name):
+        facts.saved_checkpoint = folder.name
     epochs = run.state.get("num_train_epochs")
     # an "infinite" epoch count (sys.maxsize when max_steps drives the run) is not a plan
     if isinstance(epochs, (int, float)) and not isinstance(epochs, bool) and 0 < epochs < 1e6:

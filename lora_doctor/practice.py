@@ -15,7 +15,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["LrRange", "lr_range", "optimizer_family"]
+__all__ = ["VLLM_LORA_RANKS", "LrRange", "lr_range", "optimizer_family"]
+
+#: The values vLLM accepts for ``max_lora_rank`` (TRL's ``VLLM_LORA_RANKS``, from vLLM's LoRAConfig).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 @dataclass(frozen=True)

@@ -230,13 +230,14 @@ def test_watch_custom_loop_with_doctor(tmp_path: Path) -> None:
     )
 
 
-def test_watch_leaves_other_errors_alone_but_writes_report(tmp_path: Path) -> None:
+def test_watch_reports_other_errors_without_memory_figures(tmp_path: Path) -> None:
     doctor = Doctor(emit=False)
     doctor.run_phase(Phase.SETUP)
     path = tmp_path / "d.json"
     with pytest.raises(KeyError), watch(doctor, report_path=path):
         raise KeyError("batch")
-    assert json.loads(path.read_text())["findings"] == []
+    (died,) = json.loads(path.read_text())["findings"]
+    assert (died["slug"], died["title"]) == ("training-died", "Training died of KeyError at step 0")
 
 
 @pytest.mark.parametrize(

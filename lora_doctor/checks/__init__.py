@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from lora_doctor.checks import adapter, curves, ecosystem, memory, rank
+from lora_doctor.checks import adapter, curves, ecosystem, memory, rank, run
 from lora_doctor.checks.base import Cadence, Check, Context, Phase, Points, Read, Reads
 
 __all__ = [
     "BUILTIN_CHECKS",
-    "OUTSIDE_FINDINGS",
     "Cadence",
     "Check",
     "Context",
@@ -31,10 +30,8 @@ BUILTIN_CHECKS: tuple[type[Check], ...] = (
     *memory.CHECKS,
     *rank.CHECKS,
     *curves.CHECKS,
+    *run.CHECKS,
 )
-
-#: (code, slug) of findings made outside the checks (from an error that ended training).
-OUTSIDE_FINDINGS: tuple[tuple[str, str], ...] = (("LD501", "training-died"),)
 
 
 class Registry:
@@ -66,8 +63,7 @@ class Registry:
                         f"check {type(check).__name__} reuses the name {name!r} of check {owner}: "
                         "give each check its own code and slug"
                     )
-        outside = {name for pair in OUTSIDE_FINDINGS for name in pair}
-        self.names: frozenset[str] = frozenset(codes) | outside
+        self.names: frozenset[str] = frozenset(codes)
 
     def validate(self, field: str, names: Iterable[str]) -> None:
         """Raises a ValueError naming the unknown finding names among ``names``.

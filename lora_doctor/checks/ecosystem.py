@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from lora_doctor.checks.base import Check, Context, Phase
 from lora_doctor.facts import AdapterFacts
 from lora_doctor.findings import Finding, Recommendation, Severity
+from lora_doctor.practice import VLLM_LORA_RANKS
 
 __all__ = [
     "CHECKS",
@@ -20,8 +21,6 @@ __all__ = [
 #: Trainer names (TRL's, and Unsloth's patched ``Unsloth...Trainer``) of online RL: the policy
 #: generates, a reward scores it.
 _ONLINE_RL = ("GRPO", "RLOO", "PPO", "OnlineDPO", "NashMD", "XPO")
-#: The values vLLM accepts for ``max_lora_rank`` (TRL's ``VLLM_LORA_RANKS``, from vLLM's LoRAConfig).
-_VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 #: Trainer names of offline preference optimisation.
 _PREFERENCE = ("DPO", "ORPO", "KTO", "CPO", "BCO", "Reward")
 
@@ -195,7 +194,7 @@ class VllmLoraRankTooSmall(Check):
             r = _max_rank(adapter)
             if r is None or r <= limit:
                 continue
-            fit = next((v for v in _VLLM_RANKS if v >= r), _VLLM_RANKS[-1])
+            fit = next((v for v in VLLM_LORA_RANKS if v >= r), VLLM_LORA_RANKS[-1])
             yield self.finding(
                 ctx,
                 f"Adapter '{name}' has r={r} but vLLM's max_lora_rank is {limit}",

@@ -6,5 +6,5 @@ down, and the ranked candidate causes of each symptom, with fixes built from the
 (DESIGN.md section 1, "The check contract", layer 3).
 
 Modules: ``reasoning`` (the pass the engine runs), ``causes`` (candidate causes and the fixes
-built from facts).
+built from facts), ``crashes`` (why a run died of an exception).
 """

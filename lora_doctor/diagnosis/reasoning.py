@@ -33,6 +33,8 @@ __all__ = ["EXPLAINED_BY", "run"]
 EXPLAINED_BY: dict[str, tuple[str, ...]] = {
     "loss-plateau": ("zero-loss", "loss-divergence", "non-finite-values"),
     "rank-inconclusive": ("rank-saturated",),
+    "training-died": ("out-of-memory", "rank-changed-on-resume"),
+    "training-stopped-early": ("training-died", "out-of-memory", "rank-changed-on-resume"),
 }
 
 

@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import logging
 import os
+import time
 import weakref
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -40,9 +41,15 @@ from lora_doctor.integrations.resume import (
     resolve_checkpoint,
 )
 from lora_doctor.probes.base import Event, Probe
+from lora_doctor.probes.crash import rank_report_path, record_crash
 from lora_doctor.probes.dist import RankReadings
 from lora_doctor.probes.ecosystem import vllm_max_lora_rank
-from lora_doctor.probes.memory import MemoryProbe, MemoryReader, record_out_of_memory
+from lora_doctor.probes.memory import (
+    MemoryProbe,
+    MemoryReader,
+    is_out_of_memory,
+    record_out_of_memory,
+)
 from lora_doctor.probes.model import AdapterProbe
 from lora_doctor.probes.setup import SetupProbe, read_setup
 from lora_doctor.probes.spectrum import SpectrumProbe
@@ -107,9 +114,11 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
         extra_checks: your own :class:`~lora_doctor.checks.Check` classes, run beside the built-in
             ones; their slugs can be used in ``ignore`` and ``stop_on``.
 
-    When training dies of an error (CUDA out-of-memory above all), the diagnosis is still written,
-    with an ``out-of-memory`` finding, and the error goes on unchanged (see
-    :mod:`lora_doctor.integrations.guard`); :func:`lora_doctor.watch` is the explicit form, for
+    When training dies of an error, the diagnosis is still written, with an ``out-of-memory``
+    finding for CUDA out-of-memory and a ``training-died`` finding (the cause and the fix, when the
+    doctor knows the error; docs/crashes.md) for any other, and the error goes on unchanged (see
+    :mod:`lora_doctor.integrations.guard`); another process than the main one writes its own
+    ``lora_doctor.rank<N>.json``. :func:`lora_doctor.watch` is the explicit form, for
     ``trainer.evaluate()`` in a notebook or a custom loop.
 
     Raises:
@@ -167,6 +176,9 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
         self.doctor: Doctor | None = None
         self._trainer: weakref.ref[Any] | None = None
         self._failed_id: int | None = None
+        #: When the current ``train`` call began (``time.time()``): rank reports older than it
+        #: belong to an earlier run.
+        self._since: float | None = None
         self._probes: list[Probe] = []
         self._broken = False
         self._stopped = False
@@ -248,6 +260,7 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
         trainer = guard.find_trainer()
         if trainer is not None and not guard.is_installed(trainer):
             guard.guard_steps(trainer, self._train_failed)  # this train() call began unguarded
+            self._since = time.time()
         self._attach(trainer)
         self._failed_id = None
         self.doctor = Doctor(
@@ -383,6 +396,7 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
     def _before_train(self, trainer: Any, resume: Any) -> None:
         """``trainer.train`` was called."""
         guard.unguard_steps(trainer)  # guarded from here: the step guard's call has ended
+        self._since = time.time()
 
     def _apply_resume(
         self, facts: RunFacts, trainer: Any, error: BaseException | None = None
@@ -399,7 +413,9 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
 
     def _train_failed(self, trainer: Any, error: BaseException) -> None:
         """``trainer.train`` is dying of ``error``: diagnose what can be (a rank changed on resume,
-        what the probes make of the error) and leave the JSON; the error then propagates.
+        an out-of-memory error, else the crash's cause: ``training-died``) and leave the JSON; the
+        error then propagates. A process other than the main one leaves its own
+        ``lora_doctor.rank<N>.json`` beside the report (the main process may never hear of it).
 
         The same error is recorded once, however many guards it passes through."""
         if self._failed_id == id(error):
@@ -425,8 +441,9 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
             facts.has_lora = bool(facts.adapters) or None
             self._apply_resume(facts, trainer, error)
             self.doctor.run_phase(Phase.SETUP, 0)
-            if record_out_of_memory(self.doctor, error, 0, self.memory_reader):
-                self.doctor.run_phase(Phase.END, 0)
+            if not record_out_of_memory(self.doctor, error, 0, self.memory_reader):
+                self._record_crash(trainer, error, 0)
+            self.doctor.run_phase(Phase.END, 0)
         else:
             event = Event(
                 doctor=self.doctor,
@@ -445,9 +462,28 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
                         probe.name,
                         exc_info=True,
                     )
-            self.doctor.run_phase(Phase.END, int(getattr(state, "global_step", 0) or 0))
-        if is_main and args is not None:
-            self.write_report(args)
+            step = int(getattr(state, "global_step", 0) or 0)
+            if not is_out_of_memory(error):
+                self._record_crash(trainer, error, step)
+            self.doctor.run_phase(Phase.END, step)
+        if args is not None:
+            rank = int(getattr(args, "process_index", 0) or 0)
+            self.write_report(args, rank=None if is_main else rank)
+
+    def _record_crash(self, trainer: Any, error: BaseException, step: int) -> None:
+        """Records the crash for the ``training-died`` check; an error here never stops the
+        report from being written."""
+        assert self.doctor is not None
+        try:
+            args = getattr(trainer, "args", None)
+            report = self._report_file(args) if args is not None else None
+            record_crash(self.doctor, error, step, trainer, report=report, since=self._since)
+        except Exception:
+            logger.warning(
+                "lora-doctor: could not read the facts of the error that ended training; the "
+                "error itself goes on unchanged.",
+                exc_info=True,
+            )
 
     def record_failure(self, error: BaseException, trainer: Any = None) -> None:
         """Records the error that ended training and writes the diagnosis, as the guard does;
@@ -492,11 +528,26 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
         }
 
     # --- output -----------------------------------------------------------------------------------
-    def write_report(self, args: Any) -> Path | None:
-        """Writes the diagnosis JSON (atomically) and returns its path; None when disabled."""
-        if self.doctor is None or isinstance(self.report_path, bool):
-            return None  # False: no file (True is refused in __init__)
-        path = Path(self.report_path) if self.report_path else Path(args.output_dir) / REPORT_NAME
+    def _report_file(self, args: Any) -> Path | None:
+        """The report's path: ``report_path``, else ``<output_dir>/lora_doctor.json``; None when
+        disabled (``report_path=False``; True is refused in __init__)."""
+        if isinstance(self.report_path, bool):
+            return None
+        return Path(self.report_path) if self.report_path else Path(args.output_dir) / REPORT_NAME
+
+    def write_report(self, args: Any, rank: int | None = None) -> Path | None:
+        """Writes the diagnosis JSON (atomically) and returns its path; None when disabled.
+
+        Args:
+            args: the ``TrainingArguments`` (their ``output_dir`` holds the default path).
+            rank: for a process other than the main one, its global rank: the report then goes
+                beside the main one as ``<stem>.rank<N><suffix>`` (``lora_doctor.rank1.json``).
+        """
+        path = self._report_file(args)
+        if self.doctor is None or path is None:
+            return None
+        if rank is not None:
+            path = rank_report_path(path, rank)
         self.doctor.diagnosis("live").to_json(path)
         logger.info("lora-doctor: diagnosis written to %s", path)
         return path

@@ -10,6 +10,7 @@ from typing import Any
 
 from lora_doctor.checks import Phase
 from lora_doctor.engine import Doctor
+from lora_doctor.probes.crash import record_crash
 from lora_doctor.probes.memory import MemoryReader, record_out_of_memory
 
 __all__ = ["watch"]
@@ -37,8 +38,9 @@ def watch(
     *,
     memory_reader: MemoryReader | None = None,
 ) -> Iterator[None]:
-    """Records an error that ends training (CUDA out-of-memory above all) in the diagnosis, writes
-    it, and lets the error go on unchanged.
+    """Records an error that ends training in the diagnosis (``out-of-memory`` for CUDA
+    out-of-memory, else ``training-died`` with its cause when the doctor knows it), writes it, and
+    lets the error go on unchanged.
 
     The callback already does this for ``trainer.train()``; use ``watch`` where that does not
     reach: a notebook cell that calls ``trainer.evaluate()``, or a custom loop that feeds a
@@ -98,10 +100,11 @@ def _record(
     report_path: str | os.PathLike[str] | None,
     reader: MemoryReader | None,
 ) -> None:
-    """Records ``exc`` in a custom loop's doctor, runs the END checks and writes the diagnosis;
-    never raises."""
+    """Records ``exc`` in a custom loop's doctor (out-of-memory, else the crash for
+    ``training-died``), runs the END checks and writes the diagnosis; never raises."""
     try:
-        record_out_of_memory(doctor, exc, doctor.step, reader)
+        if not record_out_of_memory(doctor, exc, doctor.step, reader):
+            record_crash(doctor, exc, doctor.step)
         doctor.run_phase(Phase.END, doctor.step)
         if report_path is not None:
             doctor.diagnosis("live").to_json(report_path)
