@@ -153,7 +153,7 @@ class DoctorConfig:
     oom_growth_min_readings: int = _opt(
         5,
         "Memory readings (the first one, which holds the warm-up, left out) needed before the "
-        "peak's growth is extrapolated to max_steps.",
+        "growth of the memory held between steps is extrapolated to max_steps.",
         lambda v: _positive_int(v) and v >= 3,
         "an integer >= 3",
     )
@@ -166,7 +166,7 @@ class DoctorConfig:
     oom_growth_confidence: float = _opt(
         0.95,
         "Confidence of the Theil-Sen slope interval: the growth rule fires only when the whole "
-        "interval is above zero (noise in the peak never extrapolates).",
+        "interval is above zero (noise in the held memory never extrapolates).",
         lambda v: _fraction(v) and 0 < v < 1,
         "a number in (0, 1)",
     )

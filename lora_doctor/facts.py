@@ -110,8 +110,6 @@ class MemoryFacts:
             device").
         device: the device read, e.g. ``"cuda:0"``.
         capacity: total memory of the device.
-        peaks_reset: True when each reading's peak covers only the interval since the previous
-            reading (False when the Trainer's own memory metrics need the peak since the start).
         ranks: processes whose readings were combined (the worst of each figure is kept).
         weights_by_dtype: bytes of frozen model parameters by storage type ("4-bit", "8-bit",
             "bf16", "fp16", "fp32" ...), as stored on the device.
@@ -123,10 +121,12 @@ class MemoryFacts:
         optimizer_state_bytes: bytes of optimizer states, measured after the first steps (None
             before; the estimate then predicts them from the optimizer's kind).
         static_bytes: memory allocated between steps after the first steps (weights, states).
-        first_peak_bytes: peak allocated memory during the first steps.
+        first_peak_bytes: the allocator's peak after the first steps (never reset by the doctor:
+            it covers anything earlier in the process too, such as loading the model).
         outside_bytes: device memory held outside PyTorch's allocator (CUDA context, other
             processes), at the last reading.
-        peak_bytes: the highest peak allocated of all readings (of the worst rank).
+        peak_bytes: the highest peak allocated of all readings (of the worst rank): the
+            allocator's peak, as ``torch.cuda.max_memory_allocated()`` reports it.
         last_reading: this rank's last reading, in GiB (peak, reserved, free, retries ...).
         per_device_train_batch_size: the batch size per device.
         gradient_accumulation_steps: the accumulation steps.
@@ -138,7 +138,6 @@ class MemoryFacts:
     reason: str = ""
     device: str | None = None
     capacity: int | None = None
-    peaks_reset: bool = True
     ranks: int = 1
     weights_by_dtype: dict[str, int] = field(default_factory=dict)
     trainable_numel: int = 0
