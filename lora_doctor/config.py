@@ -67,6 +67,14 @@ class DoctorConfig:
         _positive_int,
         "an integer >= 1",
     )
+    print_metrics: bool = _opt(
+        False,
+        "Also print the doctor's lora_doctor/... metrics in the log lines the Trainer prints "
+        "(progress bar, PrinterCallback). By default they go to the trackers (TensorBoard, W&B "
+        "...) and the diagnosis only, and the printed lines look as they do without the doctor.",
+        lambda v: isinstance(v, bool),
+        "True or False",
+    )
 
     # --- adapter ----------------------------------------------------------------------------------
     scaling_low: float = _opt(

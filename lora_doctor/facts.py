@@ -7,11 +7,13 @@ saved (``adapter_config.json``, ``trainer_state.json``). Every field has a neutr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, TypeVar
 
 __all__ = [
+    "SPECTRUM_DIGITS",
     "AdapterFacts",
     "LayerFacts",
     "LayerSpectrum",
@@ -157,6 +159,11 @@ class MemoryFacts:
     oom: dict[str, Any] | None = None
 
 
+#: Significant digits of the spectrum readings' numbers in the diagnosis JSON and in checkpoints
+#: (singular values, ranks and ratios; float32 arithmetic carries about 7).
+SPECTRUM_DIGITS = 4
+
+
 @dataclass
 class LayerSpectrum:
     """The learned update ``scaling * B @ A`` of one LoRA layer at one moment, as plain numbers.
@@ -192,8 +199,8 @@ class SpectrumSnapshot:
         step: the optimizer step.
         kinds: per module kind, a summary (median effective rank, stable rank, used rank, smallest
             over largest singular value, relative update, norm of B, normalised spectrum ...).
-        layers: every layer's spectrum; kept for the latest snapshots only, older ones keep their
-            ``kinds`` summary.
+        layers: every layer's spectrum; kept for the latest snapshot only, older ones keep their
+            ``kinds`` summary without its normalised ``spectrum`` list.
     """
 
     step: int
@@ -280,8 +287,18 @@ class RunFacts:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        """The facts as JSON-able data (the diagnosis file's ``run`` block builds on it)."""
-        return asdict(self)
+        """The facts as JSON-able data (the diagnosis file's ``run`` block and a checkpoint's
+        saved doctor state build on it). The spectrum readings' numbers keep
+        :data:`SPECTRUM_DIGITS` significant digits.
+
+        Example:
+            >>> snap = SpectrumSnapshot(step=4, kinds={"q_proj": {"effective_rank": 7.123456}})
+            >>> RunFacts(spectrum=[snap]).to_dict()["spectrum"][0]["kinds"]
+            {'q_proj': {'effective_rank': 7.123}}
+        """
+        data = asdict(self)
+        data["spectrum"] = _significant(data["spectrum"], SPECTRUM_DIGITS)
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RunFacts:
@@ -328,6 +345,18 @@ class RunFacts:
 
 
 _T = TypeVar("_T")
+
+
+def _significant(value: Any, digits: int) -> Any:
+    """``value`` with every finite float rounded to ``digits`` significant digits (in dicts and
+    lists too)."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}") if math.isfinite(value) else value
+    if isinstance(value, dict):
+        return {k: _significant(v, digits) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_significant(v, digits) for v in value]
+    return value
 
 
 def _dataclass_from(cls: type[_T], data: Mapping[str, Any]) -> _T:

@@ -109,7 +109,8 @@ def test_trl_trainers_run_with_the_doctor(
     assert ("rl-low-rank" in slugs) is rl_low_rank
     assert not slugs & {"adapter-not-learning", "no-trainable-params", "adapter-not-in-optimizer"}
     assert (tmp_path / "lora_doctor.json").is_file()
-    assert "lora_doctor/findings" in run.state.log_history[0]
+    assert "lora_doctor/findings" in doctor.doctor.history.entries[0]
+    assert not [k for e in run.state.log_history for k in e if k.startswith("lora_doctor/")]
 
 
 @pytest.mark.slow

@@ -8,8 +8,10 @@ Multi-process runs (DDP, FSDP, DeepSpeed): every rank runs the doctor, only the 
 writes; the one collective (per-rank readings, :mod:`lora_doctor.probes.dist`) runs on every rank at
 the same steps, whatever state the doctor is in on that rank. Trackers: the callback moves itself
 before the reporting callbacks, so its ``lora_doctor/...`` metrics reach TensorBoard, W&B and the
-others in the same logs dict, and it copies them into ``state.log_history``. Resume: the doctor's
-state is saved in each checkpoint (``ExportableState``) and taken back when training resumes.
+others in the same logs dict; the printed log lines and ``state.log_history`` (hence
+``trainer_state.json``) do not get them (:mod:`lora_doctor.integrations.console`). Resume: the
+doctor's state is saved in each checkpoint (``ExportableState``) and taken back when training
+resumes.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from lora_doctor.facts import AdapterFacts, RunFacts
 from lora_doctor.findings import Severity, to_jsonable
 from lora_doctor.history import is_eval_entry
 from lora_doctor.integrations import guard
+from lora_doctor.integrations.console import hide_from_printers
 from lora_doctor.integrations.resume import (
     checkpoint_adapters,
     ranks_from_error,
@@ -95,9 +98,12 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
             Off by default: the doctor only reports.
         check_after_steps: optimizer steps after which the adapter is checked for gradients,
             movement and shapes (default 2).
+        print_metrics: also print the doctor's ``lora_doctor/...`` metrics in the log lines the
+            Trainer prints (default False: they go to the trackers and the JSON only, and the
+            printed lines look as they do without the doctor).
         config: every other threshold, as a :class:`~lora_doctor.DoctorConfig` (or a dict of its
-            fields); ``ignore``, ``stop_on`` and ``check_after_steps`` given here take precedence
-            over its fields.
+            fields); ``ignore``, ``stop_on``, ``check_after_steps`` and ``print_metrics`` given
+            here take precedence over its fields.
         memory_reader: reads device memory (a :class:`~lora_doctor.probes.memory.MemoryReader`);
             the CUDA caching allocator's counters when None. Pass your own for another accelerator
             or to script readings in tests.
@@ -123,6 +129,7 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
         ignore: Iterable[str] | None = None,
         stop_on: Iterable[str] | None = None,
         check_after_steps: int | None = None,
+        print_metrics: bool | None = None,
         config: DoctorConfig | dict[str, Any] | None = None,
         memory_reader: MemoryReader | None = None,
     ) -> None:
@@ -150,6 +157,8 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
             overrides["stop_on"] = stop_on
         if check_after_steps is not None:
             overrides["check_after_steps"] = check_after_steps
+        if print_metrics is not None:
+            overrides["print_metrics"] = print_metrics
         base = config or DoctorConfig()
         self.config = dataclasses.replace(base, **overrides) if overrides else base
         self.report_path = report_path
@@ -284,7 +293,7 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
         self._eval_logged = evaluation
         self.doctor.observe(state.global_step, logs)
         self._run(Phase.EVAL if evaluation else Phase.LOG, state, control)
-        self._publish(state, logs)
+        self._publish(logs)
 
     @_guarded
     def on_evaluate(
@@ -310,8 +319,9 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
 
     # --- trainer, guard, trackers -----------------------------------------------------------------
     def _attach(self, trainer: Any) -> None:
-        """Learns the Trainer: its class, the guard around its ``train``, and the doctor's place
-        before the reporting callbacks."""
+        """Learns the Trainer: its class, the guard around its ``train``, the doctor's place
+        before the reporting callbacks, and its printers, which are not to print the doctor's
+        metrics."""
         if trainer is None:
             return
         self._trainer_name = type(trainer).__name__
@@ -319,12 +329,15 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
         g = guard.install(trainer)
         g.before[_GUARD_KEY] = self._before_train
         g.failed[_GUARD_KEY] = self._train_failed
-        self._move_before_reporters(getattr(trainer, "callback_handler", None))
+        handler = getattr(trainer, "callback_handler", None)
+        self._move_before_reporters(handler)
+        if not self.config.print_metrics:
+            hide_from_printers(handler)
 
     def _move_before_reporters(self, handler: Any) -> None:
-        """Puts the doctor right after ``DefaultFlowCallback``, before TensorBoard, W&B, MLflow,
-        the progress printer and any user callback, whatever order they were added in: they then
-        see the ``lora_doctor/...`` metrics the doctor adds to the logs dict.
+        """Puts the doctor right after ``DefaultFlowCallback``, before TensorBoard, W&B, MLflow
+        and any user callback, whatever order they were added in: they then see the
+        ``lora_doctor/...`` metrics the doctor adds to the logs dict.
 
         (Safe inside the handler's loop over its list: moving an element from index k to a lower
         index leaves the element after k where the loop will look next.)
@@ -336,24 +349,18 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
         flow = [i for i, cb in enumerate(callbacks) if isinstance(cb, DefaultFlowCallback)]
         callbacks.insert(flow[0] + 1 if flow else 0, self)
 
-    def _publish(self, state: Any, logs: dict[str, Any]) -> None:
-        """Adds the finding counts to the logs dict (seen by the reporting callbacks after the
-        doctor) and copies every ``lora_doctor/...`` metric into ``state.log_history``, whose entry
-        the Trainer appended before calling ``on_log``."""
+    def _publish(self, logs: dict[str, Any]) -> None:
+        """Adds the finding counts to the logs dict, for the reporting callbacks after the doctor.
+
+        ``state.log_history`` is left alone: the Trainer appended its copy of the entry before
+        calling ``on_log``, and the doctor's metrics would make ``trainer_state.json`` grow with
+        every reading (the doctor keeps them itself, and writes what it found to its JSON).
+        """
         assert self.doctor is not None
         findings = self.doctor.findings
         logs["lora_doctor/findings"] = len(findings)
         logs["lora_doctor/warnings"] = sum(f.severity is Severity.WARNING for f in findings)
         logs["lora_doctor/errors"] = sum(f.severity is Severity.ERROR for f in findings)
-        history = getattr(state, "log_history", None)
-        if not history or not isinstance(history[-1], dict):
-            return
-        entry = history[-1]
-        if entry.get("step") != getattr(state, "global_step", None) or any(
-            entry.get(k) is not v for k, v in logs.items() if not k.startswith("lora_doctor/")
-        ):
-            return  # not the entry of this logs dict: leave log_history alone
-        entry.update({k: v for k, v in logs.items() if k.startswith("lora_doctor/")})
 
     # --- resume and failures ----------------------------------------------------------------------
     def _before_train(self, trainer: Any, resume: Any) -> None:
