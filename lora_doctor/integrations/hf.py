@@ -16,6 +16,7 @@ resumes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -25,9 +26,11 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 from transformers import TrainerCallback
 from transformers.trainer_callback import DefaultFlowCallback, ExportableState
 
+from lora_doctor import __version__
 from lora_doctor.checks import Phase
 from lora_doctor.checks.ecosystem import is_rl_or_preference
 from lora_doctor.config import DoctorConfig
@@ -55,28 +58,52 @@ logger = logging.getLogger("lora_doctor")
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
+#: numpy's floating-point warnings (overflow, invalid value, division by zero) stay inside the
+#: doctor's arithmetic: the checks read non-finite results as such, and the user's stderr gets no
+#: RuntimeWarning from odd logs. A context manager of numpy's own, local to the ``with`` block.
+_QUIET_NUMPY = functools.partial(np.errstate, all="ignore")
+
 REPORT_NAME = "lora_doctor.json"
+#: Marks the config dict a checkpoint saved (:meth:`LoraDoctorCallback.state`), apart from a
+#: user's ``config={...}``; its value names the version that saved it.
+_SAVED_BY = "__saved_by__"
 #: The key of the doctor's listeners on a Trainer's train guard.
 _GUARD_KEY = "lora_doctor"
 
 
 def _guarded(hook: _F) -> _F:
-    """Runs a Trainer hook so that no error of the doctor's reaches the training loop."""
+    """Runs a Trainer hook so that no error of the doctor's reaches the training loop.
+
+    A hook that raises is switched off for the rest of the run (said once, with the traceback for
+    a bug report) and the others go on; ``on_train_begin`` builds the run's doctor, so when it
+    fails the whole doctor is off until the next run, which switches every part on again. The
+    findings so far are written at the end either way (:meth:`LoraDoctorCallback.on_train_end`
+    writes outside its guarded part).
+    """
+    name = hook.__name__
+    event = name if name.startswith("on_") else f"on{name}"  # _step_end runs in on_step_end
 
     @functools.wraps(hook)
     def wrapper(
         self: LoraDoctorCallback, args: Any, state: Any, control: Any, **kwargs: Any
     ) -> Any:
-        if self._broken:
+        if name == "on_train_begin":  # a new run
+            self._broken = False
+            self._off.clear()
+        elif self._broken or name in self._off:
             return None
         try:
             return hook(self, args, state, control, **kwargs)
         except Exception:
-            self._broken = True
+            if name == "on_train_begin":
+                self._broken = True
+            else:
+                self._off.add(name)
             logger.warning(
-                "lora-doctor: internal error in %s; the doctor is switched off for the rest of the "
-                "run, training is not affected.",
-                hook.__name__,
+                "lora-doctor: internal error in %s; %s is switched off for the rest of the run "
+                "(the findings so far are still written at the end), training is not affected.",
+                event,
+                "the doctor" if self._broken else event,
                 exc_info=True,
             )
             return None
@@ -133,13 +160,8 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
         config: DoctorConfig | dict[str, Any] | None = None,
         memory_reader: MemoryReader | None = None,
     ) -> None:
-        if isinstance(config, dict):  # the form a checkpoint saves (see state())
-            unknown = sorted(set(config) - {f.name for f in dataclasses.fields(DoctorConfig)})
-            if unknown:
-                raise ValueError(
-                    f"LoraDoctorCallback(config=...) has unknown DoctorConfig fields {unknown}"
-                )
-            config = DoctorConfig(**config)
+        if isinstance(config, dict):  # also the form a checkpoint saves (see state())
+            config = _config_from_dict(config)
         if config is not None and not isinstance(config, DoctorConfig):
             raise ValueError(
                 f"LoraDoctorCallback(config=...) must be a lora_doctor.DoctorConfig (or a dict of "
@@ -168,6 +190,10 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
         self._failed_id: int | None = None
         self._probes: list[Probe] = []
         self._broken = False
+        self._off: set[str] = set()
+        #: The doctor of each Trainer's latest run, by the Trainer's id (with a weak reference
+        #: that tells a live Trainer from a new one at the same address).
+        self._runs: dict[int, tuple[weakref.ref[Any], Doctor]] = {}
         self._stopped = False
         self.ranks = RankReadings()
         self._trainer_name: str | None = None
@@ -211,14 +237,17 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
                     exc_info=True,
                 )
 
-    def _run(self, phase: Phase, state: Any, control: Any) -> None:
-        assert self.doctor is not None
-        self.doctor.run_phase(phase, int(getattr(state, "global_step", 0) or 0))
-        reason = self.doctor.stop_reason
+    def _run(self, phase: Phase, state: Any, control: Any, doctor: Doctor | None = None) -> None:
+        """Runs ``phase`` on ``doctor`` (the current run's when None); acts on ``stop_on``."""
+        doctor = doctor if doctor is not None else self.doctor
+        assert doctor is not None
+        with _QUIET_NUMPY():  # odd logs (values near 1e308, repeated steps) overflow quietly
+            doctor.run_phase(phase, int(getattr(state, "global_step", 0) or 0))
+        reason = doctor.stop_reason
         if reason is not None and not self._stopped:
             self._stopped = True
             control.should_training_stop = True
-            if self.doctor.emit:
+            if doctor.emit:
                 logger.warning(
                     "lora-doctor: stopping training at step %s because of %s (%s), as asked by "
                     "stop_on.",
@@ -234,12 +263,16 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
 
     @_guarded
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.doctor = None  # until this run's is built: no earlier run's report is written for it
+        if state.is_world_process_zero:
+            self._check_report_path(args)
         trainer = guard.find_trainer()
         if trainer is not None and not guard.is_installed(trainer):
             guard.guard_steps(trainer, self._train_failed)  # this train() call began unguarded
         self._attach(trainer)
         self._failed_id = None
         self.doctor = Doctor(self.config, RunFacts(), emit=bool(state.is_world_process_zero))
+        self._bind(trainer, self.doctor)
         saved = _saved_state(state, type(self).__name__)
         if saved is not None and int(getattr(state, "global_step", 0) or 0) > 0:
             self.doctor.restore_state(saved, getattr(state, "log_history", None) or ())
@@ -284,38 +317,46 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
 
     @_guarded
     def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
-        if self.doctor is None or not isinstance(logs, dict):
+        doctor = self._doctor_of(state)
+        if doctor is None or not isinstance(logs, dict):
             return
-        self._call("log", self._event(args, state, kwargs, logs))
+        if doctor is self.doctor:  # the probes read the Trainer that is training
+            self._call("log", self._event(args, state, kwargs, logs))
         # the Trainer logs evaluation metrics through on_log, then calls on_evaluate: the entry is
         # observed here, once, and runs the EVAL phase, as the offline replay of log_history does
         evaluation = is_eval_entry(logs)
         self._eval_logged = evaluation
-        self.doctor.observe(state.global_step, logs)
-        self._run(Phase.EVAL if evaluation else Phase.LOG, state, control)
-        self._publish(logs)
+        doctor.observe(state.global_step, logs)
+        self._run(Phase.EVAL if evaluation else Phase.LOG, state, control, doctor)
+        self._publish(doctor, logs)
 
     @_guarded
     def on_evaluate(
         self, args: Any, state: Any, control: Any, metrics: Any = None, **kwargs: Any
     ) -> None:
-        if self.doctor is None or not isinstance(metrics, dict):
+        doctor = self._doctor_of(state)
+        if doctor is None or not isinstance(metrics, dict):
             return
-        self._call("evaluate", self._event(args, state, kwargs, metrics))
+        if doctor is self.doctor:
+            self._call("evaluate", self._event(args, state, kwargs, metrics))
         if self._eval_logged:  # already observed and judged in on_log
             self._eval_logged = False
             return
-        self.doctor.observe(state.global_step, metrics)
-        self._run(Phase.EVAL, state, control)
+        doctor.observe(state.global_step, metrics)
+        self._run(Phase.EVAL, state, control, doctor)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._train_end(args, state, control, **kwargs)
+        # outside the guard: the findings so far are written even after a hook failed
+        if self.doctor is not None and getattr(state, "is_world_process_zero", True):
+            self._write(args, self.doctor)
 
     @_guarded
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+    def _train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.doctor is None:
             return
         self._call("train_end", self._event(args, state, kwargs))
         self._run(Phase.END, state, control)
-        if state.is_world_process_zero:
-            self.write_report(args)
 
     # --- trainer, guard, trackers -----------------------------------------------------------------
     def _attach(self, trainer: Any) -> None:
@@ -349,23 +390,48 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
         flow = [i for i, cb in enumerate(callbacks) if isinstance(cb, DefaultFlowCallback)]
         callbacks.insert(flow[0] + 1 if flow else 0, self)
 
-    def _publish(self, logs: dict[str, Any]) -> None:
+    def _publish(self, doctor: Doctor, logs: dict[str, Any]) -> None:
         """Adds the finding counts to the logs dict, for the reporting callbacks after the doctor.
 
         ``state.log_history`` is left alone: the Trainer appended its copy of the entry before
         calling ``on_log``, and the doctor's metrics would make ``trainer_state.json`` grow with
         every reading (the doctor keeps them itself, and writes what it found to its JSON).
         """
-        assert self.doctor is not None
-        findings = self.doctor.findings
+        findings = doctor.findings
         logs["lora_doctor/findings"] = len(findings)
         logs["lora_doctor/warnings"] = sum(f.severity is Severity.WARNING for f in findings)
         logs["lora_doctor/errors"] = sum(f.severity is Severity.ERROR for f in findings)
 
     # --- resume and failures ----------------------------------------------------------------------
     def _before_train(self, trainer: Any, resume: Any) -> None:
-        """``trainer.train`` was called."""
+        """``trainer.train`` was called: a new run, whose doctor ``on_train_begin`` builds (an
+        error before that gets a doctor of its own, not the previous run's)."""
         guard.unguard_steps(trainer)  # guarded from here: the step guard's call has ended
+        self._runs.pop(id(trainer), None)
+
+    # --- one diagnosis per Trainer ----------------------------------------------------------------
+    def _bind(self, trainer: Any, doctor: Doctor) -> None:
+        """Binds ``doctor`` to ``trainer``'s run: that Trainer's later events, its failure and its
+        report use it, whatever other Trainer this callback serves meanwhile."""
+        self._runs = {k: run for k, run in self._runs.items() if run[0]() is not None}
+        if trainer is not None:
+            # an object that takes no weak reference is left unbound
+            with contextlib.suppress(TypeError):
+                self._runs[id(trainer)] = (weakref.ref(trainer), doctor)
+
+    def _bound(self, trainer: Any) -> Doctor | None:
+        """The doctor of ``trainer``'s latest run, if this callback diagnosed one."""
+        run = self._runs.get(id(trainer)) if trainer is not None else None
+        return run[1] if run is not None and run[0]() is trainer else None
+
+    def _doctor_of(self, state: Any) -> Doctor | None:
+        """The doctor of the run an event's ``state`` belongs to: another Trainer's this callback
+        diagnosed (its ``evaluate`` after a second Trainer trained), else the current run's."""
+        for ref, doctor in self._runs.values():
+            trainer = ref()
+            if trainer is not None and getattr(trainer, "state", None) is state:
+                return doctor
+        return self.doctor
 
     def _apply_resume(
         self, facts: RunFacts, trainer: Any, error: BaseException | None = None
@@ -388,13 +454,21 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
         if self._failed_id == id(error):
             return
         self._failed_id = id(error)
+        with _QUIET_NUMPY():
+            self._diagnose_failure(trainer, error)
+
+    def _diagnose_failure(self, trainer: Any, error: BaseException) -> None:
+        """The body of :meth:`_train_failed`: the run's doctor (or a new one) hears of the error,
+        runs its checks and writes the JSON."""
         args = getattr(trainer, "args", None)
         state = getattr(trainer, "state", None)
         is_main = bool(getattr(trainer, "is_world_process_zero", lambda: True)())
         model = getattr(trainer, "model", None)
-        if self.doctor is None:  # died before on_train_begin (e.g. loading the checkpoint)
-            self.doctor = Doctor(self.config, RunFacts(), emit=is_main)
-            facts = self.doctor.facts
+        doctor = self._bound(trainer)
+        if doctor is None:  # died before on_train_begin (e.g. loading the checkpoint)
+            self.doctor = doctor = Doctor(self.config, RunFacts(), emit=is_main)
+            self._bind(trainer, doctor)
+            facts = doctor.facts
             _facts_from_trainer(facts, args, state, {}, type(trainer).__name__)
             for name, cfg in dict(getattr(model, "peft_config", None) or {}).items():
                 to_dict = getattr(cfg, "to_dict", None)
@@ -402,12 +476,12 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
                 facts.adapters[str(name)] = AdapterFacts.from_config(str(name), data)
             facts.has_lora = bool(facts.adapters) or None
             self._apply_resume(facts, trainer, error)
-            self.doctor.run_phase(Phase.SETUP, 0)
-            if record_out_of_memory(self.doctor, error, 0, self.memory_reader):
-                self.doctor.run_phase(Phase.END, 0)
+            doctor.run_phase(Phase.SETUP, 0)
+            if record_out_of_memory(doctor, error, 0, self.memory_reader):
+                doctor.run_phase(Phase.END, 0)
         else:
             event = Event(
-                doctor=self.doctor,
+                doctor=doctor,
                 args=args,
                 state=state,
                 model=model,
@@ -423,9 +497,9 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
                         probe.name,
                         exc_info=True,
                     )
-            self.doctor.run_phase(Phase.END, int(getattr(state, "global_step", 0) or 0))
+            doctor.run_phase(Phase.END, int(getattr(state, "global_step", 0) or 0))
         if is_main and args is not None:
-            self.write_report(args)
+            self._write(args, doctor)
 
     def record_failure(self, error: BaseException, trainer: Any = None) -> None:
         """Records the error that ended training and writes the diagnosis, as the guard does;
@@ -459,10 +533,14 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
         ``restore_callback_states_from_checkpoint``).
         """
         report = self.report_path
+        config = to_jsonable(dataclasses.asdict(self.config))
         return {
+            # Only these two arguments: transformers rebuilds the callback with them, and a version
+            # that does not know an argument would fail; new options go into the config, which
+            # carries _SAVED_BY so that another version tolerates what it does not know.
             "args": {
                 "report_path": str(report) if isinstance(report, os.PathLike) else report,
-                "config": to_jsonable(dataclasses.asdict(self.config)),
+                "config": {_SAVED_BY: f"lora-doctor {__version__}", **config},
             },
             "attributes": {
                 "doctor_state": self.doctor.export_state() if self.doctor is not None else None
@@ -470,14 +548,149 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
         }
 
     # --- output -----------------------------------------------------------------------------------
-    def write_report(self, args: Any) -> Path | None:
-        """Writes the diagnosis JSON (atomically) and returns its path; None when disabled."""
-        if self.doctor is None or isinstance(self.report_path, bool):
-            return None  # False: no file (True is refused in __init__)
-        path = Path(self.report_path) if self.report_path else Path(args.output_dir) / REPORT_NAME
-        self.doctor.diagnosis("live").to_json(path)
+    def write_report(self, args: Any, doctor: Doctor | None = None) -> Path | None:
+        """Writes the diagnosis JSON (atomically) and returns its path; None when disabled.
+
+        Args:
+            args: the Trainer's arguments (their ``output_dir`` when ``report_path`` is None).
+            doctor: whose diagnosis; the latest run's when None.
+
+        Raises:
+            OSError: when the file cannot be written.
+        """
+        doctor = doctor if doctor is not None else self.doctor
+        path = self._report_target(args)
+        if doctor is None or path is None:
+            return None
+        doctor.diagnosis("live").to_json(path)
         logger.info("lora-doctor: diagnosis written to %s", path)
         return path
+
+    def _report_target(self, args: Any) -> Path | None:
+        """Where the diagnosis goes: ``report_path``, else ``<output_dir>/lora_doctor.json``; None
+        for ``report_path=False`` (True is refused in ``__init__``)."""
+        if isinstance(self.report_path, bool):
+            return None
+        return Path(self.report_path) if self.report_path else Path(args.output_dir) / REPORT_NAME
+
+    def _check_report_path(self, args: Any) -> None:
+        """Says at the start, in one line, when the diagnosis will not be writable where it goes
+        (training goes on, and the findings are logged as always)."""
+        path = self._report_target(args)
+        problem = _unwritable(path) if path is not None else None
+        if problem is not None:
+            logger.warning(
+                "lora-doctor: the diagnosis cannot be written to %s (%s); training goes on and "
+                "the findings are still logged. Pass LoraDoctorCallback(report_path=...) a file "
+                "in a folder you can write to.",
+                path,
+                problem,
+            )
+
+    def _write(self, args: Any, doctor: Doctor) -> None:
+        """Writes ``doctor``'s diagnosis; never raises. A file that cannot be written is said in
+        one line (no traceback); any other failure is an internal error, logged as one."""
+        try:
+            self.write_report(args, doctor)
+        except OSError as exc:
+            logger.warning(
+                "lora-doctor: could not write the diagnosis to %s (%s: %s); its findings were "
+                "logged.",
+                self._report_target(args),
+                type(exc).__name__,
+                exc,
+            )
+        except Exception:
+            logger.warning(
+                "lora-doctor: internal error while writing the diagnosis; training is not "
+                "affected.",
+                exc_info=True,
+            )
+
+
+def _unwritable(path: Path) -> str | None:
+    """Why the diagnosis could not be written to ``path``, or None when it can; creates nothing.
+
+    The nearest folder that exists on the way to ``path`` must be a folder the process may write
+    in (the missing ones are created when the file is written), and ``path`` must not be a folder.
+    """
+    try:
+        if path.is_dir():
+            return "it is a folder"
+        folder = path.parent
+        while not folder.exists() and folder.parent != folder:
+            folder = folder.parent
+        if not folder.is_dir():
+            return f"{folder} is a file, not a folder"
+        if not os.access(folder, os.W_OK | os.X_OK):
+            return f"no permission to write in {folder}"
+    except OSError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _config_from_dict(data: dict[Any, Any]) -> DoctorConfig:
+    """A DoctorConfig from ``config={...}``.
+
+    A user's dict must name only DoctorConfig fields, with valid values (else ``ValueError``, as
+    DoctorConfig itself raises). A checkpoint's (marked with ``_SAVED_BY``, see
+    :meth:`LoraDoctorCallback.state`) may come from another version of lora-doctor: a field this
+    version does not know, a value it does not accept or a finding name it does not have is
+    left out (the field keeps its default), with one warning line, so that resuming with
+    ``restore_callback_states_from_checkpoint=True`` works across versions.
+
+    Raises:
+        ValueError: for a user's dict with an unknown field or a wrong value.
+    """
+    names = {f.name for f in dataclasses.fields(DoctorConfig)}
+    values = {k: v for k, v in data.items() if k != _SAVED_BY}
+    unknown = sorted(str(k) for k in values if k not in names)
+    if _SAVED_BY not in data:
+        if unknown:
+            raise ValueError(
+                f"LoraDoctorCallback(config=...) has unknown DoctorConfig fields {unknown}"
+            )
+        return DoctorConfig(**values)
+    left_out = unknown
+    pending = {k: v for k, v in values.items() if k in names}
+    for key in ("ignore", "stop_on"):  # finding names another version may have, this one not
+        if isinstance(pending.get(key), list):
+            known = [n for n in pending[key] if _accepted(key, n)]
+            left_out += [f"{key} {n!r}" for n in pending[key] if n not in known]
+            pending[key] = known
+    config = DoctorConfig()
+    while pending:  # field by field, again while any is taken (rules tie some fields together)
+        taken = []
+        for key, value in pending.items():
+            try:
+                config = dataclasses.replace(config, **{key: value})
+            except (TypeError, ValueError):
+                continue
+            taken.append(key)
+        if not taken:
+            break
+        for key in taken:
+            del pending[key]
+    left_out += sorted(pending)
+    if left_out:
+        logger.warning(
+            "lora-doctor: the checkpoint's doctor settings were saved by %s; this version (%s) "
+            "left out what it does not know or accept: %s.",
+            data[_SAVED_BY],
+            __version__,
+            ", ".join(left_out),
+        )
+    return config
+
+
+def _accepted(key: str, name: Any) -> bool:
+    """True when DoctorConfig accepts ``name`` in its ``key`` set (``ignore`` or ``stop_on``)."""
+    values: dict[str, Any] = {key: [name]}
+    try:
+        DoctorConfig(**values)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _saved_state(state: Any, name: str) -> dict[str, Any] | None:
