@@ -132,7 +132,12 @@ def _train(
     reader: Any = None,
     oom_at_forward: int | None = None,
 ) -> dict[str, Any]:
-    """One Trainer run with the doctor; returns what it found (and the error, if it died)."""
+    """One Trainer run with the doctor; returns what it found (and the error, if it died).
+
+    The doctor never resets the allocator's peak: the script does, before each part, so that a
+    part's peak is its own (as a user's script would between two runs in one process)."""
+    if not dry:
+        torch.cuda.reset_peak_memory_stats()
     model = _model(dry)
     vocab = model.config.vocab_size
     if oom_at_forward is not None:  # --dry only: CPU memory cannot run out here

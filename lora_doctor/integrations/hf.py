@@ -135,6 +135,9 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
             the CUDA caching allocator's counters when None. Pass your own for another accelerator
             or to script readings in tests.
 
+    One callback may serve several Trainers: each Trainer's run keeps its own diagnosis, written
+    to its own ``output_dir`` (with an explicit ``report_path``, the latest run's).
+
     When training dies of an error (CUDA out-of-memory above all), the diagnosis is still written,
     with an ``out-of-memory`` finding, and the error goes on unchanged (see
     :mod:`lora_doctor.integrations.guard`); :func:`lora_doctor.watch` is the explicit form, for
