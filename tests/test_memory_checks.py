@@ -356,3 +356,25 @@ def test_rank_rollback_says_whether_the_doubled_rank_fits(
     (step,) = [s for s in rec.steps if "r=16" in s and "emory" in s]
     assert step.startswith(expected)
     assert rec.steps[-1].startswith("Restart from step 0")
+
+
+@pytest.mark.parametrize(
+    ("peaks", "rule"),
+    [([0.30 + 0.01 * i for i in range(12)], "growth"), ([0.5, 0.93, 0.93], "peak")],
+    ids=["growth-from-interval-peaks", "peak"],
+)
+def test_offline_logs_saved_by_earlier_versions(peaks: list[float], rule: str) -> None:
+    """A trainer_state.json whose log_history holds the lora_doctor/mem_* keys an earlier version
+    copied there (the peak since each previous reading, no held memory): the memory checks still
+    read them offline."""
+    from lora_doctor import diagnose
+
+    log = []
+    for i, share in enumerate(peaks):
+        metrics = _reading(share).metrics()
+        del metrics["lora_doctor/mem_alloc_gib"]  # not recorded before
+        log.append({"step": (i + 1) * 10, "loss": 2.0, **metrics})
+    found = diagnose({"max_steps": 1000, "log_history": log}).by_slug("oom-risk")
+    assert [f.evidence["rule"] for f in found] == [rule]
+    if rule == "growth":
+        assert found[0].evidence["signal"] == "lora_doctor/mem_peak_alloc_gib"
