@@ -116,7 +116,7 @@ class _Scripted:
     def available(self) -> bool:
         return True
 
-    def read(self, device: Any = None, reset: bool = True) -> MemoryReading:
+    def read(self, device: Any = None) -> MemoryReading:
         cap = 80 * GIB
         peak = int(self.share * cap)
         return MemoryReading("cuda:0", peak, peak, peak // 2, peak, cap, cap - peak - GIB // 2)
@@ -133,7 +133,12 @@ def _train(
     reader: Any = None,
     oom_at_forward: int | None = None,
 ) -> dict[str, Any]:
-    """One Trainer run with the doctor; returns what it found (and the error, if it died)."""
+    """One Trainer run with the doctor; returns what it found (and the error, if it died).
+
+    The doctor never resets the allocator's peak: the script does, before each part, so that a
+    part's peak is its own (as a user's script would between two runs in one process)."""
+    if not dry:
+        torch.cuda.reset_peak_memory_stats()
     model = _model(dry)
     vocab = model.config.vocab_size
     if oom_at_forward is not None:  # --dry only: CPU memory cannot run out here
@@ -211,7 +216,7 @@ def _read_cost(reader: Any, n: int, cuda: bool) -> dict[str, float]:
     times = []
     for _ in range(n):
         t = time.perf_counter_ns()
-        reader.read(None, reset=True).metrics()
+        reader.read(None).metrics()
         times.append(time.perf_counter_ns() - t)
     times.sort()
     out = {
@@ -227,7 +232,7 @@ def _read_cost(reader: Any, n: int, cuda: bool) -> dict[str, float]:
             for _ in range(50):
                 a @ a
             t = time.perf_counter_ns()
-            reader.read(None, reset=True)
+            reader.read(None)
             busy.append((time.perf_counter_ns() - t) / 1e3)
             torch.cuda.synchronize()
             queue.append((time.perf_counter() - t0) * 1e3)
@@ -287,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         reader_b = None
         cap = torch.cuda.mem_get_info()[1]
-        reading = CudaMemoryReader().read(None, reset=False)
+        reading = CudaMemoryReader().read(None)
         peak = results["c_comfortable"]["peak_alloc_gib"] * GIB
         size = int(opts.target * cap - reading.outside - peak - reading.allocated)
         ballast = torch.empty(max(size, 0), dtype=torch.uint8, device="cuda")

@@ -21,8 +21,8 @@ behind queued GPU work: an upper bound). Reported per arm against ``off``:
 - the median step ratio over all timed steps (the steady per-step cost);
 - the total-time ratio (every step, so the one-time first-steps checks and the periodic spectrum
   readings count; on a longer run their share falls, as the readings are a fixed count);
-- the peak allocated and reserved memory difference (the timer reads the allocator's peaks before
-  the doctor's memory probe resets them at each logging step);
+- the peak allocated and reserved memory difference (the timer reads the allocator's peaks at
+  each step; the doctor never resets them);
 - the host time spent inside the doctor's hooks, per step (median) and over the whole run as a
   share of the ``off`` arm's training time. With the device synchronised before the hooks run, this
   is exactly what the doctor adds to the run, measured directly. The step-time ratios between

@@ -67,6 +67,14 @@ class DoctorConfig:
         _positive_int,
         "an integer >= 1",
     )
+    print_metrics: bool = _opt(
+        False,
+        "Also print the doctor's lora_doctor/... metrics in the log lines the Trainer prints "
+        "(progress bar, PrinterCallback). By default they go to the trackers (TensorBoard, W&B "
+        "...) and the diagnosis only, and the printed lines look as they do without the doctor.",
+        lambda v: isinstance(v, bool),
+        "True or False",
+    )
 
     # --- adapter ----------------------------------------------------------------------------------
     scaling_low: float = _opt(
@@ -153,7 +161,7 @@ class DoctorConfig:
     oom_growth_min_readings: int = _opt(
         5,
         "Memory readings (the first one, which holds the warm-up, left out) needed before the "
-        "peak's growth is extrapolated to max_steps.",
+        "growth of the memory held between steps is extrapolated to max_steps.",
         lambda v: _positive_int(v) and v >= 3,
         "an integer >= 3",
     )
@@ -166,7 +174,7 @@ class DoctorConfig:
     oom_growth_confidence: float = _opt(
         0.95,
         "Confidence of the Theil-Sen slope interval: the growth rule fires only when the whole "
-        "interval is above zero (noise in the peak never extrapolates).",
+        "interval is above zero (noise in the held memory never extrapolates).",
         lambda v: _fraction(v) and 0 < v < 1,
         "a number in (0, 1)",
     )

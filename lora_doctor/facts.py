@@ -14,6 +14,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 __all__ = [
+    "SPECTRUM_DIGITS",
     "AdapterFacts",
     "Crash",
     "CrashFacts",
@@ -119,8 +120,6 @@ class MemoryFacts:
             device").
         device: the device read, e.g. ``"cuda:0"``.
         capacity: total memory of the device.
-        peaks_reset: True when each reading's peak covers only the interval since the previous
-            reading (False when the Trainer's own memory metrics need the peak since the start).
         ranks: processes whose readings were combined (the worst of each figure is kept).
         weights_by_dtype: bytes of frozen model parameters by storage type ("4-bit", "8-bit",
             "bf16", "fp16", "fp32" ...), as stored on the device.
@@ -132,10 +131,12 @@ class MemoryFacts:
         optimizer_state_bytes: bytes of optimizer states, measured after the first steps (None
             before; the estimate then predicts them from the optimizer's kind).
         static_bytes: memory allocated between steps after the first steps (weights, states).
-        first_peak_bytes: peak allocated memory during the first steps.
+        first_peak_bytes: the allocator's peak after the first steps (never reset by the doctor:
+            it covers anything earlier in the process too, such as loading the model).
         outside_bytes: device memory held outside PyTorch's allocator (CUDA context, other
             processes), at the last reading.
-        peak_bytes: the highest peak allocated of all readings (of the worst rank).
+        peak_bytes: the highest peak allocated of all readings (of the worst rank): the
+            allocator's peak, as ``torch.cuda.max_memory_allocated()`` reports it.
         last_reading: this rank's last reading, in GiB (peak, reserved, free, retries ...).
         per_device_train_batch_size: the batch size per device.
         gradient_accumulation_steps: the accumulation steps.
@@ -147,7 +148,6 @@ class MemoryFacts:
     reason: str = ""
     device: str | None = None
     capacity: int | None = None
-    peaks_reset: bool = True
     ranks: int = 1
     weights_by_dtype: dict[str, int] = field(default_factory=dict)
     trainable_numel: int = 0
@@ -165,6 +165,11 @@ class MemoryFacts:
     gradient_accumulation_steps: int | None = None
     estimates: dict[str, dict[str, Any]] = field(default_factory=dict)
     oom: dict[str, Any] | None = None
+
+
+#: Significant digits of the spectrum readings' numbers in the diagnosis JSON and in checkpoints
+#: (singular values, ranks and ratios; float32 arithmetic carries about 7).
+SPECTRUM_DIGITS = 4
 
 
 @dataclass
@@ -202,8 +207,8 @@ class SpectrumSnapshot:
         step: the optimizer step.
         kinds: per module kind, a summary (median effective rank, stable rank, used rank, smallest
             over largest singular value, relative update, norm of B, normalised spectrum ...).
-        layers: every layer's spectrum; kept for the latest snapshots only, older ones keep their
-            ``kinds`` summary.
+        layers: every layer's spectrum; kept for the latest snapshot only, older ones keep their
+            ``kinds`` summary without its normalised ``spectrum`` list.
     """
 
     step: int
@@ -570,8 +575,18 @@ class RunFacts:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        """The facts as JSON-able data (the diagnosis file's ``run`` block builds on it)."""
-        return asdict(self)
+        """The facts as JSON-able data (the diagnosis file's ``run`` block and a checkpoint's
+        saved doctor state build on it). The spectrum readings' numbers keep
+        :data:`SPECTRUM_DIGITS` significant digits.
+
+        Example:
+            >>> snap = SpectrumSnapshot(step=4, kinds={"q_proj": {"effective_rank": 7.123456}})
+            >>> RunFacts(spectrum=[snap]).to_dict()["spectrum"][0]["kinds"]
+            {'q_proj': {'effective_rank': 7.123}}
+        """
+        data = asdict(self)
+        data["spectrum"] = _significant(data["spectrum"], SPECTRUM_DIGITS)
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RunFacts:
@@ -694,6 +709,18 @@ def precision_in_use(setup: SetupFacts) -> str | None:
 
 
 _T = TypeVar("_T")
+
+
+def _significant(value: Any, digits: int) -> Any:
+    """``value`` with every finite float rounded to ``digits`` significant digits (in dicts and
+    lists too)."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}") if math.isfinite(value) else value
+    if isinstance(value, dict):
+        return {k: _significant(v, digits) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_significant(v, digits) for v in value]
+    return value
 
 
 def _dataclass_from(cls: type[_T], data: Mapping[str, Any]) -> _T:

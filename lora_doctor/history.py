@@ -36,26 +36,35 @@ class Series:
 
 
 def _number(value: Any) -> float | None:
-    """A logged value as a float, or None when it is not a number (strings, lists, dicts)."""
+    """A logged value as a float, or None when it is not a number (strings, lists, dicts, objects
+    whose ``.item()`` fails). Never raises: an integer beyond the float range becomes an infinity
+    of its sign.
+
+    Example:
+        >>> _number(3), _number(10**400), _number("nan"), _number([1.0])
+        (3.0, inf, nan, None)
+    """
     if isinstance(value, bool):
         return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    item = getattr(value, "item", None)  # numpy / torch scalars
-    if callable(item):
-        try:
+    try:
+        if isinstance(value, (int, float)):
+            return float(value)
+        item = getattr(value, "item", None)  # numpy / torch scalars
+        if callable(item):
             out = item()
-        except (TypeError, ValueError, RuntimeError):
-            return None
-        return float(out) if isinstance(out, (int, float)) and not isinstance(out, bool) else None
-    if isinstance(value, str) and value.strip().lower() in {
-        "nan",
-        "inf",
-        "+inf",
-        "-inf",
-        "infinity",
-    }:
-        return float(value.strip().lower().replace("infinity", "inf"))
+            return _number(out) if isinstance(out, (int, float)) else None
+        if isinstance(value, str) and value.strip().lower() in {
+            "nan",
+            "inf",
+            "+inf",
+            "-inf",
+            "infinity",
+        }:
+            return float(value.strip().lower().replace("infinity", "inf"))
+    except OverflowError:  # an int too large for a float
+        return math.inf if value > 0 else -math.inf
+    except Exception:  # a logged object the doctor cannot read is not a number to it
+        return None
     return None
 
 
@@ -99,12 +108,13 @@ class History:
     def add(self, step: int | float | None, logs: Mapping[str, Any]) -> None:
         """Records one log entry: every numeric value under its key, at ``step``.
 
-        ``step`` defaults to the entry's own ``"step"`` key, then to the last step seen. Non-numeric
-        values are kept in the raw entry but make no series.
+        ``step`` defaults to the entry's own ``"step"`` key, then to the last step seen. Values that
+        are not numbers, and keys that are not strings, are kept in the raw entry but make no
+        series; an integer too large for a float counts as an infinity. Never raises on what a
+        log holds.
         """
-        if step is None:
-            step = _number(logs.get("step"))
-        step_f = float(step) if step is not None and math.isfinite(step) else float(self.last_step)
+        number = _number(logs.get("step") if step is None else step)
+        step_f = number if number is not None and math.isfinite(number) else float(self.last_step)
         # a saved entry already has its step and is kept as it is; a live one gets a copy with it
         entry = logs if "step" in logs else {**logs, "step": int(step_f)}
         self._entries.append(entry)  # type: ignore[arg-type]
@@ -112,15 +122,14 @@ class History:
             self.last_step = int(step_f)
         steps, values = self._steps, self._values
         for key, raw in logs.items():
-            kind = type(raw)
-            if kind is float:  # the common cases first, without _number's checks
+            if type(raw) is float:  # the common case first, without _number's checks
                 value: float | None = raw
-            elif kind is int:
-                value = float(raw)
             else:
                 value = _number(raw)
                 if value is None:
                     continue
+            if not isinstance(key, str):
+                continue
             series = values.get(key)
             if series is not None:
                 series.append(value)  # type: ignore[arg-type]

@@ -16,30 +16,43 @@ from lora_doctor.probes.memory import MemoryReading
 CAP = 80 * GIB
 
 
-def _reading(peak_share: float, outside: float = 0.0, retries: int = 0) -> MemoryReading:
-    """A reading whose peak allocated is ``peak_share`` of an 80 GiB device and ``outside`` GiB
-    are held outside PyTorch."""
+def _reading(
+    peak_share: float, outside: float = 0.0, retries: int = 0, held_share: float | None = None
+) -> MemoryReading:
+    """A reading of an 80 GiB device: the allocator's peak at ``peak_share`` of it, ``held_share``
+    held between steps (half the peak when None) and ``outside`` GiB held outside PyTorch."""
     peak = int(peak_share * CAP)
+    held = int(held_share * CAP) if held_share is not None else peak // 2
     reserved = peak + GIB // 4
     free = CAP - reserved - int(outside * GIB)
-    return MemoryReading("cuda:0", peak, reserved, peak // 2, reserved, CAP, free, retries, 0)
+    return MemoryReading("cuda:0", peak, reserved, held, reserved, CAP, free, retries, 0)
 
 
 def _run(
     shares: list[float],
     *,
+    held: list[float] | None = None,
     every: int = 10,
     max_steps: int = 1000,
     outside: float = 0.0,
     retries: list[int] | None = None,
     config: DoctorConfig | None = None,
 ) -> list[str]:
-    """Feeds one reading per logging interval to a doctor; returns the oom-risk rules fired."""
+    """Feeds one reading per logging interval to a doctor; returns the oom-risk rules fired.
+
+    ``shares`` are each interval's own peak; like the CUDA allocator, whose peak the doctor never
+    resets, the readings report the highest so far. ``held`` is what the run holds between steps
+    (each interval's peak minus 20% of the device when None: a leak raises both).
+    """
     facts = RunFacts(max_steps=max_steps, memory=MemoryFacts(available=True, capacity=CAP))
     doctor = Doctor(config, facts, emit=False)
+    held = held if held is not None else [s - 0.2 for s in shares]
+    peak = 0.0
     for i, share in enumerate(shares):
         step = (i + 1) * every
-        doctor.observe(step, _reading(share, outside, (retries or [0] * len(shares))[i]).metrics())
+        peak = max(peak, share)
+        retry = (retries or [0] * len(shares))[i]
+        doctor.observe(step, _reading(peak, outside, retry, held[i]).metrics())
         doctor.run_phase(Phase.LOG, step)
     return [f.evidence["rule"] for f in doctor.findings if f.slug == "oom-risk"]
 
@@ -75,6 +88,20 @@ _noise = np.random.default_rng(0).normal(0, 0.02, 30)
             },
             [],
         ),
+        (
+            {
+                "shares": [0.85] + [0.40] * 11,
+                "held": [0.10 + 0.01 * i for i in range(12)],
+                "max_steps": 1000,
+            },
+            ["growth"],
+        ),
+        (
+            # the old rule, fed the never-reset peak (a staircase), projected it to capacity
+            {"shares": list(0.6 + _noise), "held": [0.4] * 30, "max_steps": 100_000},
+            [],
+        ),
+        ({"shares": [0.4] * 12, "held": list(0.3 + _noise[:12] / 4), "max_steps": 10_000}, []),
     ],
     ids=[
         "peak-93pct",
@@ -92,6 +119,9 @@ _noise = np.random.default_rng(0).normal(0, 0.02, 30)
         "threshold-from-config",
         "growth-after-long-flat-in-window",
         "growth-diluted-by-wide-window",
+        "leak-under-an-earlier-peak",
+        "peak-staircase-held-flat",
+        "held-noise-long-run",
     ],
 )
 def test_oom_risk(kwargs: dict, rules: list[str]) -> None:
@@ -102,11 +132,14 @@ def test_oom_risk_growth_names_the_step_it_fills() -> None:
     facts = RunFacts(max_steps=1000, memory=MemoryFacts(available=True, capacity=CAP))
     doctor = Doctor(None, facts, emit=False)
     for i in range(12):
-        doctor.observe((i + 1) * 10, _reading(0.30 + 0.01 * i).metrics())
+        reading = _reading(0.30 + 0.01 * i, held_share=0.10 + 0.01 * i)
+        doctor.observe((i + 1) * 10, reading.metrics())
         doctor.run_phase(Phase.LOG)
     (finding,) = doctor.findings
-    # 0.8 GiB per 10 steps from 24 GiB at step 10: 80 GiB near step 710.
+    # Held memory grows 0.8 GiB per 10 steps; the peak, 32.8 GiB at step 120, reaches 80 GiB
+    # near step 710.
     assert 690 <= finding.evidence["full_at_step"] <= 730
+    assert finding.evidence["signal"] == "lora_doctor/mem_alloc_gib"
     assert "before max_steps=1000" in finding.message
 
 
@@ -323,3 +356,25 @@ def test_rank_rollback_says_whether_the_doubled_rank_fits(
     (step,) = [s for s in rec.steps if "r=16" in s and "emory" in s]
     assert step.startswith(expected)
     assert rec.steps[-1].startswith("Restart from step 0")
+
+
+@pytest.mark.parametrize(
+    ("peaks", "rule"),
+    [([0.30 + 0.01 * i for i in range(12)], "growth"), ([0.5, 0.93, 0.93], "peak")],
+    ids=["growth-from-interval-peaks", "peak"],
+)
+def test_offline_logs_saved_by_earlier_versions(peaks: list[float], rule: str) -> None:
+    """A trainer_state.json whose log_history holds the lora_doctor/mem_* keys an earlier version
+    copied there (the peak since each previous reading, no held memory): the memory checks still
+    read them offline."""
+    from lora_doctor import diagnose
+
+    log = []
+    for i, share in enumerate(peaks):
+        metrics = _reading(share).metrics()
+        del metrics["lora_doctor/mem_alloc_gib"]  # not recorded before
+        log.append({"step": (i + 1) * 10, "loss": 2.0, **metrics})
+    found = diagnose({"max_steps": 1000, "log_history": log}).by_slug("oom-risk")
+    assert [f.evidence["rule"] for f in found] == [rule]
+    if rule == "growth":
+        assert found[0].evidence["signal"] == "lora_doctor/mem_peak_alloc_gib"

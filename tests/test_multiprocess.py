@@ -68,7 +68,7 @@ def test_only_main_process_logs_and_writes(two_ranks: tuple[Path, str]) -> None:
 @pytest.mark.slow
 def test_step_time_spread_over_ranks_is_logged(two_ranks: tuple[Path, str]) -> None:
     out, _ = two_ranks
-    history = json.loads((out / "rank0.json").read_text())["ddp"]["log_history"]
+    history = json.loads((out / "rank0.json").read_text())["ddp"]["logged"]
     train_logs = [e for e in history if "loss" in e]
     assert len(train_logs) == 3
     for entry in train_logs:

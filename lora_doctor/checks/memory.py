@@ -22,6 +22,7 @@ from lora_doctor.memory_estimate import GIB, estimate_memory
 
 __all__ = [
     "CHECKS",
+    "KEY_ALLOC",
     "KEY_ALLOC_RETRIES",
     "KEY_CAPACITY",
     "KEY_FREE",
@@ -38,9 +39,14 @@ __all__ = [
 #: available at max_steps cannot be confirmed by the robust fit, so the fit is skipped.
 _GROWTH_GATE = 0.8
 
-#: Peak memory allocated by PyTorch since the previous reading, in GiB.
+#: Peak memory allocated by PyTorch, in GiB: the allocator's peak, which the doctor never resets
+#: (``torch.cuda.max_memory_allocated()``). Logs saved by lora-doctor 0.1 hold the peak since the
+#: previous reading instead (it reset the peak at each reading).
 KEY_PEAK_ALLOC = "lora_doctor/mem_peak_alloc_gib"
-#: Peak memory reserved by PyTorch's caching allocator since the previous reading, in GiB.
+#: Memory allocated by PyTorch at the reading, after the optimizer step: what the run holds
+#: between steps (weights, optimizer states, and whatever is kept across steps), in GiB.
+KEY_ALLOC = "lora_doctor/mem_alloc_gib"
+#: Peak memory reserved by PyTorch's caching allocator (never reset by the doctor), in GiB.
 KEY_PEAK_RESERVED = "lora_doctor/mem_peak_reserved_gib"
 #: The device's total memory, in GiB.
 KEY_CAPACITY = "lora_doctor/mem_capacity_gib"
@@ -145,8 +151,8 @@ def _by_step(points: Points) -> dict[float, float]:
 
 
 class OomRisk(Check):
-    """Peak memory close to the device's capacity, allocator retries rising, or a peak that grows
-    toward the capacity before ``max_steps``.
+    """Peak memory close to the device's capacity, allocator retries rising, or memory held
+    between steps that grows so that the peak would reach the capacity before ``max_steps``.
 
     Practice: LoRA adds full-precision trainable matrices, their gradients and optimizer states on
     top of a (often quantized) base, and the activations of the longest batch or an evaluation come
@@ -165,6 +171,7 @@ class OomRisk(Check):
         Reads(KEY_CAPACITY),
         Reads(KEY_HEADROOM),
         Reads(KEY_ALLOC_RETRIES, before="oom_retry_window"),
+        Reads(KEY_ALLOC, before="oom_growth_window"),
     )
 
     def run(self, ctx: Context) -> Iterable[Finding]:
@@ -222,7 +229,7 @@ class OomRisk(Check):
         return self.finding(
             ctx,
             f"Peak memory reached {fig['share']:.0%} of the device's capacity",
-            f"Peak memory since the previous reading: {_gib(fig['peak_alloc_gib'])} GiB allocated "
+            f"Peak memory so far: {_gib(fig['peak_alloc_gib'])} GiB allocated "
             f"by PyTorch plus {_gib(fig['outside_gib'])} GiB held outside it (CUDA context, other "
             f"processes), {fig['share']:.1%} of {_gib(fig['capacity_gib'])} GiB, above the "
             f"{fig['threshold']:.0%} threshold (DoctorConfig.oom_peak_share). A longer batch or "
@@ -266,57 +273,75 @@ class OomRisk(Check):
             step=int(step),
         )
 
-    def _growth(self, ctx: Context, fig: dict[str, float], peak: Points) -> Finding | None:
+    def _growth(self, ctx: Context, fig: dict[str, float], peaks: Points) -> Finding | None:
+        """Memory held between steps grows steadily, and at that rate the peak reaches the memory
+        available before ``max_steps``.
+
+        The signal is the memory allocated at each reading, taken after the optimizer step: a
+        leak (a loss or model outputs kept across steps) makes it grow with the step count, while
+        activations come and go within a step. The allocator's peak, which the doctor never
+        resets, only steps up (a longer batch, an evaluation) and cannot show a trend; the peak
+        is projected forward by the held memory's slope. Logs saved before the held memory was
+        recorded carry the peak since each previous reading, which serves as the signal then.
+        """
         max_steps = ctx.facts.max_steps
-        mem = ctx.facts.memory
-        if max_steps <= 0 or (mem is not None and not mem.peaks_reset):
+        if max_steps <= 0:
             return None
+        held_key = KEY_ALLOC if ctx.history.count(KEY_ALLOC) else KEY_PEAK_ALLOC
+        held = ctx.points(KEY_ALLOC) if held_key == KEY_ALLOC else peaks
         # The first reading of the run holds the warm-up; the fit looks at the most recent
         # readings only, which bounds its cost (Theil-Sen is quadratic) on long runs and follows
         # today's trend.
-        skip = 1 if peak.offset == 0 else 0
-        steps, values = finite(peak.steps[skip:], peak.values[skip:])
+        skip = 1 if held.offset == 0 else 0
+        steps, values = finite(held.steps[skip:], held.values[skip:])
         window = ctx.config.oom_growth_window
         steps, values = steps[-window:], values[-window:]
         if len(values) < ctx.config.oom_growth_min_readings or np.ptp(steps) <= 0:
             return None
         limit = fig["capacity_gib"] - fig["outside_gib"]
+        peak, now = fig["peak_alloc_gib"], float(steps[-1])
+        if now >= max_steps:
+            return None
         # A least-squares line costs microseconds; scipy's Theil-Sen costs milliseconds at every
         # log. Only a trend that heads for capacity by least squares (with slack for outliers)
         # gets the robust fit that decides.
         x = steps - steps.mean()
         ols_slope = float((x * (values - values.mean())).sum() / (x * x).sum())
-        if ols_slope <= 0 or values.mean() + ols_slope * (max_steps - steps.mean()) < (
-            _GROWTH_GATE * limit
-        ):
+        if ols_slope <= 0 or peak + ols_slope * (max_steps - now) < _GROWTH_GATE * limit:
             return None
         from scipy import stats  # only when the cheap gate passes: not at import time
 
-        slope, intercept, low, high = stats.theilslopes(
+        slope, _, low, high = stats.theilslopes(
             values, steps, alpha=ctx.config.oom_growth_confidence
         )
         half = len(values) // 2
         recent = stats.theilslopes(values[half:], steps[half:])[0] if np.ptp(steps[half:]) else 0
         if not low > 0 or not recent > 0:  # a one-off jump (a longer batch) is not growth
             return None
-        at_end = intercept + slope * max_steps
+        at_end = peak + slope * (max_steps - now)
         if at_end < limit:
             return None
-        full_at = int(np.ceil((limit - intercept) / slope))
+        full_at = int(now + max(0.0, np.ceil((limit - peak) / slope)))
+        what = (
+            "Memory held between steps (allocated after each optimizer step)"
+            if held_key == KEY_ALLOC
+            else "The peak since each previous reading"
+        )
         return self.finding(
             ctx,
-            f"Peak memory grows by {slope * 100:.2f} GiB per 100 steps and would reach the "
-            f"device's capacity near step {full_at}",
-            f"The peak since each previous reading grows steadily: {slope * 100:.3f} GiB per 100 "
-            f"steps (Theil-Sen over {len(values)} readings, {ctx.config.oom_growth_confidence:.0%} "
-            f"interval {low * 100:.3f} to {high * 100:.3f}), from {_gib(values[0])} GiB at step "
-            f"{steps[0]:.0f} to {_gib(values[-1])} GiB at step {steps[-1]:.0f}. At that rate it "
-            f"reaches the {_gib(limit)} GiB available near step {full_at}, before max_steps="
-            f"{max_steps}. Memory that grows with the step count is usually held across steps: "
-            "a loss or model outputs kept in a list without .item() or .detach(), or batches "
-            "that get longer.",
+            f"Memory held between steps grows by {slope * 100:.2f} GiB per 100 steps; the peak "
+            f"would reach the device's capacity near step {full_at}",
+            f"{what} grows steadily: {slope * 100:.3f} GiB per 100 steps (Theil-Sen over "
+            f"{len(values)} readings, {ctx.config.oom_growth_confidence:.0%} interval "
+            f"{low * 100:.3f} to {high * 100:.3f}), from {_gib(values[0])} GiB at step "
+            f"{steps[0]:.0f} to {_gib(values[-1])} GiB at step {steps[-1]:.0f}. With the peak at "
+            f"{_gib(peak)} GiB now, at that rate the peak reaches the {_gib(limit)} GiB available "
+            f"near step {full_at}, before max_steps={max_steps}. Memory that grows with the step "
+            "count is usually held across steps: a loss or model outputs kept in a list without "
+            ".item() or .detach().",
             evidence={
                 "rule": "growth",
+                "signal": held_key,
                 "slope_gib_per_step": slope,
                 "slope_interval": [low, high],
                 "projected_gib_at_max_steps": at_end,
@@ -371,8 +396,7 @@ class OutOfMemory(Check):
                 f"{_gib(reading.get('reserved_gib', 0.0))} GiB reserved, "
                 f"{_gib(reading.get('free_gib', 0.0))} GiB free"
                 + (f" of {_gib(cap)} GiB" if cap else "")
-                + f"; peak allocated {_gib(reading.get('peak_alloc_gib', 0.0))} GiB since the "
-                "previous reading."
+                + f"; peak allocated {_gib(reading.get('peak_alloc_gib', 0.0))} GiB so far."
             )
         steps, changes = _fixes(ctx, where)
         at = f" at step {step}" if step is not None else ""

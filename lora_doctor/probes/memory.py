@@ -1,10 +1,13 @@
 """CUDA memory readings: the allocator's counters at each logging interval, never a device sync.
 
 A reading is one call to ``torch.cuda.memory_stats_as_nested_dict`` (peaks, current bytes,
-allocator retries and out-of-memory count: host-side counters of the caching allocator), one
-``cudaMemGetInfo`` (capacity and free memory, a driver query that does not wait for the GPU) and,
-by default, a ``torch.cuda.reset_peak_memory_stats`` so that the next reading's peak covers only
-its own interval. The reader is injectable: tests script readings, another accelerator can bring its own.
+allocator retries and out-of-memory count: host-side counters of the caching allocator) and one
+``cudaMemGetInfo`` (capacity and free memory, a driver query that does not wait for the GPU). It
+resets nothing: the peak counters are the user's (a script's own ``torch.cuda.max_memory_allocated()``
+after training reports the run's true peak, with or without the doctor), so a reading's peak is the
+allocator's peak since the process started or since whoever last reset it (the Trainer's own memory
+metrics, ``skip_memory_metrics=False``, reset it when ``train`` starts). The reader is injectable:
+tests script readings, another accelerator can bring its own.
 
 On a machine without CUDA, ``torch.cuda.is_available()`` is asked once and nothing else of
 ``torch.cuda`` is touched (CPU torch's CUDA functions raise).
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from lora_doctor.checks.memory import (
+    KEY_ALLOC,
     KEY_ALLOC_RETRIES,
     KEY_CAPACITY,
     KEY_FREE,
@@ -52,9 +56,11 @@ class MemoryReading:
 
     Attributes:
         device: the device read, e.g. ``"cuda:0"``.
-        peak_allocated: peak memory allocated to tensors since the previous reset.
-        peak_reserved: peak memory the caching allocator held from the device since then.
-        allocated: memory allocated to tensors now.
+        peak_allocated: peak memory allocated to tensors: the allocator's peak, which the doctor
+            never resets (since the process started, or since the user or the Trainer reset it).
+        peak_reserved: peak memory the caching allocator held from the device, likewise.
+        allocated: memory allocated to tensors now (read after an optimizer step: what the run
+            holds between steps, which a leak makes grow).
         reserved: memory the caching allocator holds now.
         capacity: the device's total memory.
         free: the device's free memory now (all processes).
@@ -87,6 +93,7 @@ class MemoryReading:
         """The ``lora_doctor/mem_*`` metrics added to the Trainer's logs (GiB, and counts)."""
         return {
             KEY_PEAK_ALLOC: round(self.peak_allocated / GIB, 4),
+            KEY_ALLOC: round(self.allocated / GIB, 4),
             KEY_PEAK_RESERVED: round(self.peak_reserved / GIB, 4),
             KEY_CAPACITY: round(self.capacity / GIB, 4),
             KEY_FREE: round(self.free / GIB, 4),
@@ -125,13 +132,14 @@ class MemoryReader(Protocol):
         """True when there is a device to read."""
         ...
 
-    def read(self, device: Any = None, reset: bool = True) -> MemoryReading:
-        """Reads ``device`` (the current one when None); resets the peak counters when ``reset``."""
+    def read(self, device: Any = None) -> MemoryReading:
+        """Reads ``device`` (the current one when None); must leave every counter as it is."""
         ...
 
 
 class CudaMemoryReader:
-    """Reads the CUDA caching allocator's counters; never synchronizes the device.
+    """Reads the CUDA caching allocator's counters; never synchronizes the device, never resets
+    a peak.
 
     Example:
         >>> reader = CudaMemoryReader()
@@ -157,7 +165,7 @@ class CudaMemoryReader:
                 self.reason = f"torch.cuda.is_available() failed ({type(exc).__name__})"
         return self._available
 
-    def read(self, device: Any = None, reset: bool = True) -> MemoryReading:
+    def read(self, device: Any = None) -> MemoryReading:
         import torch
 
         if device is None:
@@ -166,8 +174,6 @@ class CudaMemoryReader:
         # flattening some 150 keys in Python.
         stats = torch.cuda.memory_stats_as_nested_dict(device)
         free, total = torch.cuda.mem_get_info(device)
-        if reset:
-            torch.cuda.reset_peak_memory_stats(device)
         allocated = stats.get("allocated_bytes", {}).get("all", {})
         reserved = stats.get("reserved_bytes", {}).get("all", {})
         index = device.index if isinstance(device, torch.device) else device
@@ -187,6 +193,7 @@ class CudaMemoryReader:
 #: Per-rank keys put into the callback's rank exchange: (reading attribute, worst is the max).
 _RANK_KEYS = {
     "peak_allocated": True,
+    "allocated": True,
     "peak_reserved": True,
     "free": False,
     "headroom": False,
@@ -199,14 +206,18 @@ class MemoryProbe(Probe):
     """Reads device memory at each logging interval and measures the run's memory by component.
 
     - train begin: the device, its capacity, the frozen weights by storage type (4-bit, 8-bit,
-      bf16 ...), trainable and LoRA parameters, the optimizer; the peak counters are reset.
-    - after ``check_after_steps`` steps (once): the static memory between steps, the peak of the
-      first steps and the optimizer states, hence the activations; estimates for r, 2r and r/2.
+      bf16 ...), trainable and LoRA parameters, the optimizer.
+    - after ``check_after_steps`` steps (once): the static memory between steps, the peak so far
+      and the optimizer states, hence the activations; estimates for r, 2r and r/2.
     - at the end of a step after which the Trainer logs (``control.should_log``): one reading,
-      then the peak counters reset; its figures go into the rank exchange (every rank reads its
-      own device), and at the log the ``lora_doctor/mem_*`` metrics (the worst rank's: highest
-      peak, least headroom) are added to the logs, which the engine records. A log with no
-      reading of its own (after an evaluation, the end-of-training summary) reads then.
+      after the optimizer step (so its ``allocated`` is what the run holds between steps); its
+      figures go into the rank exchange (every rank reads its own device), and at the log the
+      ``lora_doctor/mem_*`` metrics (the worst rank's: highest peak, least headroom) are added to
+      the logs, which the engine records. A log with no reading of its own (after an evaluation,
+      the end-of-training summary) reads then.
+
+    No reading resets a counter: the peak is the allocator's own, as the user's
+    ``torch.cuda.max_memory_allocated()`` reports it.
     - training dies of out-of-memory: a last reading and the error, for the ``out-of-memory``
       report.
 
@@ -221,7 +232,6 @@ class MemoryProbe(Probe):
         self.active = False
         self._device: Any = None
         self._measured = False
-        self._reset = True
         self._pending: MemoryReading | None = None
 
     def train_begin(self, event: Event) -> None:
@@ -246,14 +256,10 @@ class MemoryProbe(Probe):
             return
         self.active = True
         self._device = device if getattr(device, "index", None) is not None else None
-        # The Trainer's own memory metrics (skip_memory_metrics=False) read the peak since the
-        # start: leave the peak counters alone then, and let each reading cover the run so far.
-        self._reset = getattr(event.args, "skip_memory_metrics", True) is not False
-        reading = self.reader.read(self._device, reset=self._reset)
+        reading = self.reader.read(self._device)
         mem.available = True
         mem.device = reading.device
         mem.capacity = reading.capacity
-        mem.peaks_reset = self._reset
         mem.outside_bytes = reading.outside
         event.doctor.facts.device_total_memory = reading.capacity
         if event.model is not None:
@@ -270,7 +276,7 @@ class MemoryProbe(Probe):
         mem = event.doctor.facts.memory
         if not self._measured and event.step >= event.doctor.config.check_after_steps:
             self._measured = True
-            reading = self.reader.read(self._device, reset=False)
+            reading = self.reader.read(self._device)
             if mem is not None:
                 mem.static_bytes = reading.allocated
                 mem.first_peak_bytes = reading.peak_allocated
@@ -278,7 +284,7 @@ class MemoryProbe(Probe):
                 mem.optimizer_state_bytes = _optimizer_state_bytes(event.optimizer)
                 mem.estimates = estimates_by_rank(mem)
         if getattr(event.control, "should_log", False):
-            self._pending = self.reader.read(self._device, reset=self._reset)
+            self._pending = self.reader.read(self._device)
             if event.ranks is not None:
                 for key in _RANK_KEYS:
                     event.ranks.put(f"mem_{key}", getattr(self._pending, key))
@@ -289,7 +295,7 @@ class MemoryProbe(Probe):
         reading, self._pending = self._pending, None
         spread = event.ranks.spread if event.ranks is not None and reading is not None else {}
         if reading is None:
-            reading = self.reader.read(self._device, reset=self._reset)
+            reading = self.reader.read(self._device)
         metrics = reading.metrics()
         ranks = spread.get("mem_peak_allocated")
         if ranks is not None and ranks.ranks > 1:
@@ -422,7 +428,7 @@ def record_out_of_memory(
     reading = None
     if reader.available():
         try:
-            reading = reader.read(None, reset=False)
+            reading = reader.read(None)
         except Exception:  # the device may be in no state to answer; the report goes on
             reading = None
     where = _where(exc)

@@ -216,9 +216,6 @@ class SpectrumProbe(Probe):
 
     name = "spectrum"
 
-    #: Snapshots that keep their per-layer spectra (older ones keep the per-kind summary).
-    keep_layers = 2
-
     def __init__(self, config: DoctorConfig) -> None:
         self.config = config
         self._layers: list[_Layer] = []
@@ -277,9 +274,14 @@ class SpectrumProbe(Probe):
             layers=layers,
         )
         history = event.doctor.facts.spectrum
-        history.append(snap)
-        for old in history[: -self.keep_layers]:
+        # Per-layer values and the per-kind normalised spectra: the latest reading's only (the
+        # rank checks read the latest layers and the previous reading's used ranks); every
+        # reading keeps its per-kind summary.
+        for old in history:
             old.layers = []
+            for summary in old.kinds.values():
+                summary.pop("spectrum", None)
+        history.append(snap)
         self._last_step = event.step
         self._pending = _metrics(snap)
         return snap
