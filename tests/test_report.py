@@ -95,3 +95,26 @@ def test_summary_lists_worst_first() -> None:
     lines = d.summary().splitlines()
     assert "2 finding(s) after step 120" in lines[0]
     assert "WARNING" in lines[1] and "INFO" in lines[3]
+
+
+def _plateau_diagnosis() -> dict:
+    """A real diagnosis whose plateau carries its ranked causes (low learning rate supported)."""
+    import numpy as np
+
+    from lora_doctor.offline import diagnose
+
+    t = np.arange(1, 301) / 300
+    loss = 2.0 + 1.5 * np.exp(-t / 0.03) + np.random.default_rng(0).normal(0, 0.04, 300)
+    log = [{"step": i + 1, "loss": float(v), "learning_rate": 1e-5} for i, v in enumerate(loss)]
+    return diagnose({"max_steps": 300, "log_history": log}).to_dict()
+
+
+def test_causes_match_the_schema() -> None:
+    data = _plateau_diagnosis()
+    (plateau,) = [f for f in data["findings"] if f["slug"] == "loss-plateau"]
+    causes = plateau["evidence"]["causes"]
+    assert causes[0]["cause"] == "learning-rate-too-low" and causes[0]["verdict"] == "supported"
+    jsonschema.validate(data, load_schema())
+    causes[0]["verdict"] = "probable"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(data, load_schema())
