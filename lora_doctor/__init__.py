@@ -1,7 +1,7 @@
 """lora-doctor: tells the person training a LoRA adapter what is going wrong, with the numbers,
 and what to do about it.
 
-The engine (findings, history, facts, config, checks, report) needs only numpy and scipy; the
+The engine (findings, history, facts, config, checks, report) needs only numpy; the
 Trainer callback and the probes import torch, transformers and peft when they are first used.
 """
 
@@ -15,12 +15,12 @@ from lora_doctor.engine import Doctor
 from lora_doctor.findings import Finding, Recommendation, Severity
 from lora_doctor.offline import diagnose
 from lora_doctor.report import Diagnosis
-from lora_doctor.sweep import SweepResult, SweepRow, rank_sweep
 
 if TYPE_CHECKING:
     from lora_doctor.integrations.hf import LoraDoctorCallback
     from lora_doctor.integrations.loop import read_model
     from lora_doctor.integrations.watch import watch
+    from lora_doctor.sweep import SweepResult, SweepRow, rank_sweep
 
 __all__ = [
     "Diagnosis",
@@ -43,6 +43,10 @@ _LAZY = {
     "LoraDoctorCallback": "lora_doctor.integrations.hf",
     "watch": "lora_doctor.integrations.watch",
     "read_model": "lora_doctor.integrations.loop",
+    # imported when first used: `lora-doctor diagnose` starts without them
+    "SweepResult": "lora_doctor.sweep",
+    "SweepRow": "lora_doctor.sweep",
+    "rank_sweep": "lora_doctor.sweep",
 }
 
 

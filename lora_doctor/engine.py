@@ -125,11 +125,17 @@ class Doctor:
         Returns:
             The findings not reported before (each also logged once when ``emit``).
         """
-        self.history.add(step, logs)
-        self.step = max(self.step, self.history.last_step)
+        history = self.history
+        history.add(step, logs)
+        if history.last_step > self.step:
+            self.step = history.last_step
         if not run:
             return []
-        return self.run_phase(Phase.EVAL if is_eval_entry(logs) else Phase.LOG, step)
+        if is_eval_entry(logs):
+            return self.run_phase(Phase.EVAL, step)
+        if len(history) < self._next_batch:  # not a look: skip the call (a 1M-entry log's hot path)
+            return []
+        return self.run_phase(Phase.LOG, step)
 
     def end(self, report_path: str | os.PathLike[str] | None = None) -> Diagnosis:
         """Runs the END checks and returns the diagnosis; writes it as JSON to ``report_path``

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import operator
+from array import array
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -69,6 +70,9 @@ def _number(value: Any) -> float | None:
 
 
 _STARTS_EVAL = operator.methodcaller("startswith", "eval_")
+_EMPTY: array[float] = array("d")
+#: Integers below this in size convert to a float without overflow (larger ones go through _number).
+_INT_FLOAT = 2**1000
 
 
 def is_eval_entry(entry: Mapping[str, Any]) -> bool:
@@ -99,8 +103,9 @@ class History:
     """
 
     def __init__(self) -> None:
-        self._steps: dict[str, list[float]] = {}
-        self._values: dict[str, list[float]] = {}
+        # float64 arrays: 8 bytes a point (a list of floats takes 32), copied to numpy in one step
+        self._steps: dict[str, array[float]] = {}
+        self._values: dict[str, array[float]] = {}
         self._cache: dict[str, Series] = {}
         self._entries: list[dict[str, Any]] = []
         self.last_step: int = 0
@@ -113,7 +118,8 @@ class History:
         series; an integer too large for a float counts as an infinity. Never raises on what a
         log holds.
         """
-        number = _number(logs.get("step") if step is None else step)
+        raw_step = logs.get("step") if step is None else step
+        number = float(raw_step) if type(raw_step) is int else _number(raw_step)
         step_f = number if number is not None and math.isfinite(number) else float(self.last_step)
         # a saved entry already has its step and is kept as it is; a live one gets a copy with it
         entry = logs if "step" in logs else {**logs, "step": int(step_f)}
@@ -122,21 +128,25 @@ class History:
             self.last_step = int(step_f)
         steps, values = self._steps, self._values
         for key, raw in logs.items():
-            if type(raw) is float:  # the common case first, without _number's checks
+            if key == "step":
+                continue
+            # the common cases first, without _number's checks
+            kind = type(raw)
+            if kind is float:
                 value: float | None = raw
+            elif kind is int and -_INT_FLOAT < raw < _INT_FLOAT:
+                value = float(raw)
             else:
                 value = _number(raw)
-                if value is None:
-                    continue
-            if not isinstance(key, str):
+            if value is None or not isinstance(key, str):
                 continue
             series = values.get(key)
             if series is not None:
-                series.append(value)  # type: ignore[arg-type]
+                series.append(value)
                 steps[key].append(step_f)
-            elif key != "step":
-                steps[key] = [step_f]
-                values[key] = [value]  # type: ignore[list-item]
+            else:
+                steps[key] = array("d", (step_f,))
+                values[key] = array("d", (value,))
 
     def series(self, key: str) -> Series:
         """The series of ``key``; empty when the key was never logged.
@@ -146,8 +156,8 @@ class History:
         cached = self._cache.get(key)
         if cached is not None and len(cached) == self.count(key):
             return cached
-        steps = np.asarray(self._steps.get(key, ()), dtype=float)
-        values = np.asarray(self._values.get(key, ()), dtype=float)
+        steps = np.array(self._steps.get(key, ()), dtype=float)  # a copy: the arrays grow
+        values = np.array(self._values.get(key, ()), dtype=float)
         out = Series(key, steps, values)
         self._cache[key] = out
         return out
@@ -160,10 +170,10 @@ class History:
         """The steps and values of ``key`` from its ``start``-th point on (read-only sequences).
 
         Checks that run at every log read only the new points through this, so that a long log
-        costs time linear in its length; with ``start=0`` the history's own lists are returned
+        costs time linear in its length; with ``start=0`` the history's own arrays are returned
         without a copy.
         """
-        steps, values = self._steps.get(key, []), self._values.get(key, [])
+        steps, values = self._steps.get(key, _EMPTY), self._values.get(key, _EMPTY)
         if start:
             return steps[start:], values[start:]
         return steps, values

@@ -141,6 +141,19 @@ def _int(value: Any) -> int:
     return int(value)
 
 
+def _peak_learning_rate(log: Iterable[Mapping[str, Any]]) -> float | None:
+    """The largest finite ``learning_rate`` logged, or None."""
+    peak = -math.inf
+    for entry in log:
+        v = entry.get("learning_rate")
+        if type(v) is float:  # the common case, without the checks below
+            if v > peak and v != math.inf:
+                peak = v
+        elif isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
+            peak = max(peak, float(v))
+    return peak if peak > -math.inf else None
+
+
 def facts_from_files(run: RunFiles) -> RunFacts:
     """The run facts a saved run tells: planned length, the step reached (and whether the state is a
     checkpoint's), peak learning rate, adapter config."""
@@ -155,13 +168,8 @@ def facts_from_files(run: RunFiles) -> RunFacts:
     # an "infinite" epoch count (sys.maxsize when max_steps drives the run) is not a plan
     if isinstance(epochs, (int, float)) and not isinstance(epochs, bool) and 0 < epochs < 1e6:
         facts.num_train_epochs = float(epochs)
-    lrs = [
-        float(v)
-        for v in (e.get("learning_rate") for e in run.log_history)
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    ]
     # the configured rate is the peak of the schedule, not the first (warm-up) value
-    facts.learning_rate = float(max(lrs)) if lrs else None
+    facts.learning_rate = _peak_learning_rate(run.log_history)
     setup = facts.setup
     for key in ("logging_steps", "save_steps"):
         value = _int(run.state.get(key))

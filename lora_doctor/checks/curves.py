@@ -20,6 +20,7 @@ import numpy as np
 from lora_doctor.checks.base import Cadence, Check, Context, Phase, Read, Reads, finite
 from lora_doctor.config import DoctorConfig
 from lora_doctor.findings import Finding, Recommendation, Severity
+from lora_doctor.stats import theil_sen
 
 __all__ = [
     "CHECKS",
@@ -691,9 +692,8 @@ def _binned(x: np.ndarray, y: np.ndarray, bins: int) -> tuple[np.ndarray, np.nda
 def _trend(x: np.ndarray, y: np.ndarray, horizon: float, cfg: DoctorConfig, points: int) -> Trend:
     """Theil-Sen slope of ``y`` over ``x`` with Sen's confidence interval (from Kendall's tau, as
     in the Mann-Kendall test), turned into the relative loss improvement per 10% of training."""
-    from scipy import stats  # imported when a plateau is first judged: not at import time
-
-    slope, _intercept, low, _high = stats.theilslopes(y, x, alpha=cfg.plateau_confidence)
+    fit = theil_sen(y, x, cfg.plateau_confidence)
+    slope, low = fit.slope, fit.low_slope
     level = max(float(np.median(y[-max(3, len(y) // 5) :])), 1e-12)
     per = 0.1 * horizon / level
     return Trend(

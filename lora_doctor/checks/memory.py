@@ -19,6 +19,7 @@ from lora_doctor.checks.base import Check, Context, Phase, Points, Reads, finite
 from lora_doctor.facts import AdapterFacts, MemoryFacts
 from lora_doctor.findings import Finding, Recommendation, Severity
 from lora_doctor.memory_estimate import GIB, estimate_memory
+from lora_doctor.stats import theil_sen
 
 __all__ = [
     "CHECKS",
@@ -302,20 +303,17 @@ class OomRisk(Check):
         peak, now = fig["peak_alloc_gib"], float(steps[-1])
         if now >= max_steps:
             return None
-        # A least-squares line costs microseconds; scipy's Theil-Sen costs milliseconds at every
+        # A least-squares line costs microseconds; the Theil-Sen fit costs milliseconds at every
         # log. Only a trend that heads for capacity by least squares (with slack for outliers)
         # gets the robust fit that decides.
         x = steps - steps.mean()
         ols_slope = float((x * (values - values.mean())).sum() / (x * x).sum())
         if ols_slope <= 0 or peak + ols_slope * (max_steps - now) < _GROWTH_GATE * limit:
             return None
-        from scipy import stats  # only when the cheap gate passes: not at import time
-
-        slope, _, low, high = stats.theilslopes(
-            values, steps, alpha=ctx.config.oom_growth_confidence
-        )
+        fit = theil_sen(values, steps, ctx.config.oom_growth_confidence)
+        slope, low, high = fit.slope, fit.low_slope, fit.high_slope
         half = len(values) // 2
-        recent = stats.theilslopes(values[half:], steps[half:])[0] if np.ptp(steps[half:]) else 0
+        recent = theil_sen(values[half:], steps[half:]).slope if np.ptp(steps[half:]) else 0
         if not low > 0 or not recent > 0:  # a one-off jump (a longer batch) is not growth
             return None
         at_end = peak + slope * (max_steps - now)
