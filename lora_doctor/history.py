@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["History", "Series", "is_eval_entry"]
+__all__ = ["History", "Series", "as_float", "is_eval_entry"]
 
 
 @dataclass(frozen=True)
@@ -35,19 +35,32 @@ class Series:
         return Series(self.key, self.steps[keep], self.values[keep])
 
 
-def _number(value: Any) -> float | None:
-    """A logged value as a float, or None when it is not a number (strings, lists, dicts)."""
+def as_float(value: Any) -> float | None:
+    """A logged value as a float, or None when it is not a number (strings, lists, dicts).
+
+    Ints, floats, numpy and torch scalars, and the strings "nan" and "inf" are numbers. An int too
+    large for a float is infinite, as Python's JSON reader reads the literal ``1e400``.
+
+    Example:
+        >>> as_float(3), as_float(10**400), as_float("nan"), as_float("3")
+        (3.0, inf, nan, None)
+    """
     if isinstance(value, bool):
         return None
-    if isinstance(value, (int, float)):
-        return float(value)
+    if isinstance(value, int):
+        try:
+            return float(value)
+        except OverflowError:
+            return math.inf if value > 0 else -math.inf
+    if isinstance(value, float):
+        return value
     item = getattr(value, "item", None)  # numpy / torch scalars
     if callable(item):
         try:
             out = item()
         except (TypeError, ValueError, RuntimeError):
             return None
-        return float(out) if isinstance(out, (int, float)) and not isinstance(out, bool) else None
+        return as_float(out) if isinstance(out, (int, float)) else None
     if isinstance(value, str) and value.strip().lower() in {
         "nan",
         "inf",
@@ -99,12 +112,13 @@ class History:
     def add(self, step: int | float | None, logs: Mapping[str, Any]) -> None:
         """Records one log entry: every numeric value under its key, at ``step``.
 
-        ``step`` defaults to the entry's own ``"step"`` key, then to the last step seen. Non-numeric
-        values are kept in the raw entry but make no series.
+        ``step`` defaults to the entry's own ``"step"`` key, then to the last step seen (also when it
+        is not a number >= 0, as a step counts optimizer steps). Non-numeric values, and keys that
+        are not strings, are kept in the raw entry but make no series.
         """
-        if step is None:
-            step = _number(logs.get("step"))
-        step_f = float(step) if step is not None and math.isfinite(step) else float(self.last_step)
+        step_f = as_float(logs.get("step") if step is None else step)
+        if step_f is None or not 0 <= step_f < math.inf:
+            step_f = float(self.last_step)
         # a saved entry already has its step and is kept as it is; a live one gets a copy with it
         entry = logs if "step" in logs else {**logs, "step": int(step_f)}
         self._entries.append(entry)  # type: ignore[arg-type]
@@ -112,13 +126,12 @@ class History:
             self.last_step = int(step_f)
         steps, values = self._steps, self._values
         for key, raw in logs.items():
-            kind = type(raw)
-            if kind is float:  # the common cases first, without _number's checks
+            if type(key) is not str:  # no check can ask for it by name
+                continue
+            if type(raw) is float:  # the common case first, without as_float's checks
                 value: float | None = raw
-            elif kind is int:
-                value = float(raw)
             else:
-                value = _number(raw)
+                value = as_float(raw)
                 if value is None:
                     continue
             series = values.get(key)

@@ -12,7 +12,7 @@ import bisect
 import math
 from collections import deque
 from collections.abc import Hashable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import stats
@@ -440,10 +440,12 @@ class GradNormSpike(Check):
             self._count += len(values)
             return
         x, y = np.asarray(steps, dtype=float), np.asarray(values, dtype=float)
-        medians = self._medians_before(y, cfg.spike_window)
         enough = self._count + np.arange(len(y)) >= cfg.spike_min_points
         self._count += len(y)
-        with np.errstate(invalid="ignore"):
+        # a median (or spike_factor times one) beyond the float limit is infinite: no value can be
+        # spike_factor (> 1) times it, so no spike there, which is right
+        with np.errstate(invalid="ignore", over="ignore"):
+            medians = self._medians_before(y, cfg.spike_window)
             spikes = np.nonzero(enough & (medians > 0) & (y > cfg.spike_factor * medians))[0]
         if len(spikes):
             i = int(spikes[0])
@@ -758,7 +760,12 @@ class LossPlateau(Check):
         plateau_latest_start) whose loss is flat. The points are binned once for all starts."""
         cfg = ctx.config
         first = np.searchsorted(x, cfg.plateau_early_fraction * horizon)
-        bx, by = _binned(x[first:], y[first:], cfg.plateau_max_points)
+        # Losses near the float limit (1e308) would overflow the bin medians and the fit's pairwise
+        # differences: fit them divided by a power of two that brings them below 2 (exact, so every
+        # verdict is as without it), and scale the level back.
+        peak = float(np.max(np.abs(y[first:]), initial=0.0))
+        scale = math.ldexp(1.0, max(0, math.frexp(peak)[1] - 1))
+        bx, by = _binned(x[first:], y[first:] / scale, cfg.plateau_max_points)
         start = cfg.plateau_early_fraction
         while start <= cfg.plateau_latest_start + 1e-9:
             at = start * horizon
@@ -767,6 +774,7 @@ class LossPlateau(Check):
             if (
                 points >= cfg.plateau_min_points
                 and sel.sum() >= 3
+                and np.ptp(bx[sel]) > 0  # a slope needs two distinct steps
                 and x[-1] - at >= cfg.plateau_min_span * horizon
             ):
                 trend = _trend(bx[sel], by[sel], horizon, ctx, points)
@@ -774,7 +782,7 @@ class LossPlateau(Check):
                     trend.gain < cfg.plateau_max_gain
                     and trend.gain_bound < cfg.plateau_max_gain_bound
                 ):
-                    return trend
+                    return replace(trend, level=trend.level * scale)
             start += cfg.plateau_start_stride
         return None
 
