@@ -61,15 +61,12 @@ def _read_json(path: Path, what: str) -> Any:
     try:
         if path.exists() and not path.is_file():  # a FIFO would block the read forever
             raise RunReadError(f"{what} {path} is not a regular file")
-        text = path.read_text(encoding="utf-8")
+        # json accepts the NaN and Infinity literals Python's json writes
+        return json.loads(path.read_text(encoding="utf-8"))
     except OSError as err:
         raise RunReadError(f"cannot read {what} {path}: {err.strerror or err}") from None
     except UnicodeDecodeError:
         raise RunReadError(f"{what} {path} is not UTF-8 text") from None
-    except MemoryError:
-        raise RunReadError(f"{what} {path} is too large to read into memory") from None
-    try:
-        return json.loads(text)  # accepts the NaN and Infinity literals Python's json writes
     except json.JSONDecodeError as err:
         raise RunReadError(
             f"{what} {path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})"

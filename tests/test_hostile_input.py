@@ -161,6 +161,18 @@ def test_deeply_nested_json_is_one_line(tmp_path: Path, capsys) -> None:
     _one_line_exit_2(["diagnose", str(run)], capsys, "is nested too deeply")
 
 
+def test_file_too_large_for_memory_is_one_line(
+    tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = _run(tmp_path, _flat_log())
+
+    def no_memory(*args: Any, **kwargs: Any) -> Any:
+        raise MemoryError
+
+    monkeypatch.setattr(json, "loads", no_memory)
+    _one_line_exit_2(["diagnose", str(run)], capsys, "is too large to read into memory")
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
 def test_unreadable_folder_is_one_line(tmp_path: Path, capsys) -> None:
     run = _run(tmp_path / "run" / "checkpoint-5", _flat_log()).parent
