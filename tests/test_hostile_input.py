@@ -173,14 +173,17 @@ def test_file_too_large_for_memory_is_one_line(
     _one_line_exit_2(["diagnose", str(run)], capsys, "is too large to read into memory")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
-def test_unreadable_folder_is_one_line(tmp_path: Path, capsys) -> None:
+def test_folder_that_cannot_be_listed_is_one_line(
+    tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As a folder without read permission (``chmod 000``) for a user who is not root."""
     run = _run(tmp_path / "run" / "checkpoint-5", _flat_log()).parent
-    run.chmod(0o000)
-    try:
-        _one_line_exit_2(["diagnose", str(run)], capsys, "Permission denied")
-    finally:
-        run.chmod(0o755)
+
+    def denied(self: Path) -> Any:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "iterdir", denied)
+    _one_line_exit_2(["diagnose", str(run)], capsys, f"cannot read {run}: Permission denied")
 
 
 # --- arguments of the wrong type ------------------------------------------------------------------
