@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -170,11 +171,11 @@ def write_json_atomic(path: str | os.PathLike[str], text: str) -> Path:
         PosixPath('out/lora_doctor.json')
     """
     target = Path(os.path.realpath(path))  # a link's target, so the link itself survives
-    try:
-        mode: int | None = stat.S_IMODE(os.stat(target).st_mode)
-        kind = stat.S_IFMT(os.stat(target).st_mode)
-    except FileNotFoundError:
-        mode, kind = None, stat.S_IFREG
+    mode: int | None = None
+    kind = stat.S_IFREG
+    with contextlib.suppress(FileNotFoundError):
+        found = os.stat(target).st_mode
+        mode, kind = stat.S_IMODE(found), stat.S_IFMT(found)
     if kind == stat.S_IFDIR:
         raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(path))
     if kind != stat.S_IFREG:
@@ -183,9 +184,9 @@ def write_json_atomic(path: str | os.PathLike[str], text: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _new_temp(target, 0o666 if mode is None else mode)
     try:
-        if mode is not None:
-            os.fchmod(fd, mode)  # the existing file's mode, whatever the umask
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            if mode is not None:
+                os.fchmod(fh.fileno(), mode)  # the existing file's mode, whatever the umask
             fh.write(text)
             fh.write("\n")
             fh.flush()
