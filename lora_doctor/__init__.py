@@ -48,6 +48,8 @@ _LAZY = {
     "SweepRow": "lora_doctor.sweep",
     "rank_sweep": "lora_doctor.sweep",
 }
+#: The packages of the ``hf`` extra, which the lazy names need.
+_HF_EXTRA = frozenset({"torch", "transformers", "peft", "accelerate"})
 
 
 def __getattr__(name: str) -> Any:
@@ -56,4 +58,14 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module 'lora_doctor' has no attribute {name!r}")
     import importlib
 
-    return getattr(importlib.import_module(module), name)
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ModuleNotFoundError as err:
+        missing = (err.name or "").partition(".")[0]
+        if missing not in _HF_EXTRA:
+            raise
+        raise ModuleNotFoundError(
+            f"lora_doctor.{name} needs {missing}, which is not installed: "
+            "pip install 'lora-doctor[hf]'",
+            name=err.name,
+        ) from None

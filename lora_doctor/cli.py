@@ -1,5 +1,6 @@
 """The ``lora-doctor`` command.
 
+    lora-doctor --version
     lora-doctor diagnose PATH [--json OUT] [--plot OUT.png] [--fail-on warning|error]
     lora-doctor sweep MODULE:FUNCTION [--ranks 4 8 16] [--metric eval_loss] [--out DIR]
 
@@ -17,35 +18,58 @@ import importlib.util
 import os
 import sys
 from collections.abc import Callable, Sequence
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from lora_doctor._version import __version__
 from lora_doctor.findings import Severity
 from lora_doctor.offline import RunReadError, diagnose
-from lora_doctor.sweep import rank_sweep
+from lora_doctor.plot import check_plot_path
 
 __all__ = ["main"]
 
 EXIT_OK, EXIT_FOUND, EXIT_UNREADABLE = 0, 1, 2
 
 
+def _version() -> str:
+    """The installed distribution's version (``importlib.metadata``); the package's own
+    ``__version__`` when it runs from a source tree that is not installed."""
+    try:
+        return metadata.version("lora-doctor")
+    except metadata.PackageNotFoundError:
+        return __version__
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lora-doctor", description="Diagnoses LoRA fine-tuning runs."
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {_version()}", help="print the version"
     )
     sub = parser.add_subparsers(dest="command", required=True)
     diag = sub.add_parser(
         "diagnose",
         help="diagnose a finished run from its trainer_state.json",
         description="Diagnoses a saved run: a run folder, a checkpoint folder or a "
-        "trainer_state.json (the adapter_config.json beside it is read too).",
+        "trainer_state.json (the adapter_config.json beside it is read too). Exit 0: nothing at "
+        "or above --fail-on; 1: something is; 2: the input could not be read or an output "
+        "not written.",
     )
     diag.add_argument(
         "path", metavar="PATH", help="run folder, checkpoint folder or trainer_state.json"
     )
-    diag.add_argument("--json", metavar="OUT", help="write the diagnosis JSON to OUT")
     diag.add_argument(
-        "--plot", metavar="OUT.png", help="draw the curves with the findings to OUT.png"
+        "--json",
+        metavar="OUT",
+        help="write the diagnosis JSON to OUT (atomically; a symbolic link is followed)",
+    )
+    diag.add_argument(
+        "--plot",
+        metavar="OUT.png",
+        help="draw the curves with the findings to OUT.png (or .pdf, .svg ...: any format "
+        "matplotlib writes; needs the plot extra)",
     )
     diag.add_argument(
         "--fail-on",
@@ -57,8 +81,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _error(message: str) -> int:
+    print(f"lora-doctor: error: {message}", file=sys.stderr)
+    return EXIT_UNREADABLE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command; returns the exit status.
+
+    ``diagnose`` checks its outputs' names first (an unknown ``--plot`` format is exit 2 before any
+    work), writes the files, and prints last: a closed standard output (``| head -1``) loses
+    nothing and ends quietly, with the exit status of the findings. Without matplotlib, ``--plot``
+    is skipped with a note and the rest is done.
 
     Example:
         >>> main(["diagnose", "outputs/checkpoint-500", "--fail-on", "warning"])  # doctest: +SKIP
@@ -67,28 +101,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "sweep":
         return int(args.handler(args))
-    if args.plot and importlib.util.find_spec("matplotlib") is None:
-        print(
-            "lora-doctor: error: --plot needs matplotlib: pip install 'lora-doctor[plot]'",
-            file=sys.stderr,
-        )
-        return EXIT_UNREADABLE
+    plot_note = ""
+    if args.plot:
+        try:
+            check_plot_path(args.plot)
+        except ImportError as err:  # no matplotlib: everything else is still done
+            plot_note, args.plot = f"lora-doctor: --plot skipped: {err}", None
+        except ValueError as err:
+            return _error(f"--plot: {err}")
     try:
         diagnosis = diagnose(args.path)
     except RunReadError as err:
-        print(f"lora-doctor: error: {err}", file=sys.stderr)
-        return EXIT_UNREADABLE
-    print(diagnosis.summary())
+        return _error(str(err))
+    written: list[str] = []
+    failure = ""
     try:
         if args.json:
             diagnosis.to_json(args.json)
-            print(f"diagnosis written to {args.json}")
+            written.append(f"diagnosis written to {args.json}")
         if args.plot:
             diagnosis.plot(args.plot)
-            print(f"plot written to {args.plot}")
+            written.append(f"plot written to {args.plot}")
     except OSError as err:  # an output that cannot be written: one line, as for the input
-        print(f"lora-doctor: error: cannot write {err.filename}: {err.strerror}", file=sys.stderr)
-        return EXIT_UNREADABLE
+        failure = f"cannot write {err.filename}: {err.strerror or err}"
+    except (ValueError, RuntimeError) as err:  # matplotlib cannot draw (e.g. .pgf without LaTeX)
+        failure = f"cannot draw the plot: {err}"
+    try:
+        print("\n".join([diagnosis.summary(), *written]), flush=True)
+    except OSError:  # the reader left (``| head -1``): the files are written already
+        _silence_stdout()
+    if plot_note:
+        print(plot_note, file=sys.stderr)
+    if failure:
+        return _error(failure)
     threshold = Severity.parse(args.fail_on)
     worst = diagnosis.worst
     return EXIT_FOUND if worst is not None and worst >= threshold else EXIT_OK
@@ -143,6 +188,8 @@ def _add_sweep_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def _run_sweep(args: argparse.Namespace) -> int:
     """Runs ``lora-doctor sweep``; returns the exit code."""
+    from lora_doctor.sweep import rank_sweep  # imported when used: diagnose starts without it
+
     try:
         build = load_build(args.build)
         result = rank_sweep(
@@ -217,6 +264,18 @@ def _load_file(path: Path) -> Any:
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def _silence_stdout() -> None:
+    """Points standard output at the null device, so that the interpreter's final flush does not
+    fail again on the closed pipe (the recipe of Python's ``signal`` documentation)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, ValueError, OSError):  # no real file behind it: nothing to flush
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 if __name__ == "__main__":

@@ -297,9 +297,11 @@ class DoctorConfig:
     )
     plateau_start_stride: float = _opt(
         0.05,
-        "Spacing of the plateau window starts, as a share of training.",
-        _positive,
-        "a number > 0",
+        "Spacing of the plateau window starts, as a share of training. At least 0.01: each start "
+        "is a Theil-Sen fit, so this keeps them to 100 or fewer per look (a stride too small to "
+        "move the start would never end).",
+        lambda v: _positive(v) and v >= 0.01,
+        "a number >= 0.01",
     )
     plateau_min_span: float = _opt(
         0.1,
@@ -425,6 +427,12 @@ class DoctorConfig:
                 raise ValueError(
                     f"DoctorConfig.{f.name} must be {f.metadata['rule']}, got {value!r}"
                 )
+        both = sorted(self.stop_on & self.ignore)
+        if both:
+            raise ValueError(
+                f"DoctorConfig.stop_on and ignore both name {both}: an ignored finding is never "
+                "reported, so it could never stop training; remove it from one of them"
+            )
         if self.scaling_low > self.scaling_high:
             raise ValueError(
                 "DoctorConfig.scaling_low must be <= scaling_high, "

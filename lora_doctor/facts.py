@@ -8,7 +8,7 @@ saved (``adapter_config.json``, ``trainer_state.json``). Every field has a neutr
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from types import TracebackType
 from typing import Any, TypeVar
@@ -53,30 +53,121 @@ class AdapterFacts:
     @classmethod
     def from_config(cls, name: str, config: Mapping[str, Any]) -> AdapterFacts:
         """Reads the fields of a LoRA config dict (``adapter_config.json`` or ``LoraConfig.to_dict()``);
-        unknown keys are ignored, missing ones keep their defaults."""
-        target = config.get("target_modules")
-        if isinstance(target, (set, tuple)):
-            target = sorted(target)
-        r = config.get("r")
-        alpha = config.get("lora_alpha")
+        unknown keys are ignored, missing ones keep their defaults, and a field of the wrong type
+        is "not known" (see :meth:`parse_config`)."""
+        return cls.parse_config(name, config)[0]
+
+    @classmethod
+    def parse_config(cls, name: str, config: Mapping[str, Any]) -> tuple[AdapterFacts, list[str]]:
+        """Reads a LoRA config dict strictly, by the types of peft's ``LoraConfig``.
+
+        A field of the wrong type is left at its default ("not known") and described in the
+        returned problems: ``r`` must be a positive integer, ``lora_alpha`` and ``lora_dropout``
+        finite numbers, ``use_rslora`` and ``use_dora`` true or false (the string ``"false"`` is
+        not false: peft would take it as true), ``init_lora_weights`` a boolean or a name,
+        ``target_modules`` a name or a list of names, ``rank_pattern`` an object of positive
+        integers, ``alpha_pattern`` an object of finite numbers, ``modules_to_save`` a list of
+        names, ``bias``, ``task_type`` and ``base_model_name_or_path`` text. ``null`` is the
+        default everywhere.
+
+        Returns:
+            The facts, and one line per field of the wrong type (empty when all are well formed).
+
+        Example:
+            >>> facts, problems = AdapterFacts.parse_config("default", {"r": 8, "use_rslora": "no"})
+            >>> facts.r, facts.use_rslora, problems
+            (8, False, ["use_rslora must be true or false, got 'no'"])
+        """
+        problems: list[str] = []
+        values = dict(config)
+        if isinstance(values.get("target_modules"), (set, frozenset, tuple)):  # a live LoraConfig's
+            values["target_modules"] = sorted(values["target_modules"], key=str)
+
+        def read(key: str, ok: Callable[[Any], bool], rule: str, default: Any = None) -> Any:
+            value = values.get(key)
+            if value is None:
+                return default
+            if ok(value):
+                return value
+            problems.append(f"{key} must be {rule}, got {value!r:.40}")
+            return default
+
+        r = read("r", _is_count, "a positive integer")
+        alpha = read("lora_alpha", _is_number, "a finite number")
+        dropout = read("lora_dropout", _is_number, "a finite number")
         return cls(
             name=name,
-            r=int(r) if isinstance(r, (int, float)) and not isinstance(r, bool) else None,
-            lora_alpha=float(alpha) if isinstance(alpha, (int, float)) else None,
-            use_rslora=bool(config.get("use_rslora", False)),
-            use_dora=bool(config.get("use_dora", False)),
-            init_lora_weights=config.get("init_lora_weights", True),
-            target_modules=target,
-            rank_pattern={str(k): int(v) for k, v in (config.get("rank_pattern") or {}).items()},
-            alpha_pattern={
-                str(k): float(v) for k, v in (config.get("alpha_pattern") or {}).items()
+            r=int(r) if r is not None else None,
+            lora_alpha=float(alpha) if alpha is not None else None,
+            use_rslora=read("use_rslora", _is_bool, "true or false", False),
+            use_dora=read("use_dora", _is_bool, "true or false", False),
+            init_lora_weights=read(
+                "init_lora_weights", _is_bool_or_text, "true, false or a method name", True
+            ),
+            target_modules=read(
+                "target_modules",
+                lambda v: isinstance(v, str) or _is_names(v),
+                "a module name (or pattern) or a list of names",
+            ),
+            rank_pattern={
+                str(k): int(v)
+                for k, v in read(
+                    "rank_pattern",
+                    lambda v: _is_table(v, _is_count),
+                    "an object of module names to positive integers",
+                    {},
+                ).items()
             },
-            lora_dropout=config.get("lora_dropout"),
-            bias=str(config.get("bias") or "none"),
-            modules_to_save=list(config.get("modules_to_save") or []) or None,
-            task_type=config.get("task_type"),
-            base_model=config.get("base_model_name_or_path"),
-        )
+            alpha_pattern={
+                str(k): float(v)
+                for k, v in read(
+                    "alpha_pattern",
+                    lambda v: _is_table(v, _is_number),
+                    "an object of module names to finite numbers",
+                    {},
+                ).items()
+            },
+            lora_dropout=float(dropout) if dropout is not None else None,
+            bias=read("bias", _is_text, "text (none, all or lora_only)", "none"),
+            modules_to_save=list(read("modules_to_save", _is_names, "a list of names", [])) or None,
+            task_type=read("task_type", _is_text, "text"),
+            base_model=read("base_model_name_or_path", _is_text, "text"),
+        ), problems
+
+
+def _is_number(v: Any) -> bool:
+    """A finite int or float (not a bool; an int too large for a float is not finite)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
+
+def _is_count(v: Any) -> bool:
+    """A positive whole number (``8`` or ``8.0``) that a float can hold."""
+    return _is_number(v) and v > 0 and float(v).is_integer()
+
+
+def _is_bool(v: Any) -> bool:
+    return isinstance(v, bool)
+
+
+def _is_text(v: Any) -> bool:
+    return isinstance(v, str)
+
+
+def _is_bool_or_text(v: Any) -> bool:
+    return isinstance(v, (bool, str))
+
+
+def _is_names(v: Any) -> bool:
+    return isinstance(v, (list, tuple)) and all(isinstance(n, str) for n in v)
+
+
+def _is_table(v: Any, ok: Callable[[Any], bool]) -> bool:
+    return isinstance(v, Mapping) and all(isinstance(k, str) and ok(x) for k, x in v.items())
 
 
 @dataclass

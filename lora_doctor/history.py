@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["History", "Series", "is_eval_entry"]
+__all__ = ["History", "Series", "as_float", "is_eval_entry"]
 
 
 @dataclass(frozen=True)
@@ -36,42 +36,46 @@ class Series:
         return Series(self.key, self.steps[keep], self.values[keep])
 
 
-def _number(value: Any) -> float | None:
-    """A logged value as a float, or None when it is not a number (strings, lists, dicts, objects
-    whose ``.item()`` fails). Never raises: an integer beyond the float range becomes an infinity
-    of its sign.
+def as_float(value: Any) -> float | None:
+    """A logged value as a float, or None when it is not a number (strings, lists, dicts).
+
+    Ints, floats, numpy and torch scalars, and the strings "nan" and "inf" are numbers. An int too
+    large for a float is infinite, as Python's JSON reader reads the literal ``1e400``.
 
     Example:
-        >>> _number(3), _number(10**400), _number("nan"), _number([1.0])
+        >>> as_float(3), as_float(10**400), as_float("nan"), as_float("3")
         (3.0, inf, nan, None)
     """
     if isinstance(value, bool):
         return None
-    try:
-        if isinstance(value, (int, float)):
+    if isinstance(value, int):
+        try:
             return float(value)
+        except OverflowError:
+            return math.inf if value > 0 else -math.inf
+    if isinstance(value, float):
+        return value
+    try:
         item = getattr(value, "item", None)  # numpy / torch scalars
         if callable(item):
             out = item()
-            return _number(out) if isinstance(out, (int, float)) else None
-        if isinstance(value, str) and value.strip().lower() in {
-            "nan",
-            "inf",
-            "+inf",
-            "-inf",
-            "infinity",
-        }:
-            return float(value.strip().lower().replace("infinity", "inf"))
-    except OverflowError:  # an int too large for a float
-        return math.inf if value > 0 else -math.inf
+            return as_float(out) if isinstance(out, (int, float)) else None
     except Exception:  # a logged object the doctor cannot read is not a number to it
         return None
+    if isinstance(value, str) and value.strip().lower() in {
+        "nan",
+        "inf",
+        "+inf",
+        "-inf",
+        "infinity",
+    }:
+        return float(value.strip().lower().replace("infinity", "inf"))
     return None
 
 
 _STARTS_EVAL = operator.methodcaller("startswith", "eval_")
 _EMPTY: array[float] = array("d")
-#: Integers below this in size convert to a float without overflow (larger ones go through _number).
+#: Integers below this in size convert to a float without overflow (larger ones go through as_float).
 _INT_FLOAT = 2**1000
 
 
@@ -113,14 +117,18 @@ class History:
     def add(self, step: int | float | None, logs: Mapping[str, Any]) -> None:
         """Records one log entry: every numeric value under its key, at ``step``.
 
-        ``step`` defaults to the entry's own ``"step"`` key, then to the last step seen. Values that
-        are not numbers, and keys that are not strings, are kept in the raw entry but make no
-        series; an integer too large for a float counts as an infinity. Never raises on what a
-        log holds.
+        ``step`` defaults to the entry's own ``"step"`` key, then to the last step seen (also when it
+        is not a number >= 0, as a step counts optimizer steps). Non-numeric values, and keys that
+        are not strings, are kept in the raw entry but make no series; an integer too large for a
+        float counts as an infinity. Never raises on what a log holds.
         """
         raw_step = logs.get("step") if step is None else step
-        number = float(raw_step) if type(raw_step) is int else _number(raw_step)
-        step_f = number if number is not None and math.isfinite(number) else float(self.last_step)
+        if type(raw_step) is int and -_INT_FLOAT < raw_step < _INT_FLOAT:
+            step_f: float | None = float(raw_step)
+        else:
+            step_f = as_float(raw_step)
+        if step_f is None or not 0 <= step_f < math.inf:
+            step_f = float(self.last_step)
         # a saved entry already has its step and is kept as it is; a live one gets a copy with it
         entry = logs if "step" in logs else {**logs, "step": int(step_f)}
         self._entries.append(entry)  # type: ignore[arg-type]
@@ -128,17 +136,17 @@ class History:
             self.last_step = int(step_f)
         steps, values = self._steps, self._values
         for key, raw in logs.items():
-            if key == "step":
+            if key == "step" or type(key) is not str:  # no check can ask for it by name
                 continue
-            # the common cases first, without _number's checks
+            # the common cases first, without as_float's checks
             kind = type(raw)
             if kind is float:
                 value: float | None = raw
             elif kind is int and -_INT_FLOAT < raw < _INT_FLOAT:
                 value = float(raw)
             else:
-                value = _number(raw)
-            if value is None or not isinstance(key, str):
+                value = as_float(raw)
+            if value is None:
                 continue
             series = values.get(key)
             if series is not None:

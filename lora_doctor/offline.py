@@ -22,6 +22,7 @@ from lora_doctor.checks import Phase
 from lora_doctor.config import DoctorConfig
 from lora_doctor.engine import Doctor
 from lora_doctor.facts import AdapterFacts, RunFacts
+from lora_doctor.history import as_float
 from lora_doctor.report import Diagnosis
 
 __all__ = ["RunFiles", "RunReadError", "diagnose", "load_run", "replay"]
@@ -34,7 +35,9 @@ PathLike = str | os.PathLike[str]
 
 
 class RunReadError(ValueError):
-    """The run's files could not be read; the message is one line that names the problem."""
+    """The run could not be read: a missing or malformed file, or an argument of
+    :func:`diagnose` of the wrong type. The message is one line that names the problem (the file
+    or the argument, and what it should be)."""
 
 
 @dataclass
@@ -56,25 +59,42 @@ class RunFiles:
 
 def _read_json(path: Path, what: str) -> Any:
     try:
-        text = path.read_text(encoding="utf-8")
+        if path.exists() and not path.is_file():  # a FIFO would block the read forever
+            raise RunReadError(f"{what} {path} is not a regular file")
+        # json accepts the NaN and Infinity literals Python's json writes
+        return json.loads(path.read_text(encoding="utf-8"))
     except OSError as err:
         raise RunReadError(f"cannot read {what} {path}: {err.strerror or err}") from None
     except UnicodeDecodeError:
         raise RunReadError(f"{what} {path} is not UTF-8 text") from None
-    try:
-        return json.loads(text)  # accepts the NaN and Infinity literals Python's json writes
     except json.JSONDecodeError as err:
         raise RunReadError(
             f"{what} {path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})"
         ) from None
+    except RecursionError:
+        raise RunReadError(f"{what} {path} is nested too deeply to be a {what}") from None
+    except MemoryError:
+        raise RunReadError(f"{what} {path} is too large to read into memory") from None
 
 
 def _find_state(path: Path) -> Path:
     """The trainer_state.json a path names: the file, the folder's own, or its latest checkpoint's."""
+    try:
+        return _search_state(path)
+    except OSError as err:  # a folder that cannot be listed, a path that cannot be looked at
+        raise RunReadError(f"cannot read {err.filename or path}: {err.strerror or err}") from None
+
+
+def _search_state(path: Path) -> Path:
     if not path.exists():
         raise RunReadError(f"{path} does not exist")
     if path.is_file():
         return path
+    if not path.is_dir():
+        raise RunReadError(
+            f"{path} is neither a file nor a folder: name a run folder, a checkpoint folder or "
+            f"a {STATE_NAME}"
+        )
     own = path / STATE_NAME
     if own.is_file():
         return own
@@ -94,10 +114,14 @@ def load_run(
     """Reads a saved run: a run folder, a checkpoint folder or a ``trainer_state.json``.
 
     A run folder without its own trainer_state.json is read from its latest ``checkpoint-N``. The
-    ``adapter_config.json`` is looked for beside the trainer state, then in the folder named.
+    ``adapter_config.json`` is looked for beside the trainer state, then in the folder named; it is
+    read strictly (:meth:`~lora_doctor.facts.AdapterFacts.parse_config`): a field of the wrong type
+    is an error that names it, since guessing it (is ``"false"`` false? peft takes it as true)
+    could give a confident wrong verdict on the adapter.
 
     Raises:
-        RunReadError: a missing file, unreadable JSON, or a file that is not a trainer state.
+        RunReadError: a missing file, unreadable JSON, a file that is not a trainer state, or an
+            adapter config with a field of the wrong type.
 
     Example:
         >>> run = load_run("outputs/checkpoint-500")  # doctest: +SKIP
@@ -106,6 +130,7 @@ def load_run(
     """
     path = Path(source)
     state_path = _find_state(path)
+    adapter = _adapter(adapter_config)
     data = _read_json(state_path, "trainer state")
     if not isinstance(data, Mapping):
         raise RunReadError(f"{state_path} is not a trainer state (a JSON object with log_history)")
@@ -113,12 +138,7 @@ def load_run(
     if not isinstance(log, list):
         raise RunReadError(f"{state_path} has no log_history list: not a trainer_state.json")
     state = {k: v for k, v in data.items() if k != "log_history"}
-    if isinstance(adapter_config, Mapping):
-        adapter: dict[str, Any] | None = dict(adapter_config)
-    elif adapter_config is not None:
-        adapter = _read_adapter(Path(adapter_config))
-    else:
-        adapter = None
+    if adapter is None and adapter_config is None:
         folders = [state_path.parent] + ([path] if path.is_dir() else [])
         for folder in folders:
             if (folder / ADAPTER_NAME).is_file():
@@ -128,17 +148,43 @@ def load_run(
     return RunFiles(entries, state, adapter, state_path)
 
 
+def _adapter(adapter_config: Any) -> dict[str, Any] | None:
+    """The adapter config given to :func:`load_run` or :func:`diagnose`: a dict, a path, or None."""
+    if adapter_config is None:
+        return None
+    if isinstance(adapter_config, Mapping):
+        return _checked_adapter(dict(adapter_config), "adapter_config", "")
+    if isinstance(adapter_config, (str, os.PathLike)):
+        return _read_adapter(Path(adapter_config))
+    raise RunReadError(
+        "adapter_config must be the path of an adapter_config.json or its dict, got "
+        f"{type(adapter_config).__name__}"
+    )
+
+
 def _read_adapter(path: Path) -> dict[str, Any]:
     data = _read_json(path, "adapter config")
     if not isinstance(data, Mapping):
         raise RunReadError(f"adapter config {path} is not a JSON object")
-    return dict(data)
+    return _checked_adapter(dict(data), f"adapter config {path}", " (correct the file)")
+
+
+def _checked_adapter(data: dict[str, Any], what: str, fix: str) -> dict[str, Any]:
+    """``data`` when every field the doctor reads has peft's type; else one line naming them."""
+    problems = AdapterFacts.parse_config("default", data)[1]
+    if not isinstance(data.get("peft_type", ""), str):
+        problems.append(f"peft_type must be text, got {data['peft_type']!r:.40}")
+    if problems:
+        raise RunReadError(f"{what}: {'; '.join(problems)}{fix}")
+    return data
 
 
 def _int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    """A whole number from a saved field; 0 when it is not a finite number."""
+    number = as_float(value)
+    if number is None or not math.isfinite(number):
         return 0
-    return int(value)
+    return value if isinstance(value, int) else int(number)
 
 
 def _peak_learning_rate(log: Iterable[Mapping[str, Any]]) -> float | None:
@@ -149,8 +195,10 @@ def _peak_learning_rate(log: Iterable[Mapping[str, Any]]) -> float | None:
         if type(v) is float:  # the common case, without the checks below
             if v > peak and v != math.inf:
                 peak = v
-        elif isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
-            peak = max(peak, float(v))
+        else:
+            number = as_float(v)
+            if number is not None and math.isfinite(number):
+                peak = max(peak, number)
     return peak if peak > -math.inf else None
 
 
@@ -158,7 +206,7 @@ def facts_from_files(run: RunFiles) -> RunFacts:
     """The run facts a saved run tells: planned length, the step reached (and whether the state is a
     checkpoint's), peak learning rate, adapter config."""
     facts = RunFacts()
-    facts.max_steps = _int(run.state.get("max_steps"))
+    facts.max_steps = max(0, _int(run.state.get("max_steps")))  # 0: not known
     if "global_step" in run.state:
         facts.saved_global_step = _int(run.state.get("global_step"))
     folder = run.state_path.parent if run.state_path is not None else None
@@ -197,13 +245,12 @@ def replay(doctor: Doctor, entries: Iterable[Mapping[str, Any]]) -> Doctor:
     """Feeds saved log entries to ``doctor`` as the live callback would, then ends the run.
 
     SETUP runs first, then each entry is observed and its phase run (EVAL for evaluation entries,
-    LOG for the others) at the entry's step, and END last.
+    LOG for the others) at the entry's step (see :meth:`~lora_doctor.history.History.add`: an
+    entry without a usable step takes the last one), and END last.
     """
     doctor.start()
     for entry in entries:
-        step = entry.get("step")
-        step_i = step if type(step) is int else (_int(step) if step is not None else None)
-        doctor.observe(step_i, entry)
+        doctor.observe(None, entry)  # the entry's own step (History.add reads it)
     doctor.run_phase(Phase.END)
     return doctor
 
@@ -229,27 +276,36 @@ def diagnose(
         replayed curves (for :func:`lora_doctor.plot.plot_diagnosis`).
 
     Raises:
-        RunReadError: (a ``ValueError``) when the input cannot be read or holds no log entry.
+        RunReadError: (a ``ValueError``) when the input cannot be read or holds no log entry, or
+            an argument is of the wrong type (the message names it).
 
     Example:
         >>> d = diagnose([{"step": 10, "loss": 2.0}, {"step": 20, "loss": 1.9}])
         >>> d.source
         'offline'
     """
-    if isinstance(path_or_log_history, (str, os.PathLike)):
-        run = load_run(path_or_log_history, adapter_config)
+    if config is not None and not isinstance(config, DoctorConfig):
+        raise RunReadError(f"config must be a DoctorConfig or None, got {type(config).__name__}")
+    source = path_or_log_history
+    if isinstance(source, (str, os.PathLike)):
+        run = load_run(source, adapter_config)
+    elif isinstance(source, Mapping):
+        log = source.get("log_history")
+        if not isinstance(log, (list, tuple)):
+            raise RunReadError(
+                "the trainer state given has no log_history list (got "
+                f"{type(log).__name__}): pass a trainer_state.json's content or its log_history"
+            )
+        state = {k: v for k, v in source.items() if k != "log_history"}
+        run = RunFiles([e for e in log if isinstance(e, Mapping)], state, _adapter(adapter_config))
+    elif isinstance(source, Iterable) and not isinstance(source, (bytes, bytearray)):
+        entries = [e for e in source if isinstance(e, Mapping)]
+        run = RunFiles(entries, {}, _adapter(adapter_config))
     else:
-        if isinstance(path_or_log_history, Mapping):
-            state = {k: v for k, v in path_or_log_history.items() if k != "log_history"}
-            log = path_or_log_history.get("log_history") or []
-        else:
-            state, log = {}, path_or_log_history
-        adapter = None
-        if isinstance(adapter_config, Mapping):
-            adapter = dict(adapter_config)
-        elif adapter_config is not None:
-            adapter = _read_adapter(Path(adapter_config))
-        run = RunFiles([e for e in log if isinstance(e, Mapping)], dict(state), adapter)
+        raise RunReadError(
+            "path_or_log_history must be a path, a trainer state dict or a log_history list, "
+            f"got {type(source).__name__}"
+        )
     if not run.log_history:
         where = f" in {run.state_path}" if run.state_path else ""
         raise RunReadError(f"the log is empty{where}: log_history has no entries to diagnose")

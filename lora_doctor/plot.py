@@ -18,7 +18,7 @@ import numpy as np
 from lora_doctor.findings import Finding, Severity
 from lora_doctor.history import History
 
-__all__ = ["MISSING_MATPLOTLIB", "Plottable", "plot_diagnosis"]
+__all__ = ["MISSING_MATPLOTLIB", "Plottable", "check_plot_path", "plot_diagnosis"]
 
 MISSING_MATPLOTLIB = "plotting needs matplotlib: pip install 'lora-doctor[plot]'"
 
@@ -52,6 +52,36 @@ class Plottable(Protocol):
         """What is known about the run; ``max_steps`` sets the x range."""
 
 
+def check_plot_path(path: str | os.PathLike[str]) -> None:
+    """Checks, before any work, that matplotlib can write a plot to ``path``: its extension must
+    name a format of matplotlib's (``FigureCanvasBase.get_supported_filetypes``), compared
+    without case. A path without an extension is refused too: matplotlib would add ``.png`` to it,
+    so the file would not be where the caller said.
+
+    Raises:
+        ImportError: when matplotlib is not installed (the message says how to install it).
+        ValueError: when the extension is missing or not a format matplotlib writes; the message
+            lists the formats.
+
+    Example:
+        >>> check_plot_path("run.png")
+        >>> check_plot_path("run.docx")
+        Traceback (most recent call last):
+        ...
+        ValueError: cannot plot to run.docx: matplotlib does not write '.docx' files (it writes ...
+    """
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        raise ImportError(MISSING_MATPLOTLIB) from None
+    formats = sorted(FigureCanvasBase.get_supported_filetypes())
+    suffix = Path(path).suffix
+    if suffix.lower().lstrip(".") in formats:
+        return
+    what = f"matplotlib does not write {suffix!r} files" if suffix else "it has no file extension"
+    raise ValueError(f"cannot plot to {os.fspath(path)}: {what} (it writes {', '.join(formats)})")
+
+
 def plot_diagnosis(diagnosis: Plottable, path: str | os.PathLike[str]) -> Path:
     """Draws the curves the diagnosis was made from, each finding marked at its step, to ``path``.
 
@@ -61,7 +91,8 @@ def plot_diagnosis(diagnosis: Plottable, path: str | os.PathLike[str]) -> Path:
 
     Raises:
         ImportError: when matplotlib is not installed (the message says how to install it).
-        ValueError: when the diagnosis carries no curves (one read back from JSON).
+        ValueError: when the diagnosis carries no curves (one read back from JSON), or the path's
+            extension is not a format matplotlib writes (see :func:`check_plot_path`).
 
     Example:
         >>> from lora_doctor import diagnose
@@ -73,6 +104,7 @@ def plot_diagnosis(diagnosis: Plottable, path: str | os.PathLike[str]) -> Path:
             "this diagnosis carries no curves (read back from JSON?): plot one made by "
             "lora_doctor.diagnose() or the callback"
         )
+    check_plot_path(path)
     plt = _pyplot()
     loss = history.series("loss").finite()
     evals = history.series("eval_loss").finite()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
-import tempfile
+import secrets
+import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,18 +137,75 @@ class Diagnosis:
         return "\n".join(lines)
 
 
+_SPECIAL = {
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a device",
+    stat.S_IFBLK: "a device",
+}
+
+
 def write_json_atomic(path: str | os.PathLike[str], text: str) -> Path:
-    """Writes ``text`` to ``path`` through a temporary file in the same folder, then a rename, so
-    that a reader never sees a half-written file."""
-    target = Path(path)
+    """Writes ``text`` (and a final newline) to ``path`` so that a reader never sees a half-written
+    file: a temporary file in the same folder, flushed to disk, then renamed over the target.
+
+    A symbolic link is followed: the file it points to is replaced and the link stays. A new file
+    gets the permissions any new file gets (``0o666`` less the umask); an existing one keeps its
+    own. Missing parent folders are created.
+
+    Args:
+        path: the file to write.
+        text: the content.
+
+    Returns:
+        The path written (the link's target when ``path`` is a link).
+
+    Raises:
+        OSError: when the file cannot be written; ``IsADirectoryError`` when ``path`` is a folder,
+            and an ``OSError`` with errno ``EINVAL`` when it is another non-regular file (a FIFO,
+            a device, a socket), which a rename would silently replace. ``err.filename`` names
+            the path, ``err.strerror`` the reason.
+
+    Example:
+        >>> write_json_atomic("out/lora_doctor.json", "{}")  # doctest: +SKIP
+        PosixPath('out/lora_doctor.json')
+    """
+    target = Path(os.path.realpath(path))  # a link's target, so the link itself survives
+    mode: int | None = None
+    kind = stat.S_IFREG
+    with contextlib.suppress(FileNotFoundError):
+        found = os.stat(target).st_mode
+        mode, kind = stat.S_IMODE(found), stat.S_IFMT(found)
+    if kind == stat.S_IFDIR:
+        raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(path))
+    if kind != stat.S_IFREG:
+        what = _SPECIAL.get(kind, "a special file")
+        raise OSError(errno.EINVAL, f"is {what}, not a regular file", str(path))
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, tmp = _new_temp(target, 0o666 if mode is None else mode)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            if mode is not None:
+                os.fchmod(fh.fileno(), mode)  # the existing file's mode, whatever the umask
             fh.write(text)
             fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return target
+
+
+def _new_temp(target: Path, mode: int) -> tuple[int, str]:
+    """A new, exclusively created temporary file beside ``target`` (``.NAME.XXXXXXXX.tmp``) and its
+    descriptor. Created with ``mode`` through ``os.open``, so the umask applies as to any new file
+    (``tempfile.mkstemp`` would make it 0600)."""
+    for _ in range(100):
+        tmp = str(target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary file name", str(target.parent))

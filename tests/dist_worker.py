@@ -9,11 +9,19 @@
    gathered with ``full_tensor`` on both ranks).
 
 Each rank writes ``DIR/rank<N>.json``; rank 0's callback writes ``DIR/run/lora_doctor.json``.
+
+Every rank destroys the process group before it exits. Without that, Gloo's worker threads may still
+hold the last collectives' work objects (tensors with Python references) while the interpreter shuts
+down; releasing them then takes the GIL of a finalizing interpreter, and the process dies of SIGABRT
+("terminate called without an active exception") after its work is done: a failure that depends on
+timing, seen in a loaded full-suite run (pytorch/pytorch#190489; PyTorch's own tests destroy the
+group for the same reason, pytorch/pytorch#65513).
 """
 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import os
@@ -105,16 +113,21 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     out = Path(parser.parse_args().out)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    faulthandler.enable()  # a crash prints every thread's Python stack into the test's output
     logging.basicConfig(level=logging.INFO, format=f"rank{rank} %(name)s %(message)s")
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
-    record: dict[str, Any] = {"rank": rank, "ddp": ddp_run(out)}
-    readings: dict[str, float] = {"step_seconds": 1.0 + rank, "peak_bytes": 100.0 * (rank + 1)}
-    if rank == 1:
-        readings["only_rank1"] = 7.0
-    record["gather"] = {k: vars(v) for k, v in gather_min_max(readings).items()}
-    record["fsdp2"] = fsdp2_readings(rank, world)
-    (out / f"rank{rank}.json").write_text(json.dumps(record, default=str))
+    try:
+        record: dict[str, Any] = {"rank": rank, "ddp": ddp_run(out)}
+        readings: dict[str, float] = {"step_seconds": 1.0 + rank, "peak_bytes": 100.0 * (rank + 1)}
+        if rank == 1:
+            readings["only_rank1"] = 7.0
+        record["gather"] = {k: vars(v) for k, v in gather_min_max(readings).items()}
+        record["fsdp2"] = fsdp2_readings(rank, world)
+        (out / f"rank{rank}.json").write_text(json.dumps(record, default=str))
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()  # joins Gloo's threads while Python is alive
 
 
 if __name__ == "__main__":

@@ -176,20 +176,6 @@ def test_plot_is_written(tmp_path: Path) -> None:
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_plot_without_matplotlib_says_how_to_install(tmp_path: Path, monkeypatch, capsys) -> None:
-    import importlib.util
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util,
-        "find_spec",
-        lambda name, *a: None if name == "matplotlib" else real(name, *a),
-    )
-    run = _write(tmp_path, _state(_flat_log()))
-    assert main(["diagnose", str(run), "--plot", str(tmp_path / "p.png")]) == 2
-    assert "pip install 'lora-doctor[plot]'" in capsys.readouterr().err
-
-
 def test_plot_of_a_diagnosis_read_from_json_explains(tmp_path: Path) -> None:
     from lora_doctor.report import Diagnosis
 

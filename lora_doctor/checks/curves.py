@@ -13,7 +13,7 @@ import bisect
 import math
 from collections import deque
 from collections.abc import Hashable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -408,13 +408,15 @@ def spike_scan(
     prev = len(tail)
     joined = np.concatenate([np.asarray(tail, dtype=float), y])
     medians = np.full(len(y), np.nan)
-    for j in range(max(prev, 1), min(width, len(joined))):  # the run's first points only
-        medians[j - prev] = np.median(joined[:j])
-    lo = max(width, prev)
-    if len(joined) > lo:
-        medians[lo - prev :] = np.median(_windows(joined[:-1], width)[lo - width :], axis=1)
     enough = seen + np.arange(len(y)) >= cfg.spike_min_points
-    with np.errstate(invalid="ignore"):
+    # a median (or spike_factor times one) beyond the float limit is infinite: no value can be
+    # spike_factor (> 1) times it, so no spike there, which is right
+    with np.errstate(invalid="ignore", over="ignore"):
+        for j in range(max(prev, 1), min(width, len(joined))):  # the run's first points only
+            medians[j - prev] = np.median(joined[:j])
+        lo = max(width, prev)
+        if len(joined) > lo:
+            medians[lo - prev :] = np.median(_windows(joined[:-1], width)[lo - width :], axis=1)
         spikes = np.nonzero(enough & (medians > 0) & (y > cfg.spike_factor * medians))[0]
     if not len(spikes):
         return None
@@ -719,7 +721,12 @@ def flat_window(x: np.ndarray, y: np.ndarray, horizon: float, cfg: DoctorConfig)
         10.0
     """
     first = np.searchsorted(x, cfg.plateau_early_fraction * horizon)
-    bx, by = _binned(x[first:], y[first:], cfg.plateau_max_points)
+    # Losses near the float limit (1e308) would overflow the bin medians and the fit's pairwise
+    # differences: fit them divided by a power of two that brings them below 2 (exact, so every
+    # verdict is as without it), and scale the level back.
+    peak = float(np.max(np.abs(y[first:]), initial=0.0))
+    scale = math.ldexp(1.0, max(0, math.frexp(peak)[1] - 1))
+    bx, by = _binned(x[first:], y[first:] / scale, cfg.plateau_max_points)
     start = cfg.plateau_early_fraction
     while start <= cfg.plateau_latest_start + 1e-9:
         at = start * horizon
@@ -728,11 +735,12 @@ def flat_window(x: np.ndarray, y: np.ndarray, horizon: float, cfg: DoctorConfig)
         if (
             points >= cfg.plateau_min_points
             and sel.sum() >= 3
+            and np.ptp(bx[sel]) > 0  # a slope needs two distinct steps
             and x[-1] - at >= cfg.plateau_min_span * horizon
         ):
             trend = _trend(bx[sel], by[sel], horizon, cfg, points)
             if trend.gain < cfg.plateau_max_gain and trend.gain_bound < cfg.plateau_max_gain_bound:
-                return trend
+                return replace(trend, level=trend.level * scale)
         start += cfg.plateau_start_stride
     return None
 
