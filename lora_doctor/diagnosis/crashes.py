@@ -909,7 +909,9 @@ def classify(crash: Crash, run: RunFacts, history: History | None = None) -> Fin
     Returns:
         A finding with code ``LD501``, slug ``training-died``, severity error, at the step that was
         being computed (the last completed one when it died outside a step). ``evidence.causes``
-        lists each signature whose message matched, with the facts for (``support``) and against it.
+        lists each signature whose message matched as a cause (``cause``: the signature, ``name``,
+        ``verdict``, the facts for it, ``support``, and against it, ``against``), as the causes of
+        every other symptom are listed.
 
     Example:
         >>> from lora_doctor.facts import RunFacts
@@ -927,11 +929,13 @@ def classify(crash: Crash, run: RunFacts, history: History | None = None) -> Fin
         if found is None:
             continue
         verdict = sig.check(found, crash, run)
+        support = list(verdict.support) or (["the error message names it"] if sig.evident else [])
         causes.append(
             {
-                "signature": sig.key,
-                "cause": verdict.title,
-                "support": list(verdict.support),
+                "cause": sig.key,
+                "name": verdict.title,
+                "verdict": "ruled-out" if verdict.against else "supported" if support else "open",
+                "support": support,
                 "against": list(verdict.against),
             }
         )
@@ -955,7 +959,7 @@ def classify(crash: Crash, run: RunFacts, history: History | None = None) -> Fin
     if chosen is None:
         ruled = [c for c in causes if c["against"]]
         note = "".join(
-            f" The message matches '{c['cause']}', but the run rules it out: "
+            f" The message matches '{c['name']}', but the run rules it out: "
             f"{'; '.join(c['against'])}."
             for c in ruled
         )
