@@ -232,8 +232,9 @@ class OverheadFacts:
         wall_seconds: the training's wall time from the start of training to the doctor's latest
             hook (evaluations included).
         doctor_seconds: the time spent inside the doctor's hooks: the start-up walk of the model,
-            the first-steps checks, every per-step hook and the spectrum readings. Time a hook
-            spent waiting for the training's own queued device work is left out.
+            the first-steps checks, every per-step hook and the spectrum readings.
+        waited_seconds: time the hooks waited for the training's own queued device work before
+            reading tensors, left out of ``doctor_seconds``.
         spectrum_seconds: of which the spectrum probe's (its start-up and its readings).
         spectrum_layer_seconds: the latest measured cost of reading one layer's spectrum.
         spectrum_planned: spectrum readings the schedule planned so far (every
@@ -245,6 +246,7 @@ class OverheadFacts:
     time_budget: float | None = None
     wall_seconds: float = 0.0
     doctor_seconds: float = 0.0
+    waited_seconds: float = 0.0
     spectrum_seconds: float = 0.0
     spectrum_layer_seconds: float | None = None
     spectrum_planned: int = 0

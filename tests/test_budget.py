@@ -104,9 +104,15 @@ def test_time_budget_accounts_per_step_cost_apart_from_one_time_work_and_reading
     budget = TimeBudget(SHARE, first_steps=2, clock=clock)
     ranks = RankReadings()
 
-    def hook(seconds: float, step: int) -> None:
+    def hook(seconds: float, step: int, reading: float = 0.0, waited: float = 0.0) -> None:
+        """A hook as the callback charges it: work, maybe a reading after waiting for the
+        training's queued device work."""
         since = clock()
         clock.advance(seconds)
+        if reading:
+            budget.wait(lambda: clock.advance(waited), step)
+            clock.advance(reading)
+            budget.spectrum(reading, step, layers=4)
         budget.charge(since, step)
 
     hook(0.05, 0)  # start-up walk
@@ -114,22 +120,22 @@ def test_time_budget_accounts_per_step_cost_apart_from_one_time_work_and_reading
     for step in range(3, 11):
         clock.advance(0.1)  # the training's step
         hook(0.001, step)
-    budget.spectrum(0.004, 10, layers=4)  # a reading inside the last hook: its cost per layer
-    budget.exclude(0.0005, 10)  # time that hook spent waiting for the training's device work
+    hook(0.0, 10, reading=0.004, waited=0.0005)
     ledger = budget.ledger(10)
-    assert ledger.spent == pytest.approx(0.05 + 0.02 + 8 * 0.001 - 0.0005)
-    assert ledger.wall == pytest.approx(0.8 + 0.078)
+    assert ledger.spent == pytest.approx(0.05 + 0.02 + 8 * 0.001 + 0.004)
+    assert ledger.wall == pytest.approx(0.8 + 0.078 + 0.0005 + 0.004)
     assert ledger.step_seconds == pytest.approx(ledger.wall / 10)
-    assert ledger.per_step == pytest.approx((8 * 0.001 - 0.0005 - 0.004) / 8)
+    assert ledger.per_step == pytest.approx(0.001)  # 8 steps past the first steps
     assert ledger.layer_seconds == pytest.approx(0.001)
     budget.put(ranks, 10)
     assert Ledger.from_spread(ranks.exchange()) == ledger
     assert budget.facts == OverheadFacts(
         time_budget=SHARE,
-        wall_seconds=pytest.approx(0.878),
-        doctor_seconds=pytest.approx(ledger.spent),
-        spectrum_seconds=0.004,
-        spectrum_layer_seconds=0.001,
+        wall_seconds=pytest.approx(0.8825),
+        doctor_seconds=pytest.approx(0.082),
+        waited_seconds=pytest.approx(0.0005),
+        spectrum_seconds=pytest.approx(0.004),
+        spectrum_layer_seconds=pytest.approx(0.001),
     )
 
 
@@ -300,7 +306,7 @@ def test_ranks_decide_alike_from_the_exchanged_numbers(monkeypatch: pytest.Monke
     ranks = [RankReadings(), RankReadings()]
     budgets = [TimeBudget(SHARE, first_steps=2, clock=c) for c in clocks]
     doctors = [Doctor(config, emit=False) for _ in ranks]
-    probes = [SpectrumProbe(config, b) for b in budgets]
+    probes = [SpectrumProbe(config) for _ in budgets]
     names: list[list[list[str]]] = [[], []]
 
     def hook(r: int, step: int, name: str) -> None:
@@ -308,7 +314,14 @@ def test_ranks_decide_alike_from_the_exchanged_numbers(monkeypatch: pytest.Monke
         current[0] = r
         since = budgets[r].start if name == "train_begin" else clocks[r]()
         state = TrainerState(max_steps=400, global_step=step)
-        event = Event(doctor=doctors[r], args=None, state=state, model=model, ranks=ranks[r])
+        event = Event(
+            doctor=doctors[r],
+            args=None,
+            state=state,
+            model=model,
+            ranks=ranks[r],
+            budget=budgets[r],
+        )
         readings = len(doctors[r].facts.spectrum)
         getattr(probes[r], name)(event)
         budgets[r].charge(since, step)

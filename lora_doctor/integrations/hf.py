@@ -244,7 +244,7 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
             MemoryProbe(self.memory_reader),
         ]
         if self.config.spectrum:
-            probes.append(SpectrumProbe(self.config, self._budget))
+            probes.append(SpectrumProbe(self.config))
         return probes
 
     def _event(
@@ -261,6 +261,7 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
             kwargs=kwargs,
             ranks=self.ranks,
             control=control,
+            budget=self._budget,
         )
 
     def _call(self, hook: str, event: Event) -> None:

@@ -155,8 +155,9 @@ class TimeBudget:
     """One run's account of the doctor's time against the training's wall time.
 
     The callback creates it when training begins and charges each of its hooks to it
-    (:meth:`charge`); the spectrum probe records its own part (:meth:`spectrum`) and leaves out
-    the time it waited for the training's queued device work (:meth:`exclude`). The running
+    (:meth:`charge`); the spectrum probe records its own part (:meth:`spectrum`), and the probes
+    leave out the time they wait for the training's queued device work before a reading
+    (:meth:`wait`, through :func:`lora_doctor.probes.device.drain`). The running
     totals are the run's :class:`~lora_doctor.facts.OverheadFacts` (:attr:`facts`), which the
     diagnosis carries.
 
@@ -209,6 +210,16 @@ class TimeBudget:
         for its queued device work before a reading (the hook's charge, added when it returns,
         holds them)."""
         self._add(-seconds, step)
+        self.facts.waited_seconds += seconds
+
+    def wait(self, sync: Callable[[], object], step: int) -> float:
+        """Runs ``sync``, which waits for the training's queued device work, and leaves the time
+        it took out of the doctor's (:meth:`exclude`); returns that time."""
+        t0 = self.clock()
+        sync()
+        waited = self.clock() - t0
+        self.exclude(waited, step)
+        return waited
 
     def spectrum(self, seconds: float, step: int, layers: int = 0) -> None:
         """Records the spectrum probe's part of a hook's time: its start-up (``layers`` 0) or a

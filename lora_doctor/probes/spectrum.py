@@ -22,10 +22,17 @@ from lora_doctor.config import DoctorConfig
 from lora_doctor.facts import LayerSpectrum, SpectrumSnapshot
 from lora_doctor.probes.base import Event, Probe
 from lora_doctor.probes.budget import Ledger, TimeBudget, layers_to_read
+from lora_doctor.probes.device import drain
 from lora_doctor.probes.dist import world_size
 from lora_doctor.probes.view import ModelView
 
-__all__ = ["SpectrumProbe", "count_supervised_tokens", "lora_layers", "lowrank_singular_values"]
+__all__ = [
+    "SpectrumProbe",
+    "count_supervised_tokens",
+    "lora_layers",
+    "lowrank_singular_values",
+    "reading_interval",
+]
 
 
 def lowrank_singular_values(b: torch.Tensor, a: torch.Tensor, scaling: float = 1.0) -> torch.Tensor:
@@ -169,15 +176,18 @@ def _fetch(values: list[torch.Tensor | None]) -> list[float | None]:
     return [None if v is None else next(fetched) for v in values]
 
 
-def _drain(layers: Sequence[_Layer], clock: Any) -> float:
-    """Waits for the device work queued before a reading (the training's step) and returns how
-    long that took: the training's time, not the reading's. CUDA only; elsewhere 0."""
-    device = layers[0].a.device if layers else None
-    if device is None or device.type != "cuda":
-        return 0.0
-    t0 = clock()
-    torch.cuda.synchronize(device)
-    return float(clock() - t0)
+def reading_interval(config: DoctorConfig, max_steps: int) -> int:
+    """Optimizer steps between planned spectrum readings: ``spectrum_every_steps``, else about
+    ``spectrum_every_fraction`` of ``max_steps``; 0 (only the reading at the end) when neither is
+    known. Each planned reading reads what the time budget has room for.
+
+    Example:
+        >>> reading_interval(DoctorConfig(), 600), reading_interval(DoctorConfig(), 0)
+        (60, 0)
+    """
+    if config.spectrum_every_steps:
+        return config.spectrum_every_steps
+    return max(1, round(max_steps * config.spectrum_every_fraction)) if max_steps else 0
 
 
 def count_supervised_tokens(dataset: Any, sample: int, seed: int = 0) -> tuple[int, bool] | None:
@@ -242,22 +252,17 @@ class SpectrumProbe(Probe):
     :class:`~lora_doctor.facts.SpectrumSnapshot` (with the layers it read) to the run's facts and
     puts per-kind ``lora_doctor/...`` metrics into the next log.
 
-    Every rank walks the same layers at the same steps, so the gathers (collective calls) match:
-    with several processes the decisions come from the numbers exchanged at the latest log, which
-    every rank holds alike; the arithmetic runs on every rank, which needs no further
-    communication.
-
-    Args:
-        config: the run's configuration.
-        budget: the run's time budget (the callback's); None reads every planned reading in full
-            and times nothing.
+    The budget is the event's (:attr:`Event.budget`, the callback's); without one every planned
+    reading reads every layer and nothing is timed. Every rank walks the same layers at the same
+    steps, so the gathers (collective calls) match: with several processes the decisions come from
+    the numbers exchanged at the latest log, which every rank holds alike; the arithmetic runs on
+    every rank, which needs no further communication.
     """
 
     name = "spectrum"
 
-    def __init__(self, config: DoctorConfig, budget: TimeBudget | None = None) -> None:
+    def __init__(self, config: DoctorConfig) -> None:
         self.config = config
-        self.budget = budget
         self._layers: list[_Layer] = []
         #: The order the layers are read in when a reading reads some of them, and where the
         #: next such reading starts.
@@ -273,7 +278,7 @@ class SpectrumProbe(Probe):
         self._decided: list[tuple[int, float]] = []
 
     def train_begin(self, event: Event) -> None:
-        budget = self.budget
+        budget = event.budget
         t0 = budget.clock() if budget is not None else 0.0
         facts = event.doctor.facts
         if event.model is not None:
@@ -283,12 +288,9 @@ class SpectrumProbe(Probe):
         self._shared = world_size() > 1
         with torch.no_grad():
             facts.spectrum_notes = self._start_up()[:20]
-        max_steps = int(getattr(event.state, "max_steps", 0) or 0)
-        self._max_steps = max_steps
+        self._max_steps = int(getattr(event.state, "max_steps", 0) or 0)
         cfg = self.config
-        self._every = cfg.spectrum_every_steps or (
-            max(1, round(max_steps * cfg.spectrum_every_fraction)) if max_steps else 0
-        )
+        self._every = reading_interval(cfg, self._max_steps)
         loader = event.kwargs.get("train_dataloader")
         try:  # local work: an error here must not drop the probe on one rank only
             counted = count_supervised_tokens(
@@ -299,6 +301,8 @@ class SpectrumProbe(Probe):
             facts.spectrum_notes.append(f"supervised tokens not counted ({type(exc).__name__})")
         if counted is not None:
             facts.supervised_tokens, facts.supervised_tokens_sampled = counted
+        if budget is not None and self._layers:
+            self._read(self._layers[:1])  # loads the device's linear-algebra libraries
         if budget is not None:
             budget.spectrum(budget.clock() - t0, event.step)
             if self._layers:
@@ -325,15 +329,13 @@ class SpectrumProbe(Probe):
         return notes
 
     def _calibrate(self, budget: TimeBudget, step: int) -> None:
-        """Measures what reading one layer costs: the first layer, read twice (the first read
-        loads the device's linear-algebra libraries and is not timed). A collective under ZeRO-3
-        and FSDP, run alike on every rank."""
+        """Measures what reading one layer costs, on the first layer (read once before, which
+        loaded the device's linear-algebra libraries). A collective under ZeRO-3 and FSDP, run
+        alike on every rank."""
         first = self._layers[:1]
-        self._read(first)
         t0 = budget.clock()
-        waited = _drain(first, budget.clock)
+        waited = drain(budget, [first[0].a], step)
         self._read(first)
-        budget.exclude(waited, step)
         budget.spectrum(budget.clock() - t0 - waited, step, layers=1)
 
     def step_end(self, event: Event) -> None:
@@ -354,9 +356,9 @@ class SpectrumProbe(Probe):
         reading at the end of training, which needs to leave no room for another."""
         self._planned_step = event.step
         count = self._count(event, final)
-        if self.budget is not None:
-            self.budget.facts.spectrum_planned += 1
-            self.budget.facts.spectrum_skipped += count == 0
+        if event.budget is not None:
+            event.budget.facts.spectrum_planned += 1
+            event.budget.facts.spectrum_skipped += count == 0
         if count == 0:
             return
         if count >= len(self._layers):
@@ -369,8 +371,8 @@ class SpectrumProbe(Probe):
 
     def _count(self, event: Event, final: bool) -> int:
         """How many layers the planned reading at this step reads (the same on every rank)."""
-        budget, total = self.budget, len(self._layers)
-        if budget is None:
+        budget, total = event.budget, len(self._layers)
+        if budget is None or budget.share is None:
             return total
         pending = 0.0
         if self._shared:  # from the numbers every rank holds alike
@@ -399,12 +401,11 @@ class SpectrumProbe(Probe):
         """Reads the spectrum of ``layers`` (every layer when None) now and records it in the
         run's facts; with a budget, records what the reading cost."""
         chosen = self._layers if layers is None else list(layers)
-        budget = self.budget
+        budget = event.budget
         if budget is not None:
             t0 = budget.clock()
-            waited = _drain(chosen, budget.clock)
+            waited = drain(budget, [lay.a for lay in chosen[:1]], event.step)
             read = self._read(chosen)
-            budget.exclude(waited, event.step)
             budget.spectrum(budget.clock() - t0 - waited, event.step, layers=len(chosen))
         else:
             read = self._read(chosen)
