@@ -92,7 +92,7 @@ HOOKS = ("on_train_begin", *PER_STEP, "on_evaluate", "on_train_end")
 BEGIN, END = 0, -1
 
 
-# --- one run ---------------------------------------------------------------------------------------
+# --- one run --------------------------------------------------------------------------------------
 @dataclass
 class Block:
     """A block of consecutive steps with the doctor's per-step hooks on or off."""
@@ -371,7 +371,7 @@ def warm_up_step_seconds(
     return statistics.median(b.seconds / b.steps for b in record.blocks[1:])
 
 
-# --- the numbers -----------------------------------------------------------------------------------
+# --- the numbers ----------------------------------------------------------------------------------
 def _quartiles(values: Sequence[float]) -> tuple[float, float]:
     if len(values) < 2:
         return (values[0], values[0]) if values else (math.nan, math.nan)
@@ -566,7 +566,23 @@ def format_table(rows: Iterable[Summary]) -> str:
     return "\n".join(lines)
 
 
-# --- the command -----------------------------------------------------------------------------------
+def format_hooks(records: Sequence[RunRecord]) -> str:
+    """Per run length, the milliseconds inside each of the doctor's hooks per run, as gated."""
+    lines = []
+    for steps in sorted({r.steps for r in records}):
+        runs = [r for r in records if r.steps == steps]
+        ms = {
+            name: 1e3 * statistics.fmean(r.hook_by_name_s.get(name, 0.0) for r in runs)
+            for name in HOOKS
+        }
+        lines.append(
+            f"{steps} steps: ms inside each hook per run, as gated (start-up in train_begin, the "
+            "final reading in train_end): " + ", ".join(f"{k[3:]} {v:.1f}" for k, v in ms.items())
+        )
+    return "\n".join(lines)
+
+
+# --- the command ----------------------------------------------------------------------------------
 def parse_plan(text: str) -> list[tuple[int, int]]:
     """``"100x3,600,3000"`` -> ``[(100, 3), (600, 1), (3000, 1)]``: run lengths and repetitions.
 
@@ -707,16 +723,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{time.perf_counter() - start:.0f} s in all"
     )
     table = format_table(rows)
-    by_hook = "\n".join(
-        f"{steps} steps: ms inside each hook per run, as gated (start-up in train_begin, the "
-        "final reading in train_end): "
-        + ", ".join(
-            f"{name[3:]} {1e3 * statistics.fmean(r.hook_by_name_s.get(name, 0.0) for r in runs):.1f}"
-            for name in HOOKS
-        )
-        for steps in sorted({r.steps for r in records})
-        for runs in [[r for r in records if r.steps == steps]]
-    )
+    by_hook = format_hooks(records)
     print(head)
     print(table)
     print(by_hook)

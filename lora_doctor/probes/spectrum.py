@@ -245,8 +245,8 @@ class SpectrumProbe(Probe):
     with one device sync; counts the training set's supervised tokens; and, with a budget, times
     the reading of one layer (after a first, untimed one that loads the device's linear-algebra
     libraries). Every ``spectrum_every_steps`` optimizer steps (default: about a tenth of
-    ``max_steps``) and at the end it plans a reading: :func:`~lora_doctor.probes.budget.layers_to_read`
-    says how many layers the budget leaves room for (all of them, on long runs), taken in a fixed
+    ``max_steps``) and at the end it plans a reading:
+    :func:`~lora_doctor.probes.budget.layers_to_read` says how many layers the budget leaves room for (all of them, on long runs), taken in a fixed
     shuffled order that rotates from one reading to the next, so that every layer is read over the
     run; a reading for which fewer than ``spectrum_min_layers`` fit is skipped. Each reading adds a
     :class:`~lora_doctor.facts.SpectrumSnapshot` (with the layers it read) to the run's facts and
