@@ -178,6 +178,17 @@ class DoctorConfig:
         lambda v: _fraction(v) and 0 < v < 1,
         "a number in (0, 1)",
     )
+    # --- cost -------------------------------------------------------------------------------------
+    time_budget: float | None = _opt(
+        0.005,
+        "Largest share of the training's wall time the doctor may spend in all (its hooks, the "
+        "start-up walk of the model, the first-steps checks and the spectrum readings), measured "
+        "live: the spectrum readings take what the rest leaves, with fewer readings or fewer "
+        "layers per reading when steps are short. None: no limit (every planned reading, in full).",
+        lambda v: v is None or (_fraction(v) and v > 0),
+        "None or a number in (0, 1]",
+    )
+
     # --- rank: spectrum of the learned update, capacity against data ---------------------------
     spectrum: bool = _opt(
         True,
@@ -198,6 +209,14 @@ class DoctorConfig:
         "Share of max_steps between spectrum readings when spectrum_every_steps is 0.",
         lambda v: _fraction(v) and v > 0,
         "a number in (0, 1]",
+    )
+    spectrum_min_layers: int = _opt(
+        16,
+        "Fewest layers a spectrum reading reads (every layer when the model has fewer): a planned "
+        "reading the time budget cannot fit with this many is skipped, and the rank verdicts need "
+        "this many layers in the latest reading.",
+        _positive_int,
+        "an integer >= 1",
     )
     rank_noise_floor: float = _opt(
         0.1,

@@ -22,6 +22,7 @@ __all__ = [
     "LayerFacts",
     "LayerSpectrum",
     "MemoryFacts",
+    "OverheadFacts",
     "RunFacts",
     "SetupFacts",
     "SpectrumSnapshot",
@@ -298,13 +299,49 @@ class SpectrumSnapshot:
         step: the optimizer step.
         kinds: per module kind, a summary (median effective rank, stable rank, used rank, smallest
             over largest singular value, relative update, norm of B, normalised spectrum ...).
-        layers: every layer's spectrum; kept for the latest snapshot only, older ones keep their
-            ``kinds`` summary without its normalised ``spectrum`` list.
+        layers: the spectrum of every layer read; kept for the latest snapshot only, older ones
+            keep their ``kinds`` summary without its normalised ``spectrum`` list.
+        layers_read: how many layers this reading read (fewer than ``layers_total`` when the
+            time budget asked for a subset; the subsets rotate so that every layer gets read).
+        layers_total: the LoRA layers the model has (0 when unknown).
     """
 
     step: int
     kinds: dict[str, dict[str, Any]] = field(default_factory=dict)
     layers: list[LayerSpectrum] = field(default_factory=list)
+    layers_read: int = 0
+    layers_total: int = 0
+
+
+@dataclass
+class OverheadFacts:
+    """What the doctor spent of a live run's time, against its time budget.
+
+    Attributes:
+        time_budget: the share of the training's wall time the doctor may spend
+            (``DoctorConfig.time_budget``; None: no limit).
+        wall_seconds: the training's wall time from the start of training to the doctor's latest
+            hook (evaluations included).
+        doctor_seconds: the time spent inside the doctor's hooks: the start-up walk of the model,
+            the first-steps checks, every per-step hook and the spectrum readings.
+        waited_seconds: time the hooks waited for the training's own queued device work before
+            reading tensors, left out of ``doctor_seconds``.
+        spectrum_seconds: of which the spectrum probe's (its start-up and its readings).
+        spectrum_layer_seconds: the latest measured cost of reading one layer's spectrum.
+        spectrum_planned: spectrum readings the schedule planned so far (every
+            ``spectrum_every_steps`` and the end).
+        spectrum_skipped: planned readings not taken: the budget could not fit
+            ``spectrum_min_layers`` layers (each snapshot says how many layers it read).
+    """
+
+    time_budget: float | None = None
+    wall_seconds: float = 0.0
+    doctor_seconds: float = 0.0
+    waited_seconds: float = 0.0
+    spectrum_seconds: float = 0.0
+    spectrum_layer_seconds: float | None = None
+    spectrum_planned: int = 0
+    spectrum_skipped: int = 0
 
 
 # --- the error that ended training -----------------------------------------------------------
@@ -618,6 +655,7 @@ class RunFacts:
         spectrum: snapshots of the learned updates' spectra, oldest first (the spectrum probe).
         spectrum_notes: why the spectrum could not be read for some layers (4-bit base without
             bitsandbytes, FSDP1 flat parameters ...).
+        overhead: what the doctor spent of a live run's time, against its budget (None offline).
         supervised_tokens: tokens of the training set with a label other than -100 (estimated
             from a sample when the set is large); None when unknown (an iterable dataset).
         supervised_tokens_sampled: True when ``supervised_tokens`` is extrapolated from a sample.
@@ -660,6 +698,7 @@ class RunFacts:
     # --- rank ---
     spectrum: list[SpectrumSnapshot] = field(default_factory=list)
     spectrum_notes: list[str] = field(default_factory=list)
+    overhead: OverheadFacts | None = None
     supervised_tokens: int | None = None
     supervised_tokens_sampled: bool = False
     setup: SetupFacts = field(default_factory=SetupFacts)
@@ -700,6 +739,8 @@ class RunFacts:
                 }
         if isinstance(values.get("memory"), Mapping):
             values["memory"] = _dataclass_from(MemoryFacts, values["memory"])
+        if isinstance(values.get("overhead"), Mapping):
+            values["overhead"] = _dataclass_from(OverheadFacts, values["overhead"])
         if isinstance(values.get("setup"), Mapping):
             values["setup"] = _dataclass_from(SetupFacts, values["setup"])
         elif "setup" in values:
@@ -722,6 +763,8 @@ class RunFacts:
                         for lay in snap.get("layers") or []
                         if isinstance(lay, Mapping)
                     ],
+                    layers_read=int(snap.get("layers_read") or 0),
+                    layers_total=int(snap.get("layers_total") or 0),
                 )
                 for snap in values["spectrum"]
                 if isinstance(snap, Mapping)

@@ -158,24 +158,64 @@ def test_quick_benchmark_scores_real_runs(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
 def test_overhead_script_cpu_small(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The in-run design on CPU: one gated Trainer run, the spectrum read at every planned step
+    (off blocks included), every hook timed."""
+    import json
+
     from benchmarks import overhead
 
-    overhead.main(
-        [
-            "--device",
-            "cpu",
-            "--small",
-            "--steps",
-            "6",
-            "--reps",
-            "1",
-            "--skip",
-            "1",
-            "--out",
-            str(tmp_path),
-        ]
-    )
+    argv = ["--device", "cpu", "--small", "--lengths", "40", "--block", "4", "--seq", "16"]
+    overhead.main([*argv, "--time-budget", "none", "--out", str(tmp_path)])
     out = capsys.readouterr().out
-    for arm in overhead.ARMS:
-        assert f"\n{arm} " in out
-    assert (tmp_path / "overhead.json").is_file()
+    assert "\n   40    1 with " in out and "\n   40    1 without " in out
+    run = json.loads((tmp_path / "overhead.json").read_text())["runs"][0]
+    assert [(b["first"], b["on"]) for b in run["blocks"]] == [
+        (4 * i + 1, i % 2 == 0) for i in range(10)
+    ]
+    assert [b["final"] for b in run["blocks"]] == [False] * 9 + [True]
+    # the doctor reads at its planned steps (every 4), in the off blocks too, all 14 layers
+    assert sorted(int(k) for k in run["reading_s"]) == list(range(4, 41, 4))
+    assert run["layers_per_reading"] == [14] * 10 and run["planned"] == 10
+    hooked = {int(k) for k in run["hook_s"]}
+    assert {overhead.BEGIN, overhead.END} <= hooked
+    assert {s for s in range(1, 41) if (s - 1) // 4 % 2 == 0} <= hooked  # every on-step
+    assert hooked & set(range(1, 41)) <= {s for s in range(1, 41) if (s - 1) // 4 % 2 == 0} | {
+        *range(4, 41, 4)
+    }  # off-steps only where a reading was planned
+
+
+def test_overhead_parts_and_extrapolation() -> None:
+    """A scripted run of 12 steps in blocks of 2: the pair, the reading block's excess and the
+    shares with and without the spectrum, by hand."""
+    from benchmarks.overhead import END, Block, RunRecord, summarize
+
+    seconds = [0.3, 0.2, 0.21, 0.2, 0.25, 0.3]  # block 4 holds the reading at step 10
+    blocks = [Block(i, i % 2 == 0, 2 * i + 1, 2 * i + 2, seconds[i]) for i in range(6)]
+    blocks[-1].final = True
+    hooks = {0: 0.05, 1: 0.001, 2: 0.002, 5: 5e-4, 6: 5e-4, 9: 5e-4, 10: 0.0305, END: 0.02}
+    record = RunRecord(
+        steps=12,
+        rep=0,
+        block=2,
+        wall_s=2.5,
+        blocks=blocks,
+        hook_s=hooks,
+        waited_s={10: 0.0, END: 0.0},
+        spectrum_begin_s=0.02,
+        reading_s={10: 0.03, END: 0.01},
+        layers_per_reading=[40, 112],
+        layers_total=112,
+        planned=2,
+    )
+    with_spectrum, without = summarize([record], 0.005)
+    assert (with_spectrum.pairs, with_spectrum.step_ms) == (1, pytest.approx(100.0))
+    assert with_spectrum.ratio_median == pytest.approx(0.05)
+    assert with_spectrum.hook_step_us == pytest.approx(500.0)
+    # one-time 0.073 s (begin, lead-in, end), the reading step's 0.0305, 9 steady steps of 0.5 ms
+    assert with_spectrum.share_in_hook == pytest.approx(0.108 / 2.5)
+    # less the spectrum's start-up and final reading (0.03 s); its step costs a steady one
+    assert without.share_in_hook == pytest.approx(0.048 / 2.5)
+    # 5% of 10 steps of 0.1 s, the reading block's 0.04 s over the on blocks' median, one-time
+    assert with_spectrum.share_step_clock == pytest.approx(0.163 / 2.5)
+    assert without.share_step_clock == pytest.approx(0.093 / 2.5)
+    assert with_spectrum.readings == "2 of 2, 40-112 of 112 layers" and without.readings == "-"

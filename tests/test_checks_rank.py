@@ -32,7 +32,9 @@ FALLING = [2.0, 1.6, 1.2, 0.9, 0.6, 0.4, 0.25, 0.15, 0.09, 0.05]
 STALLED = [2.0, 1.0, 0.52, 0.5, 0.49, 0.5, 0.49, 0.48, 0.49, 0.48]
 
 
-def _snap(step: int, sv: list[float], rel: float = 0.05, n: int = 2) -> SpectrumSnapshot:
+def _snap(
+    step: int, sv: list[float], rel: float = 0.05, n: int = 2, total: int = 0
+) -> SpectrumSnapshot:
     layers = [
         LayerSpectrum(
             name=f"layers.{i}.{kind}",
@@ -45,7 +47,13 @@ def _snap(step: int, sv: list[float], rel: float = 0.05, n: int = 2) -> Spectrum
         for kind in KINDS
         for i in range(n)
     ]
-    return SpectrumSnapshot(step=step, kinds=summarise(layers, 0.1), layers=layers)
+    return SpectrumSnapshot(
+        step=step,
+        kinds=summarise(layers, 0.1),
+        layers=layers,
+        layers_read=len(layers),
+        layers_total=total or len(layers),
+    )
 
 
 def _ctx(
@@ -57,10 +65,15 @@ def _ctx(
     params: int = 10_000,
     rel: float = 0.05,
     snapshots: int = 2,
+    total: int = 0,
     **config: object,
 ) -> Context:
+    """A run of ``snapshots`` spectrum readings of 8 layers each (of ``total`` layers the model
+    has: 8 when 0), 10 steps apart, the latest at ``step``."""
     facts = RunFacts(has_lora=True, max_steps=100, lora_params=params, supervised_tokens=tokens)
-    facts.spectrum = [_snap(step - 10 * (snapshots - 1 - i), sv, rel) for i in range(snapshots)]
+    facts.spectrum = [
+        _snap(step - 10 * (snapshots - 1 - i), sv, rel, total=total) for i in range(snapshots)
+    ]
     history = History()
     for i, value in enumerate(loss or []):
         history.add(10 * (i + 1), {"loss": value})
@@ -82,6 +95,13 @@ SATURATED_CASES = [
     ("too-early", {"sv": FLAT4, "loss": STALLED, "phase": Phase.LOG, "step": 20}, False),
     ("adapter-barely-moved", {"sv": FLAT4, "loss": STALLED, "rel": 1e-6}, False),
     ("loss-unknown", {"sv": FLAT4, "loss": None}, False),
+    # a time budget's reading of 8 of 112 layers: too few under the default 16, enough under 8
+    ("subset-below-min-layers", {"sv": FLAT4, "loss": STALLED, "total": 112}, False),
+    (
+        "subset-at-min-layers",
+        {"sv": FLAT4, "loss": STALLED, "total": 112, "spectrum_min_layers": 8},
+        True,
+    ),
 ]
 
 
@@ -98,6 +118,10 @@ def test_rank_saturated(kwargs: dict, fires: bool) -> None:
         assert f.recommendation.restart_from_scratch
         assert f.evidence["r"] == 4 and set(f.evidence["by_kind"]) == set(KINDS)
         assert f.evidence["layers_full"] == 8
+        total = kwargs.get("total") or 8
+        assert (f.evidence["readings"], f.evidence["layers_read"]) == (2, 8)
+        assert f.evidence["layers_total"] == total
+        assert ("this one read 8 of 112 layers" in f.message) is (total == 112)
 
 
 INCONCLUSIVE_CASES = [
@@ -160,6 +184,7 @@ UNDERUSED_CASES = [
     ("memorising-r32", {"sv": MEMO32}, False),
     ("barely-moved", {"sv": CLIFF32, "rel": 1e-6}, False),
     ("too-early", {"sv": CLIFF32, "phase": Phase.LOG, "step": 20}, False),
+    ("subset-below-min-layers", {"sv": CLIFF32, "total": 112}, False),
 ]
 
 

@@ -67,7 +67,8 @@ def _train(tmp_path: Path, model, config: DoctorConfig, steps: int = 6) -> tuple
 @pytest.mark.slow
 def test_probe_reads_spectra_on_a_real_trainer(tmp_path: Path) -> None:
     model = _peft()
-    callback, trainer = _train(tmp_path, model, DoctorConfig(spectrum_every_steps=3))
+    config = DoctorConfig(spectrum_every_steps=3, time_budget=None)  # every planned reading
+    callback, trainer = _train(tmp_path, model, config)
     facts = callback.doctor.facts
     assert [s.step for s in facts.spectrum] == [3, 6]
     assert facts.supervised_tokens == 12 * 5 and facts.supervised_tokens_sampled is False
@@ -100,7 +101,7 @@ def test_probe_switched_off_and_nonzero_init_marked(tmp_path: Path) -> None:
     with torch.no_grad():
         for layer in lora_layers(model):
             layer.b.normal_()
-    callback, _ = _train(tmp_path / "init", model, DoctorConfig(), steps=2)
+    callback, _ = _train(tmp_path / "init", model, DoctorConfig(time_budget=None), steps=2)
     assert all(lay.init_nonzero for lay in callback.doctor.facts.spectrum[-1].layers)
 
 

@@ -196,7 +196,9 @@ def test_callback_walks_the_model_once_at_train_begin(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model = tiny_peft(4, 8)
-    callback = LoraDoctorCallback(report_path=False, memory_reader=CpuReader())
+    callback = LoraDoctorCallback(
+        report_path=False, memory_reader=CpuReader(), config=DoctorConfig(time_budget=None)
+    )
     trainer = Trainer(
         model=model,
         args=tiny_args(tmp_path, max_steps=2),

@@ -192,13 +192,18 @@ def _progress_ok(ctx: Context, step: int) -> bool:
 
 
 def _assess(ctx: Context) -> _Assessment | None:
-    """The latest snapshot's verdict per layer, or None before there is one worth reading."""
+    """The latest snapshot's verdict per layer, or None before there is one worth reading: one
+    past ``rank_min_progress`` that read at least ``spectrum_min_layers`` layers (every layer when
+    the model has fewer; a reading under a tight time budget may read a subset)."""
     if not ctx.facts.spectrum:
         return None
     snap = ctx.facts.spectrum[-1]
     if not snap.layers or not _progress_ok(ctx, snap.step):
         return None
     cfg = ctx.config
+    total = max(snap.layers_total, len(snap.layers))
+    if len(snap.layers) < min(total, cfg.spectrum_min_layers):
+        return None
     layers = [lay for lay in snap.layers if not lay.init_nonzero and lay.r >= 2]
     skipped = sum(lay.init_nonzero for lay in snap.layers)
     if not layers:
@@ -218,6 +223,9 @@ def _assess(ctx: Context) -> _Assessment | None:
     r_values = sorted({lay.r for lay in layers})
     evidence: dict[str, Any] = {
         "step": snap.step,
+        "readings": len(ctx.facts.spectrum),
+        "layers_read": len(snap.layers),
+        "layers_total": total,
         "r": r_values[0] if len(r_values) == 1 else r_values,
         "layers": len(layers),
         "layers_full": len(full),
@@ -326,6 +334,18 @@ def _with_capacity(ctx: Context, evidence: dict[str, Any]) -> dict[str, Any]:
     return evidence
 
 
+def _at(a: _Assessment) -> str:
+    """ "At step N", with how many layers the reading read when it read a subset (the time budget's
+    choice), and how many readings there were."""
+    ev = a.evidence
+    part = (
+        f"; this one read {ev['layers_read']} of {ev['layers_total']} layers"
+        if ev["layers_read"] < ev["layers_total"]
+        else ""
+    )
+    return f"At step {a.snapshot.step} (spectrum readings so far: {ev['readings']}{part})"
+
+
 def _fmt_kinds(a: _Assessment, key: str) -> str:
     return ", ".join(
         f"{kind} {s[key]:.3g}/{s['r']}"
@@ -371,7 +391,7 @@ class RankSaturated(Check):
             ctx,
             f"The LoRA update fills its whole rank (r={r}) in {len(a.full)} of {len(a.layers)} "
             "layers and the loss has stalled: r binds",
-            f"At step {a.snapshot.step} the smallest singular value of scaling * B @ A is at least "
+            f"{_at(a)}, the smallest singular value of scaling * B @ A is at least "
             f"{ctx.config.rank_full_ratio:g} of the largest in {len(a.full)} of {len(a.layers)} "
             f"layers (used/r per kind: {_fmt_kinds(a, 'used_rank')}; smallest/largest: "
             + ", ".join(f"{k} {s['min_over_max']:.2f}" for k, s in a.snapshot.kinds.items())
@@ -434,7 +454,7 @@ class RankInconclusive(Check):
             ctx,
             f"The LoRA update fills its rank in {len(a.full)} of {len(a.layers)} layers, but "
             "whether r binds cannot be told",
-            f"At step {a.snapshot.step} the smallest singular value is at least "
+            f"{_at(a)}, the smallest singular value is at least "
             f"{ctx.config.rank_full_ratio:g} of the largest in {len(a.full)} of {len(a.layers)} "
             f"layers (used/r per kind: {_fmt_kinds(a, 'used_rank')}), but {reason}. Do not raise r "
             "on this evidence alone: if the loss plateaus, check the learning rate and the targets "
@@ -495,7 +515,7 @@ class RankUnderused(Check):
             ctx,
             f"The LoRA update uses about {used} of its r={r} directions in {len(a.underused)} of "
             f"{len(a.layers)} layers: r could be halved",
-            f"At step {a.snapshot.step} at most {ctx.config.rank_underused_fraction:g} of r "
+            f"{_at(a)}, at most {ctx.config.rank_underused_fraction:g} of r "
             f"singular values of scaling * B @ A stand above {ctx.config.rank_noise_floor:g} of "
             f"the largest in {len(a.underused)} of {len(a.layers)} layers (used/r per kind: "
             f"{_fmt_kinds(a, 'used_rank')}; largest drop after value "

@@ -47,6 +47,7 @@ from lora_doctor.integrations.resume import (
     resolve_checkpoint,
 )
 from lora_doctor.probes.base import Event, Probe
+from lora_doctor.probes.budget import TimeBudget
 from lora_doctor.probes.crash import rank_report_path, record_crash
 from lora_doctor.probes.dist import RankReadings
 from lora_doctor.probes.ecosystem import vllm_max_lora_rank
@@ -88,7 +89,8 @@ def _guarded(hook: _F) -> _F:
     a bug report) and the others go on; ``on_train_begin`` builds the run's doctor, so when it
     fails the whole doctor is off until the next run, which switches every part on again. The
     findings so far are written at the end either way (:meth:`LoraDoctorCallback.on_train_end`
-    writes outside its guarded part).
+    writes outside its guarded part). The hook's time is charged to the run's time budget
+    (``on_train_begin``'s from the moment it made the budget).
     """
     name = hook.__name__
     event = name if name.startswith("on_") else f"on{name}"  # _step_end runs in on_step_end
@@ -102,6 +104,8 @@ def _guarded(hook: _F) -> _F:
             self._off.clear()
         elif self._broken or name in self._off:
             return None
+        budget = self._budget
+        since = budget.clock() if budget is not None else None
         try:
             return hook(self, args, state, control, **kwargs)
         except Exception:
@@ -117,6 +121,11 @@ def _guarded(hook: _F) -> _F:
                 exc_info=True,
             )
             return None
+        finally:
+            if self._budget is not None:
+                start = self._budget.start if name == "on_train_begin" else since
+                if start is not None:
+                    self._budget.charge(start, int(getattr(state, "global_step", 0) or 0))
 
     return wrapper  # type: ignore[return-value]
 
@@ -223,6 +232,8 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
         self.ranks = RankReadings()
         self._trainer_name: str | None = None
         self._eval_logged = False
+        #: The current run's account of the doctor's time (made when training begins).
+        self._budget: TimeBudget | None = None
 
     # --- plumbing ---------------------------------------------------------------------------------
     def _make_probes(self) -> list[Probe]:
@@ -250,6 +261,7 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
             kwargs=kwargs,
             ranks=self.ranks,
             control=control,
+            budget=self._budget,
         )
 
     def _call(self, hook: str, event: Event) -> None:
@@ -297,6 +309,11 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
 
     @_guarded
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._budget = TimeBudget(
+            self.config.time_budget,
+            start_step=int(getattr(state, "global_step", 0) or 0),
+            first_steps=self.config.check_after_steps,
+        )
         self.doctor = None  # until this run's is built: no earlier run's report is written for it
         if state.is_world_process_zero:
             self._check_report_path(args)
@@ -317,6 +334,7 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
         if saved is not None and int(getattr(state, "global_step", 0) or 0) > 0:
             self.doctor.restore_state(saved, getattr(state, "log_history", None) or ())
         _facts_from_trainer(self.doctor.facts, args, state, kwargs, self._trainer_name)
+        self.doctor.facts.overhead = self._budget.facts
         self._apply_resume(self.doctor.facts, trainer)
         self._probes = self._make_probes()
         self._stopped = False
@@ -333,7 +351,7 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
         if getattr(control, "should_log", False):
             # The one collective: on every rank at the same steps (DefaultFlowCallback, which runs
             # before the doctor, sets should_log by the step number), broken doctor or not.
-            self._exchange()
+            self._exchange(int(getattr(state, "global_step", 0) or 0))
 
     @_guarded
     def _step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -343,9 +361,17 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
         if state.global_step == self.config.check_after_steps:
             self._run(Phase.FIRST_STEPS, state, control)
 
-    def _exchange(self) -> None:
+    def _exchange(self, step: int) -> None:
+        """Exchanges the per-rank readings, the time budget's numbers among them (the spectrum
+        probe's decisions read them), and charges the exchange to the budget."""
+        budget = self._budget
+        since = budget.clock() if budget is not None else 0.0
         try:
+            if budget is not None:
+                budget.put(self.ranks, step)
             self.ranks.exchange()
+            if budget is not None:
+                budget.charge(since, step)
         except Exception:
             if not self._broken:
                 self._broken = True

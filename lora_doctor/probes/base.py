@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from lora_doctor.engine import Doctor
+    from lora_doctor.probes.budget import TimeBudget
     from lora_doctor.probes.dist import RankReadings
     from lora_doctor.probes.view import ModelView
 
@@ -36,6 +37,10 @@ class Event:
             reads their min/max over ranks from ``ranks.spread`` in its ``log`` hook (the callback
             exchanges them on every rank just before the Trainer logs; probes never communicate).
         view: the shared view of ``model`` once a probe asked for it (:meth:`model_view`).
+        budget: the run's time budget (:mod:`lora_doctor.probes.budget`): the spectrum probe
+            asks it how much to read; a probe leaves out of it the time it waits for the
+            training's queued device work (:func:`lora_doctor.probes.device.drain`). None: no
+            account is kept, and every planned spectrum reading is read in full.
     """
 
     doctor: Doctor
@@ -48,6 +53,7 @@ class Event:
     ranks: RankReadings | None = None
     control: Any = None
     view: ModelView | None = None
+    budget: TimeBudget | None = None
 
     @property
     def step(self) -> int:

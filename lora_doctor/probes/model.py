@@ -16,6 +16,7 @@ from torch import nn
 
 from lora_doctor.facts import AdapterFacts, LayerFacts, RunFacts
 from lora_doctor.probes.base import Event, Probe
+from lora_doctor.probes.device import drain
 from lora_doctor.probes.view import (
     LayerView,
     ModelView,
@@ -304,11 +305,12 @@ class AdapterProbe(Probe):
     a fingerprint of the active adapters' A and B: their sum and sum of squares in float64, two
     numbers per tensor, so no copy of the weights is held on the device. During the first
     ``config.check_after_steps`` optimizer steps it records, with one fused reduction and one device
-    sync per step, which layers got a non-zero gradient; at step ``check_after_steps`` it compares A
-    and B with their fingerprint (judging "moved" against the start, not against zero, so that
-    pissa/olora inits are no false alarm; an update that leaves both float64 sums unchanged is
-    practically impossible) and fills ``no_grad_layers``, ``b_still_zero_layers`` and
-    ``frozen_in_place``.
+    sync per step (its wait for the training's queued work left out of the doctor's time budget,
+    :func:`~lora_doctor.probes.device.drain`), which layers got a non-zero gradient; at step
+    ``check_after_steps`` it compares A and B with their fingerprint (judging "moved" against the
+    start, not against zero, so that pissa/olora inits are no false alarm; an update that leaves
+    both float64 sums unchanged is practically impossible) and fills ``no_grad_layers``,
+    ``b_still_zero_layers`` and ``frozen_in_place``.
     Movement is judged only when some step had a positive learning rate and finite gradients
     (warm-up from 0 and fp16 overflow-skipped steps leave weights in place legitimately).
     """
@@ -337,8 +339,10 @@ class AdapterProbe(Probe):
                 several = len(layer.adapters) > 1
                 key = f"{layer.name} ({adapter})" if several else layer.name
                 self._watched.append(_Watched(key, a, b))
+        data = [d for w in self._watched for d in (_data(w.a), _data(w.b))]
+        drain(event.budget, data, event.step)
         with torch.no_grad():
-            starts = _fingerprints([d for w in self._watched for d in (_data(w.a), _data(w.b))])
+            starts = _fingerprints(data)
         for i, w in enumerate(self._watched):
             w.a0, w.b0 = starts[2 * i], starts[2 * i + 1]
 
@@ -352,6 +356,7 @@ class AdapterProbe(Probe):
             return  # DeepSpeed keeps gradients in its own buffers: unknown, not "none"
         # Without DeepSpeed, a None .grad just before the optimizer step means no gradient reached
         # the parameter (e.g. gradient checkpointing on a frozen base without input gradients).
+        drain(event.budget, [g for _, g in grads], event.step)
         with torch.no_grad():
             peaks = _peaks([g for _, g in grads])
         for w, _ in tensors:
@@ -368,8 +373,10 @@ class AdapterProbe(Probe):
             return
         self._done = True
         facts = event.doctor.facts
+        data = [d for w in self._watched for d in (_data(w.a), _data(w.b))]
+        drain(event.budget, data, event.step)
         with torch.no_grad():
-            now = _fingerprints([d for w in self._watched for d in (_data(w.a), _data(w.b))])
+            now = _fingerprints(data)
         moved: dict[int, bool] = {}
         b_zero: set[int] = set()
         for i, w in enumerate(self._watched):

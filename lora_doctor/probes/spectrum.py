@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,9 +21,18 @@ from lora_doctor.checks.rank import summarise
 from lora_doctor.config import DoctorConfig
 from lora_doctor.facts import LayerSpectrum, SpectrumSnapshot
 from lora_doctor.probes.base import Event, Probe
+from lora_doctor.probes.budget import Ledger, TimeBudget, layers_to_read
+from lora_doctor.probes.device import drain
+from lora_doctor.probes.dist import world_size
 from lora_doctor.probes.view import ModelView
 
-__all__ = ["SpectrumProbe", "count_supervised_tokens", "lora_layers", "lowrank_singular_values"]
+__all__ = [
+    "SpectrumProbe",
+    "count_supervised_tokens",
+    "lora_layers",
+    "lowrank_singular_values",
+    "reading_interval",
+]
 
 
 def lowrank_singular_values(b: torch.Tensor, a: torch.Tensor, scaling: float = 1.0) -> torch.Tensor:
@@ -137,8 +146,9 @@ def _full(params: list[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
     ]
 
 
-def _base_norm(base: Any) -> tuple[float | None, str]:
-    """Frobenius norm of a frozen base layer's weight (gathered, 4-bit dequantized) and a note."""
+def _base_norm(base: Any) -> tuple[torch.Tensor | None, str]:
+    """Frobenius norm of a frozen base layer's weight (gathered, 4-bit dequantized), as a float32
+    scalar on its device (not yet fetched), and a note when it cannot be read."""
     weight = getattr(base, "weight", None)
     if not isinstance(weight, torch.Tensor):
         return None, "no base weight"
@@ -152,7 +162,32 @@ def _base_norm(base: Any) -> tuple[float | None, str]:
                 return None, f"quantized base weight not read ({type(exc).__name__})"
         if full.numel() == 0:
             return None, "base weight is a local shard (FSDP1 flat parameters)"
-        return float(torch.linalg.vector_norm(full.detach().to(torch.float32))), ""
+        return torch.linalg.vector_norm(full.detach().to(torch.float32)), ""
+
+
+def _fetch(values: list[torch.Tensor | None]) -> list[float | None]:
+    """The scalars ``values`` as floats, fetched from their devices at once (one device sync);
+    None stays None."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return [None] * len(values)
+    device = present[0].device
+    fetched = iter(torch.stack([v.to(device, torch.float32) for v in present]).tolist())
+    return [None if v is None else next(fetched) for v in values]
+
+
+def reading_interval(config: DoctorConfig, max_steps: int) -> int:
+    """Optimizer steps between planned spectrum readings: ``spectrum_every_steps``, else about
+    ``spectrum_every_fraction`` of ``max_steps``; 0 (only the reading at the end) when neither is
+    known. Each planned reading reads what the time budget has room for.
+
+    Example:
+        >>> reading_interval(DoctorConfig(), 600), reading_interval(DoctorConfig(), 0)
+        (60, 0)
+    """
+    if config.spectrum_every_steps:
+        return config.spectrum_every_steps
+    return max(1, round(max_steps * config.spectrum_every_fraction)) if max_steps else 0
 
 
 def count_supervised_tokens(dataset: Any, sample: int, seed: int = 0) -> tuple[int, bool] | None:
@@ -201,17 +236,27 @@ def _example_tokens(example: Any) -> int | None:
 
 
 class SpectrumProbe(Probe):
-    """Reads the spectrum of every layer's learned update periodically and at the end.
+    """Reads the spectrum of the layers' learned updates periodically and at the end, within the
+    run's time budget.
 
     At ``train_begin``: takes the LoRA layers from the run's model view (:meth:`Event.model_view`),
     reads each frozen base weight's norm once (one layer at a time: gathered under ZeRO-3 or FSDP2,
-    dequantized for 4-bit bases), notes layers whose B does not start at zero, and counts the
-    training set's supervised tokens. Every
-    ``spectrum_every_steps`` optimizer steps (default: about a tenth of ``max_steps``) and at the end
-    it adds a :class:`~lora_doctor.facts.SpectrumSnapshot` to the run's facts, and puts per-kind
-    ``lora_doctor/...`` metrics into the next log. Every rank walks the same layers at the same steps,
-    so the gathers (collective calls) match; the arithmetic runs on every rank, which needs no
-    further communication.
+    dequantized for 4-bit bases) and notes layers whose B does not start at zero, fetching both
+    with one device sync; counts the training set's supervised tokens; and, with a budget, times
+    the reading of one layer (after a first, untimed one that loads the device's linear-algebra
+    libraries). Every ``spectrum_every_steps`` optimizer steps (default: about a tenth of
+    ``max_steps``) and at the end it plans a reading:
+    :func:`~lora_doctor.probes.budget.layers_to_read` says how many layers the budget leaves room for (all of them, on long runs), taken in a fixed
+    shuffled order that rotates from one reading to the next, so that every layer is read over the
+    run; a reading for which fewer than ``spectrum_min_layers`` fit is skipped. Each reading adds a
+    :class:`~lora_doctor.facts.SpectrumSnapshot` (with the layers it read) to the run's facts and
+    puts per-kind ``lora_doctor/...`` metrics into the next log.
+
+    The budget is the event's (:attr:`Event.budget`, the callback's); without one every planned
+    reading reads every layer and nothing is timed. Every rank walks the same layers at the same
+    steps, so the gathers (collective calls) match: with several processes the decisions come from
+    the numbers exchanged at the latest log, which every rank holds alike; the arithmetic runs on
+    every rank, which needs no further communication.
     """
 
     name = "spectrum"
@@ -219,28 +264,33 @@ class SpectrumProbe(Probe):
     def __init__(self, config: DoctorConfig) -> None:
         self.config = config
         self._layers: list[_Layer] = []
+        #: The order the layers are read in when a reading reads some of them, and where the
+        #: next such reading starts.
+        self._order: list[int] = []
+        self._cursor = 0
         self._every = 0
-        self._last_step = -1
+        self._max_steps = 0
+        self._planned_step = -1
         self._pending: dict[str, float] = {}
+        #: Several processes: decisions from the exchanged numbers, and the estimated cost of the
+        #: readings decided since those were taken, by step.
+        self._shared = False
+        self._decided: list[tuple[int, float]] = []
 
     def train_begin(self, event: Event) -> None:
+        budget = event.budget
+        t0 = budget.clock() if budget is not None else 0.0
         facts = event.doctor.facts
         if event.model is not None:
             self._layers = _layers_of(event.model_view())
-        notes: list[str] = []
+        self._order = list(range(len(self._layers)))
+        random.Random(0).shuffle(self._order)  # the same on every rank
+        self._shared = world_size() > 1
         with torch.no_grad():
-            for layer in self._layers:
-                layer.base_norm, note = _base_norm(layer.base)
-                if note:
-                    notes.append(f"{layer.name}: {note}")
-                with _full([layer.b]) as (b,):
-                    layer.init_nonzero = bool(b.numel()) and bool(b.detach().abs().amax() > 0)
-        facts.spectrum_notes = notes[:20]
-        max_steps = int(getattr(event.state, "max_steps", 0) or 0)
+            facts.spectrum_notes = self._start_up()[:20]
+        self._max_steps = int(getattr(event.state, "max_steps", 0) or 0)
         cfg = self.config
-        self._every = cfg.spectrum_every_steps or (
-            max(1, round(max_steps * cfg.spectrum_every_fraction)) if max_steps else 0
-        )
+        self._every = reading_interval(cfg, self._max_steps)
         loader = event.kwargs.get("train_dataloader")
         try:  # local work: an error here must not drop the probe on one rank only
             counted = count_supervised_tokens(
@@ -251,10 +301,46 @@ class SpectrumProbe(Probe):
             facts.spectrum_notes.append(f"supervised tokens not counted ({type(exc).__name__})")
         if counted is not None:
             facts.supervised_tokens, facts.supervised_tokens_sampled = counted
+        if budget is not None and self._layers:
+            self._read(self._layers[:1])  # loads the device's linear-algebra libraries
+        if budget is not None:
+            budget.spectrum(budget.clock() - t0, event.step)
+            if self._layers:
+                self._calibrate(budget, event.step)
+
+    def _start_up(self) -> list[str]:
+        """Reads each layer's base weight norm and whether its B starts non-zero; returns notes on
+        what could not be read. One device sync for all layers."""
+        notes: list[str] = []
+        norms: list[torch.Tensor | None] = []
+        peaks: list[torch.Tensor | None] = []
+        for layer in self._layers:
+            norm, note = _base_norm(layer.base)
+            norms.append(norm)
+            if note:
+                notes.append(f"{layer.name}: {note}")
+            with _full([layer.b]) as (b,):
+                peaks.append(b.detach().abs().amax() if b.numel() else None)
+        values = _fetch(norms + peaks)
+        for i, layer in enumerate(self._layers):
+            layer.base_norm = values[i]
+            peak = values[len(self._layers) + i]
+            layer.init_nonzero = peak is not None and peak > 0
+        return notes
+
+    def _calibrate(self, budget: TimeBudget, step: int) -> None:
+        """Measures what reading one layer costs, on the first layer (read once before, which
+        loaded the device's linear-algebra libraries). A collective under ZeRO-3 and FSDP, run
+        alike on every rank."""
+        first = self._layers[:1]
+        t0 = budget.clock()
+        waited = drain(budget, [first[0].a], step)
+        self._read(first)
+        budget.spectrum(budget.clock() - t0 - waited, step, layers=1)
 
     def step_end(self, event: Event) -> None:
         if self._every and self._layers and event.step % self._every == 0:
-            self.snapshot(event)
+            self._planned(event, final=bool(self._max_steps) and event.step >= self._max_steps)
 
     def log(self, event: Event) -> None:
         if self._pending and event.logs is not None:
@@ -262,16 +348,73 @@ class SpectrumProbe(Probe):
             self._pending = {}
 
     def train_end(self, event: Event) -> None:
-        if self._layers and event.step != self._last_step:
-            self.snapshot(event)
+        if self._layers and event.step != self._planned_step:
+            self._planned(event, final=True)
 
-    def snapshot(self, event: Event) -> SpectrumSnapshot:
-        """Reads every layer's spectrum now and records it in the run's facts."""
-        layers = self._read()
+    def _planned(self, event: Event, final: bool) -> None:
+        """A planned reading: as many layers as the budget has room for, or none. ``final``: the
+        reading at the end of training, which needs to leave no room for another."""
+        self._planned_step = event.step
+        count = self._count(event, final)
+        if event.budget is not None:
+            event.budget.facts.spectrum_planned += 1
+            event.budget.facts.spectrum_skipped += count == 0
+        if count == 0:
+            return
+        if count >= len(self._layers):
+            self.snapshot(event)
+            return
+        n = len(self._layers)
+        picked = sorted(self._order[(self._cursor + i) % n] for i in range(count))
+        self._cursor = (self._cursor + count) % n
+        self.snapshot(event, [self._layers[i] for i in picked])
+
+    def _count(self, event: Event, final: bool) -> int:
+        """How many layers the planned reading at this step reads (the same on every rank)."""
+        budget, total = event.budget, len(self._layers)
+        if budget is None or budget.share is None:
+            return total
+        pending = 0.0
+        if self._shared:  # from the numbers every rank holds alike
+            ranks = event.ranks
+            ledger = Ledger.from_spread(ranks.spread) if ranks is not None else None
+            if ledger is None:
+                return 0
+            pending = sum(cost for step, cost in self._decided if step > ledger.step)
+        else:
+            ledger = budget.ledger(event.step)
+        count = layers_to_read(
+            ledger,
+            share=budget.share,
+            step=event.step,
+            max_steps=self._max_steps,
+            total=total,
+            minimum=self.config.spectrum_min_layers,
+            final=final,
+            pending=pending,
+        )
+        if self._shared and count and ledger.layer_seconds is not None:
+            self._decided.append((event.step, count * ledger.layer_seconds))
+        return count
+
+    def snapshot(self, event: Event, layers: Sequence[_Layer] | None = None) -> SpectrumSnapshot:
+        """Reads the spectrum of ``layers`` (every layer when None) now and records it in the
+        run's facts; with a budget, records what the reading cost."""
+        chosen = self._layers if layers is None else list(layers)
+        budget = event.budget
+        if budget is not None:
+            t0 = budget.clock()
+            waited = drain(budget, [lay.a for lay in chosen[:1]], event.step)
+            read = self._read(chosen)
+            budget.spectrum(budget.clock() - t0 - waited, event.step, layers=len(chosen))
+        else:
+            read = self._read(chosen)
         snap = SpectrumSnapshot(
             step=event.step,
-            kinds=summarise(layers, self.config.rank_noise_floor),
-            layers=layers,
+            kinds=summarise(read, self.config.rank_noise_floor),
+            layers=read,
+            layers_read=len(read),
+            layers_total=len(self._layers),
         )
         history = event.doctor.facts.spectrum
         # Per-layer values and the per-kind normalised spectra: the latest reading's only (the
@@ -282,16 +425,16 @@ class SpectrumProbe(Probe):
             for summary in old.kinds.values():
                 summary.pop("spectrum", None)
         history.append(snap)
-        self._last_step = event.step
         self._pending = _metrics(snap)
         return snap
 
-    def _read(self) -> list[LayerSpectrum]:
-        """Every readable layer's spectrum: computed on the parameters' device, fetched at once."""
+    def _read(self, layers: Sequence[_Layer]) -> list[LayerSpectrum]:
+        """The spectra of the readable ``layers``: computed on the parameters' device, fetched at
+        once."""
         parts: list[torch.Tensor] = []
         read: list[_Layer] = []
         with torch.no_grad():
-            for layer in self._layers:
+            for layer in layers:
                 with _full([layer.a, layer.b]) as (a, b):
                     a2, b2 = a.reshape(layer.r, -1), b.reshape(b.shape[0], -1)
                     if a2.numel() == 0 or b2.shape[-1] != layer.r:
