@@ -122,6 +122,15 @@ class DoctorConfig:
         "an integer >= 0",
     )
 
+    # --- rewards --------------------------------------------------------
+    reward_tied_steps: int = _opt(
+        3,
+        "Logged steps of an RL run with no reward variance (frac_reward_zero_std = 1 or "
+        "reward_std = 0: a zero gradient by design) before no-reward-variance is reported.",
+        _positive_int,
+        "an integer >= 1",
+    )
+
     # --- multigpu / ecosystem -----------------------------------------------------------------------
     rl_min_rank: int = _opt(
         64,

@@ -523,7 +523,8 @@ def checkpointing_without_input_grads(look: Look) -> Cause | None:
             check="with gradient checkpointing, use use_reentrant=False",
         )
     reentrant = setup.use_reentrant is not False
-    stuck = bool(look.facts.no_grad_layers)
+    # a gradient of zeros reached the layer: checkpointing did not cut it off
+    stuck = bool(set(look.facts.no_grad_layers) - set(look.facts.zero_grad_layers))
     return Cause(
         "checkpointing-without-input-grads",
         "gradient checkpointing without input gradients",
