@@ -85,6 +85,9 @@ class LayerFacts:
 
     Shapes are the true (logical) shapes, also under DeepSpeed ZeRO-3 and FSDP where the local
     tensor is a shard or a flat buffer. ``d_in``/``d_out`` are the base layer's features.
+    ``zero_norm_rows``: for a DoRA layer read before training, how many rows of its weight have
+    norm 0 (entries of DoRA's magnitude vector that are exactly 0, on which DoRA divides 0 by 0);
+    None when unknown (not DoRA, or a sharded magnitude).
     """
 
     name: str
@@ -103,6 +106,7 @@ class LayerFacts:
     fan_in_fan_out: bool = False
     base_numel: int = 0
     active: bool = True
+    zero_norm_rows: int | None = None
 
 
 @dataclass

@@ -602,28 +602,44 @@ def fp16_overflow(look: Look) -> Cause:
 
 def dora_zero_norm_rows(look: Look) -> Cause | None:
     """DoRA divides each weight row by its norm: a base weight with all-zero rows gives 0/0 in the
-    very first forward pass (Liu et al. 2024, "DoRA"; peft's ``lora.dora``)."""
+    very first forward pass (Liu et al. 2024, "DoRA"; peft's ``lora.dora``). The live probe counts
+    those rows (``LayerFacts.zero_norm_rows``): DoRA layers with some support the cause and name the
+    modules to leave out; DoRA layers all read without any rule it out."""
     if not look.lora:
         return None
-    dora = any(a.use_dora for a in look.facts.adapters.values()) or any(
-        lf.use_dora for lf in look.facts.layers
-    )
-    support = []
-    if dora:
+    dora_layers = [lf for lf in look.facts.layers if lf.use_dora]
+    dora = bool(dora_layers) or any(a.use_dora for a in look.facts.adapters.values())
+    zero = [lf for lf in dora_layers if lf.zero_norm_rows]
+    read = dora_layers and all(lf.zero_norm_rows is not None for lf in dora_layers)
+    kinds = list(dict.fromkeys(lf.name.rsplit(".", 1)[-1] for lf in zero))
+    support: list[str] = []
+    against: list[str] = []
+    if not dora:
+        against.append("the adapters do not use DoRA")
+    elif zero:
+        first = zero[0]
+        support.append(
+            f"{len(zero)} DoRA layers have weight rows of norm 0 (e.g. {first.name}: "
+            f"{first.zero_norm_rows} of {first.d_out} rows), where DoRA divides 0 by 0"
+        )
+    elif read:
+        against.append(f"none of the {len(dora_layers)} DoRA layers has a weight row of norm 0")
+    else:
         support.append("the adapters use DoRA (use_dora=True), which divides by each row's norm")
-        if look.before_any_update():
-            support.append("the first non-finite value came before any weight update")
+    if support and look.before_any_update():
+        support.append("the first non-finite value came before any weight update")
+    leave_out = f" ({', '.join(kinds)})" if kinds else ""
     return Cause(
         "dora-zero-norm-rows",
         "DoRA on weights with all-zero rows (0/0)",
         tuple(support),
-        () if dora else ("the adapters do not use DoRA",),
+        tuple(against),
         Recommendation(
             summary="Train without DoRA (use_dora=False), or leave the modules with all-zero "
-            "weight rows out of target_modules",
+            f"weight rows{leave_out} out of target_modules",
             steps=(
                 "Set use_dora=False in LoraConfig, or remove from target_modules the modules "
-                "whose base weight has rows of zeros",
+                f"whose base weight has rows of zeros{leave_out}",
                 "Restart from step 0",
             ),
             config_changes={"use_dora": False},
@@ -634,21 +650,36 @@ def dora_zero_norm_rows(look: Look) -> Cause | None:
 
 
 def numerics_of_the_pass(look: Look) -> Cause | None:
-    """The forward/backward pass itself: attention kernels, inputs, a dtype the model was not
-    made for. Named when the non-finite value came before any update, with nothing else to show."""
+    """The forward/backward pass itself: the precision in use, attention kernels, inputs. Named,
+    and supported, when the non-finite value came before any weight update: no learning rate can
+    have made it then (DESIGN.md section 3). Its fix follows the precision the run uses."""
     if not look.before_any_update():
         return None
+    precision = look.facts.setup.precision
+    if precision in ("fp16", "bf16"):
+        flag = "fp16=False" if precision == "fp16" else "bf16=False"
+        first = f"Run one batch in fp32 ({flag}) to see whether {precision}'s range makes the NaN"
+    elif precision == "fp32":
+        first = ""  # fp32 already: no precision to blame
+    else:
+        first = "Check the precision in use (the fp16/bf16 flags and the model's torch_dtype)"
     return Cause(
         "forward-numerics",
-        "the forward or backward pass (attention kernel, inputs, dtype)",
-        (),
+        "the forward or backward numerics (precision, attention kernel, inputs)",
+        (
+            f"the first non-finite value came at step {look.first_step()}, before any weight "
+            "update: the forward or backward pass made it",
+        ),
         (),
         Recommendation(
-            summary="Find the operation that makes the first NaN",
+            summary="Find the operation that makes the first NaN (no update has happened yet: "
+            "the learning rate is not the cause)",
             steps=(
+                *((first,) if first else ()),
                 "Run one batch with torch.autograd.set_detect_anomaly(True) to find the operation",
                 "Try attn_implementation='eager' when loading the model",
-                "Check the batch for empty sequences or labels that are all -100",
+                "Check the batch for empty sequences, labels that are all -100, or token ids past "
+                "the vocabulary",
             ),
         ),
         "run one batch with torch.autograd.set_detect_anomaly(True), then attn_implementation="

@@ -131,9 +131,24 @@ def _layer_facts(
                 fan_in_fan_out=fan_in_fan_out,
                 base_numel=base_numel,
                 active=active is None or adapter in active,
+                zero_norm_rows=_zero_norm_rows(magnitude, d_out) if use_dora else None,
             )
         )
     return out
+
+
+def _zero_norm_rows(magnitude: Any, rows: int | None) -> int | None:
+    """Entries of a DoRA magnitude vector that are exactly 0. peft initialises it to the row norms
+    of ``W + scaling * B @ A`` (``DoraLinearLayer.update_layer``), and DoRA's forward divides it by
+    those norms: a zero entry is a row where it divides 0 by 0. None when the vector is not whole
+    here (a ZeRO-3 partition, a DTensor shard, an FSDP view: anything but ``rows`` plain values)."""
+    w = weight_of(magnitude)
+    if w is None or type(w) not in (torch.Tensor, nn.Parameter) or hasattr(w, "ds_id"):
+        return None
+    if rows is None or w.numel() != rows:
+        return None
+    with torch.no_grad():
+        return int((w.detach() == 0).sum())
 
 
 # --- facts ------------------------------------------------------------------------------------------
