@@ -155,7 +155,7 @@ def _lr_target(look: Look) -> tuple[float, str]:
     learns at that rate); else the usual value for the optimizer (QLoRA's 2e-4 with AdamW).
     Losses of exactly 0.0 (NaN hidden by the Trainer's filter) are not a best. Measured on the
     fault benchmark's ``lr-too-high`` runs (warm-up to 0.3): the fix sets 1e-3, whose runs end at
-    a loss of 1.2 to 2.0 against 2.3 to 3.3 for the faulty ones."""
+    a loss of 1.2 to 2.1 against 2.3 to 3.4 for the faulty ones (2e-4: 3.6 to 3.8)."""
     rng = look.range
     steps, losses = look.history.points("loss")
     finite = [(v, s) for s, v in zip(steps, losses, strict=True) if math.isfinite(v) and v > 0]
