@@ -122,6 +122,45 @@ class DoctorConfig:
         "an integer >= 0",
     )
 
+    # --- learning rate, update size, rewards --------------------------------------------------------
+    lr_high_warning: float = _opt(
+        10.0,
+        "learning-rate-too-high is a warning, and the learning rate a supported cause of a "
+        "plateau, divergence, spike or NaN, at this many times the top of LoRA's usual range for "
+        "the optimizer (AdamW: 1e-3, so 1e-2); above the top but below this, information.",
+        lambda v: _positive(v) and v >= 1,
+        "a number >= 1",
+    )
+    lr_high_error: float = _opt(
+        100.0,
+        "learning-rate-too-high is an error at this many times the top of LoRA's usual range "
+        "(AdamW: 0.1): each step then moves every weight by more than its own size.",
+        lambda v: _positive(v) and v >= 1,
+        "a number >= 1",
+    )
+    lr_fix_min_fall: float = _opt(
+        0.1,
+        "Share of its first logged value the training loss must have fallen by, at its best, for "
+        "the learning-rate fix to follow the run's own rate there (half of it, capped at the top "
+        "of LoRA's range); a smaller fall is noise, and the fix sets the optimizer's usual rate.",
+        _fraction,
+        "a number in [0, 1]",
+    )
+    update_too_large: float = _opt(
+        2.0,
+        "update-too-large fires when the median over the LoRA layers of ||scaling * B @ A||_F / "
+        "||W||_F reaches this: the learned update outweighs the frozen weight it should adjust.",
+        _positive,
+        "a number > 0",
+    )
+    reward_tied_steps: int = _opt(
+        3,
+        "Logged steps of an RL run with no reward variance (frac_reward_zero_std = 1 or "
+        "reward_std = 0: a zero gradient by design) before no-reward-variance is reported.",
+        _positive_int,
+        "an integer >= 1",
+    )
+
     # --- multigpu / ecosystem -----------------------------------------------------------------------
     rl_min_rank: int = _opt(
         64,
@@ -456,6 +495,11 @@ class DoctorConfig:
             raise ValueError(
                 "DoctorConfig.scaling_low must be <= scaling_high, "
                 f"got {self.scaling_low!r} > {self.scaling_high!r}"
+            )
+        if self.lr_high_warning > self.lr_high_error:
+            raise ValueError(
+                "DoctorConfig.lr_high_warning must be <= lr_high_error, "
+                f"got {self.lr_high_warning!r} > {self.lr_high_error!r}"
             )
         if self.plateau_early_fraction > self.plateau_latest_start:
             raise ValueError(

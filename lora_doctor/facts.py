@@ -177,6 +177,9 @@ class LayerFacts:
 
     Shapes are the true (logical) shapes, also under DeepSpeed ZeRO-3 and FSDP where the local
     tensor is a shard or a flat buffer. ``d_in``/``d_out`` are the base layer's features.
+    ``zero_norm_rows``: for a DoRA layer read before training, how many rows of its weight have
+    norm 0 (entries of DoRA's magnitude vector that are exactly 0, on which DoRA divides 0 by 0);
+    None when unknown (not DoRA, or a sharded magnitude).
     """
 
     name: str
@@ -195,6 +198,7 @@ class LayerFacts:
     fan_in_fan_out: bool = False
     base_numel: int = 0
     active: bool = True
+    zero_norm_rows: int | None = None
 
 
 @dataclass
@@ -627,7 +631,12 @@ class RunFacts:
         trainable_base: names of base (non-LoRA, non-modules_to_save) parameters that are trainable.
         trainable_base_params: their element count.
         not_in_optimizer: names of trainable LoRA parameters that no optimizer param group holds.
-        no_grad_layers: LoRA modules whose A and B got no gradient in the first steps.
+        no_grad_layers: LoRA modules whose A and B got no gradient in the first steps (none, or
+            only zeros).
+        zero_grad_layers: those of ``no_grad_layers`` whose gradient was there at every step but
+            exactly zero (not None): the graph reaches them, the loss carried no signal (an online
+            RL step whose completions all got the same reward). Not told apart under DeepSpeed,
+            whose gradient buffers read zero where no gradient arrived.
         b_still_zero_layers: LoRA modules whose B is still exactly zero after the first steps.
         frozen_in_place: LoRA modules whose weights did not change at all in the first steps (only
             judged when some step had a positive learning rate and finite gradients).
@@ -676,6 +685,7 @@ class RunFacts:
     trainable_base_params: int = 0
     not_in_optimizer: list[str] = field(default_factory=list)
     no_grad_layers: list[str] = field(default_factory=list)
+    zero_grad_layers: list[str] = field(default_factory=list)
     b_still_zero_layers: list[str] = field(default_factory=list)
     frozen_in_place: list[str] = field(default_factory=list)
     max_steps: int = 0

@@ -86,3 +86,40 @@ def tiny_tokenizer() -> Any:
         bos_token="<bos>",
         unk_token="<unk>",
     )
+
+
+def shared_case(name: str) -> Path:
+    """The folder of a case rebuilt from a real report (``shared/cases/<name>``, found above the
+    checkout, as ``../shared`` from the main one); skips the test when the cases are not there."""
+    import pytest
+
+    for parent in Path(__file__).resolve().parents:
+        folder = parent / "shared" / "cases" / name
+        if folder.is_dir():
+            return folder
+    pytest.skip(f"shared case {name!r} not found above {Path(__file__).parent}")
+
+
+def run_case_repro(case: str, tmp_path: Path, **env: str) -> dict[str, Any]:
+    """Runs a shared case's ``repro.py`` from a copy in ``tmp_path`` (it writes ``out/`` beside
+    itself) with this checkout's lora_doctor, and returns the ``lora_doctor.json`` it wrote."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    script = tmp_path / "repro.py"
+    shutil.copy(shared_case(case) / "repro.py", script)
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run(
+        [sys.executable, str(script)],
+        check=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(root), **env},
+        capture_output=True,
+        timeout=300,
+    )
+    report: dict[str, Any] = json.loads((tmp_path / "out" / "lora_doctor.json").read_text("utf-8"))
+    return report

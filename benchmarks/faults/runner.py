@@ -130,8 +130,14 @@ def _read_findings(
     ], written
 
 
-def training_args(spec: Spec, output_dir: Path, **overrides: Any) -> TrainingArguments:
-    """The benchmark's usual Trainer arguments; ``overrides`` replace any of them.
+def training_args(
+    spec: Spec,
+    output_dir: Path,
+    args_cls: Callable[..., TrainingArguments] = TrainingArguments,
+    **overrides: Any,
+) -> TrainingArguments:
+    """The benchmark's usual Trainer arguments; ``overrides`` replace any of them; ``args_cls``
+    builds them (a subclass such as TRL's ``GRPOConfig``).
 
     100 steps of 16 sequences at learning rate 2e-3 (a tiny model with a LoRA adapter wants a
     higher rate than the 1e-4 to 5e-4 of a 7B model), logged every 5 steps, nothing saved.
@@ -152,7 +158,7 @@ def training_args(spec: Spec, output_dir: Path, **overrides: Any) -> TrainingArg
         "dataloader_num_workers": 0,
     }
     kwargs.update(overrides)
-    return TrainingArguments(**kwargs)
+    return args_cls(**kwargs)
 
 
 def train(
@@ -164,6 +170,7 @@ def train(
     onset: int = 0,
     resume_from: str | None = None,
     trainer_cls: Callable[..., Trainer] = Trainer,
+    args_cls: Callable[..., TrainingArguments] = TrainingArguments,
     callbacks: Sequence[TrainerCallback] = (),
     name: str = "run",
     verbose: bool = False,
@@ -184,6 +191,7 @@ def train(
         onset: the step at which the fault begins.
         resume_from: a checkpoint folder to resume from.
         trainer_cls: builds the Trainer from its keyword arguments (a subclass, or a partial).
+        args_cls: builds its arguments (``TrainingArguments``, or a subclass such as TRL's).
         callbacks: extra callbacks, placed before the doctor's.
         name: the sub-folder of ``spec.workdir`` for this training job.
         verbose: show the doctor's log lines.
@@ -194,7 +202,7 @@ def train(
         >>> [f.slug for f in outcome.findings]  # doctest: +SKIP
     """
     output_dir = spec.workdir / name
-    args = training_args(spec, output_dir, **overrides)
+    args = training_args(spec, output_dir, args_cls, **overrides)
     doctor = LoraDoctorCallback(config=DoctorConfig(time_budget=None))
     outcome = Outcome(onset=onset)
     with quiet_doctor(verbose) as collected:

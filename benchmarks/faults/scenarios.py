@@ -46,6 +46,9 @@ class Scenario:
         must_not: findings that would be wrong here (``ANY`` on controls).
         build: runs the training and returns its outcome.
         quick: part of the quick subset that runs in the test suite.
+        cause: the fault's true cause, as the stable id of the diagnosis pass's causes
+            (``Cause.cause``, e.g. ``"learning-rate-too-high"``); ``""`` for a healthy control
+            and for faults not labelled yet.
     """
 
     name: str
@@ -55,6 +58,7 @@ class Scenario:
     must_not: tuple[str, ...]
     build: Callable[[Spec], Outcome]
     quick: bool = False
+    cause: str = ""
 
     @property
     def healthy(self) -> bool:
@@ -125,6 +129,49 @@ def lr_too_high(spec: Spec) -> Outcome:
     )
     outcome.onset = _step_of_min(outcome, "loss")
     return outcome
+
+
+def lr_far_too_high(spec: Spec) -> Outcome:
+    """A constant learning rate of 0.5 (250x the healthy rate; 500x the top of AdamW's LoRA range),
+    as a typo such as 5e-1 for 5e-4 makes: the update grows to hundreds of times the frozen weights
+    while the loss stays far above the healthy run's."""
+    return train(spec, _peft(spec), _data(spec), learning_rate=0.5, lr_scheduler_type="constant")
+
+
+def _starts_with_tag(completions: list[str], **kwargs: Any) -> list[float]:
+    """A sparse format reward: 1 for a completion that opens with "<", else 0."""
+    return [1.0 if c.startswith("<") else 0.0 for c in completions]
+
+
+def grpo_tied_rewards(spec: Spec) -> Outcome:
+    """TRL's GRPOTrainer, r 16 on every linear layer, 4 completions per prompt scored by a sparse
+    format reward that the random policy rarely earns: on most steps every completion of the group
+    gets 0, so the advantages and the gradient are exactly zero (loss 0, grad norm 0,
+    frac_reward_zero_std 1); the adapter learns on the other steps."""
+    import trl
+    from datasets import Dataset
+
+    prompts = ["what is two plus two?", "name a colour.", "count to three.", "say hello."] * 4
+    trainer_cls = functools.partial(
+        trl.GRPOTrainer,
+        reward_funcs=_starts_with_tag,
+        processing_class=tasks.char_tokenizer(),
+        peft_config=_lora(spec, r=16, alpha=32),
+    )
+    return train(
+        spec,
+        tasks.tiny_model(spec.arch, spec.seed),
+        Dataset.from_dict({"prompt": prompts}),
+        trainer_cls=trainer_cls,
+        args_cls=trl.GRPOConfig,
+        max_steps=8,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+        num_generations=4,
+        max_completion_length=8,
+        learning_rate=5e-6,
+        logging_steps=1,
+    )
 
 
 def adapters_frozen(spec: Spec) -> Outcome:
@@ -368,6 +415,25 @@ SCENARIOS: tuple[Scenario, ...] = (
         ("loss-divergence|non-finite-values",),
         ("adapter-not-learning", "zero-loss", "overfit"),
         lr_too_high,
+        cause="learning-rate-too-high",
+    ),
+    Scenario(
+        "lr-far-too-high",
+        "learning rate far too high (constant 0.5)",
+        lr_far_too_high.__doc__ or "",
+        ("learning-rate-too-high", "update-too-large|non-finite-values|loss-divergence"),
+        ("adapter-not-learning", "zero-loss", "overfit", "rank-saturated"),
+        lr_far_too_high,
+        cause="learning-rate-too-high",
+    ),
+    Scenario(
+        "grpo-tied-rewards",
+        "GRPO, rewards tied within groups",
+        grpo_tied_rewards.__doc__ or "",
+        ("no-reward-variance",),
+        ("adapter-not-learning", "no-trainable-params", "non-finite-values"),
+        grpo_tied_rewards,
+        cause="no-reward-variance",
     ),
     Scenario(
         "adapters-frozen",

@@ -33,6 +33,7 @@ __all__ = [
     "ARCHS",
     "VOCAB",
     "chain_data",
+    "char_tokenizer",
     "class_data",
     "lora_targets",
     "random_data",
@@ -152,3 +153,35 @@ def class_data(n: int, seed: int) -> list[Example]:
             }
         )
     return out
+
+
+def char_tokenizer() -> Any:
+    """A character-level fast tokenizer built in memory (no download), ids below ``VOCAB``: 0 pads,
+    1 ends a sequence, 2 begins one, 3 is unknown (the tiny models' ``pad_token_id`` is 0).
+
+    Example:
+        >>> char_tokenizer()("ab<")["input_ids"]
+        [4, 5, 45]
+    """
+    import string
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    symbols = [
+        "<pad>",
+        "<eos>",
+        "<bos>",
+        "<unk>",
+        *(string.ascii_lowercase + string.digits + " .,?!<>/"),
+    ]
+    core = Tokenizer(models.WordLevel({t: i for i, t in enumerate(symbols)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        bos_token="<bos>",
+        unk_token="<unk>",
+    )

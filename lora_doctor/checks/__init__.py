@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from lora_doctor.checks import adapter, curves, ecosystem, memory, rank, run
+from lora_doctor.checks import adapter, curves, ecosystem, memory, rank, reward, run, update
 from lora_doctor.checks.base import Cadence, Check, Context, Phase, Points, Read, Reads
 
 __all__ = [
@@ -26,10 +26,12 @@ __all__ = [
 
 BUILTIN_CHECKS: tuple[type[Check], ...] = (
     *adapter.CHECKS,
+    *update.CHECKS,
     *ecosystem.CHECKS,
     *memory.CHECKS,
     *rank.CHECKS,
     *curves.CHECKS,
+    *reward.CHECKS,
     *run.CHECKS,
 )
 

@@ -6,6 +6,7 @@ import math
 from collections.abc import Iterable
 
 from lora_doctor.checks.base import Check, Context, Phase
+from lora_doctor.checks.ecosystem import is_online_rl_run
 from lora_doctor.facts import LayerFacts
 from lora_doctor.findings import Finding, Recommendation, Severity
 
@@ -743,6 +744,10 @@ class AdapterNotLearning(Check):
     With the default init B starts at zero, so a B still zero means the adapter changes nothing
     (Hu et al. 2021; peft ``init_lora_weights``). An error when every active layer is stuck; a
     warning when only some are (MoE experts or modality towers may not have seen data yet).
+    Quiet on an online RL run (GRPO and kin) whose stuck layers all got gradients of exact zeros
+    (not None): a group whose completions all got the same reward has zero advantage, hence zero
+    gradient, by design (``no-reward-variance`` reports those steps); a frozen adapter there
+    (requires_grad False, or no gradient at all) is still an error.
     """
 
     code, slug, severity = "LD121", "adapter-not-learning", Severity.ERROR
@@ -759,11 +764,17 @@ class AdapterNotLearning(Check):
         stuck = list(dict.fromkeys([*no_grad, *b_zero, *frozen]))
         if not stuck:
             return
+        if is_online_rl_run(facts) and set(stuck) <= set(facts.zero_grad_layers):
+            return  # no reward variance in the first steps: zero gradients by design
         total = sum(1 for lf in facts.layers if lf.active) or len(facts.layers)
         steps = ctx.config.check_after_steps
         parts = []
         if no_grad:
-            parts.append(f"{len(no_grad)} got no gradient")
+            zeros = len(facts.zero_grad_layers)
+            parts.append(
+                f"{len(no_grad)} got no gradient"
+                + (f" ({zeros} only gradients of exact zeros)" if zeros else "")
+            )
         if b_zero:
             parts.append(f"{len(b_zero)} still have B exactly zero")
         if frozen:
@@ -785,6 +796,7 @@ class AdapterNotLearning(Check):
             f"nothing useful in them.{note}",
             evidence={
                 "no_grad_layers": no_grad,
+                "zero_grad_layers": facts.zero_grad_layers,
                 "b_still_zero_layers": b_zero,
                 "frozen_in_place": frozen,
                 "active_layers": total,

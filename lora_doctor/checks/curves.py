@@ -136,12 +136,18 @@ class NonFiniteValues(Check):
 
     def _finding(self, ctx: Context, key: str, step: int, value: float) -> Finding:
         is_grad = key == GRAD_NORM
-        why = (
-            "the gradient overflowed: under fp16 the loss scaler skips such a step, but repeated "
-            "overflows mean the update is unstable"
-            if is_grad
-            else "the weights are or will soon be NaN, and every later step is wasted"
-        )
+        if not is_grad:
+            why = "the weights are or will soon be NaN, and every later step is wasted"
+        elif ctx.facts.setup.precision in ("bf16", "fp32"):
+            why = (
+                f"in {ctx.facts.setup.precision} no loss scaler skips such a step, so the "
+                "optimizer writes the non-finite gradient into the weights"
+            )
+        else:
+            why = (
+                "the gradient overflowed: under fp16 the loss scaler skips such a step, but "
+                "repeated overflows mean the update is unstable"
+            )
         return self.finding(
             ctx,
             f"{key} is {value} at step {step}",
@@ -198,12 +204,8 @@ class ZeroLoss(Check):
                 "Trainer's logging_nan_inf_filter (on by default) dropped it and logged 0.0"
             )
             rec = Recommendation(
-                summary="Treat it as a NaN loss: lower the learning rate, use bf16, clip gradients",
-                steps=(
-                    "Set logging_nan_inf_filter=False to see the real NaN losses",
-                    "Halve learning_rate and keep max_grad_norm=1.0",
-                    "Use bf16=True instead of fp16=True where the GPU supports it",
-                ),
+                summary="Treat it as a NaN loss: non-finite-values ranks its causes",
+                steps=("Set logging_nan_inf_filter=False to see the real NaN losses",),
                 config_changes={"logging_nan_inf_filter": False},
             )
         elif from_start:

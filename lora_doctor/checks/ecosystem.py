@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from lora_doctor.checks.base import Check, Context, Phase
-from lora_doctor.facts import AdapterFacts
+from lora_doctor.facts import AdapterFacts, RunFacts
 from lora_doctor.findings import Finding, Recommendation, Severity
 from lora_doctor.practice import VLLM_LORA_RANKS
 
@@ -15,6 +15,7 @@ __all__ = [
     "RlLowRank",
     "VllmLoraRankTooSmall",
     "is_online_rl",
+    "is_online_rl_run",
     "is_rl_or_preference",
 ]
 
@@ -33,6 +34,19 @@ def is_online_rl(trainer: str | None) -> bool:
         (True, False)
     """
     return bool(trainer) and any(k in str(trainer) for k in _ONLINE_RL)
+
+
+def is_online_rl_run(facts: RunFacts) -> bool:
+    """True for an online RL run: its trainer is one (:func:`is_online_rl`), or it logs the
+    within-group reward statistics of GRPO and kin (``reward_std``, ``frac_reward_zero_std``).
+
+    Example:
+        >>> is_online_rl_run(RunFacts(rl_keys=["reward", "reward_std"]))
+        True
+    """
+    return is_online_rl(facts.trainer) or any(
+        k in ("reward_std", "frac_reward_zero_std") for k in facts.rl_keys
+    )
 
 
 def is_rl_or_preference(trainer: str | None) -> bool:

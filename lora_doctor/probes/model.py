@@ -132,9 +132,24 @@ def _layer_facts(
                 fan_in_fan_out=fan_in_fan_out,
                 base_numel=base_numel,
                 active=active is None or adapter in active,
+                zero_norm_rows=_zero_norm_rows(magnitude, d_out) if use_dora else None,
             )
         )
     return out
+
+
+def _zero_norm_rows(magnitude: Any, rows: int | None) -> int | None:
+    """Entries of a DoRA magnitude vector that are exactly 0. peft initialises it to the row norms
+    of ``W + scaling * B @ A`` (``DoraLinearLayer.update_layer``), and DoRA's forward divides it by
+    those norms: a zero entry is a row where it divides 0 by 0. None when the vector is not whole
+    here (a ZeRO-3 partition, a DTensor shard, an FSDP view: anything but ``rows`` plain values)."""
+    w = weight_of(magnitude)
+    if w is None or type(w) not in (torch.Tensor, nn.Parameter) or hasattr(w, "ds_id"):
+        return None
+    if rows is None or w.numel() != rows:
+        return None
+    with torch.no_grad():
+        return int((w.detach() == 0).sum())
 
 
 # --- facts ------------------------------------------------------------------------------------------
@@ -292,6 +307,8 @@ class _Watched:
     b0: tuple[float, float] | None = None
     got_grad: bool = False
     grad_known: bool = False
+    #: Every step so far gave each of its tensors a gradient (zero or not), outside DeepSpeed.
+    grad_always_there: bool = True
 
     @property
     def trainable(self) -> bool:
@@ -310,7 +327,10 @@ class AdapterProbe(Probe):
     ``check_after_steps`` it compares A and B with their fingerprint (judging "moved" against the
     start, not against zero, so that pissa/olora inits are no false alarm; an update that leaves
     both float64 sums unchanged is practically impossible) and fills ``no_grad_layers``,
-    ``b_still_zero_layers`` and ``frozen_in_place``.
+    ``b_still_zero_layers`` and ``frozen_in_place``. A layer without a non-zero gradient whose
+    gradients were there at every step, all zeros (not None), goes to ``zero_grad_layers`` too: the
+    graph reaches it and the loss had no signal, as on an online RL step whose completions all got
+    the same reward.
     Movement is judged only when some step had a positive learning rate and finite gradients
     (warm-up from 0 and fp16 overflow-skipped steps leave weights in place legitimately).
     """
@@ -351,16 +371,22 @@ class AdapterProbe(Probe):
             return
         self._grad_steps += 1
         tensors = [(w, t) for w in self._watched for t in (w.a, w.b) if t is not None]
-        grads = [(w, g) for w, t in tensors if (g := _data(_grad(t))) is not None]
-        if not grads and _grads_elsewhere(event.optimizer, [t for _, t in tensors]):
+        read = [(w, _data(_grad(t))) for w, t in tensors]
+        grads = [(w, g) for w, g in read if g is not None]
+        elsewhere = _grads_elsewhere(event.optimizer, [t for _, t in tensors])
+        if not grads and elsewhere:
             return  # DeepSpeed keeps gradients in its own buffers: unknown, not "none"
         # Without DeepSpeed, a None .grad just before the optimizer step means no gradient reached
-        # the parameter (e.g. gradient checkpointing on a frozen base without input gradients).
+        # the parameter (e.g. gradient checkpointing on a frozen base without input gradients),
+        # while a gradient of zeros means it reached it without signal (an RL step with no reward
+        # variance). DeepSpeed's buffers read zero where nothing arrived: no telling there.
         drain(event.budget, [g for _, g in grads], event.step)
         with torch.no_grad():
             peaks = _peaks([g for _, g in grads])
-        for w, _ in tensors:
+        for w, g in read:
             w.grad_known = True
+            if elsewhere or g is None:
+                w.grad_always_there = False
         for (w, _), peak in zip(grads, peaks, strict=True):
             if peak != 0:
                 w.got_grad = True
@@ -390,6 +416,8 @@ class AdapterProbe(Probe):
         for w in self._watched:
             if not w.trainable or (w.grad_known and not w.got_grad):
                 facts.no_grad_layers.append(w.key)
+                if w.trainable and w.grad_known and w.grad_always_there:
+                    facts.zero_grad_layers.append(w.key)
             if judge_movement and id(w) in b_zero:
                 facts.b_still_zero_layers.append(w.key)
             if judge_movement and moved.get(id(w)) is False:
