@@ -79,13 +79,20 @@ def read_setup(
 
 
 class SetupProbe(Probe):
-    """Reads the training set-up at train begin (:func:`read_setup`), from the shared view."""
+    """Reads the training set-up at train begin (:func:`read_setup`), from the shared view, and
+    the checkpoints on disk after each save."""
 
     name = "setup"
 
     def train_begin(self, event: Event) -> None:
         facts = event.doctor.facts
         read_setup(facts.setup, event.model_view(), event.args, event.optimizer, facts.max_steps)
+
+    def save(self, event: Event) -> None:
+        """Reads the checkpoints on disk again: the one just saved is there, and those that
+        ``save_total_limit`` removed are gone (a fix names only checkpoints that exist)."""
+        setup = event.doctor.facts.setup
+        setup.checkpoint_steps = checkpoint_steps(setup.output_dir)
 
 
 def _read_args(setup: SetupFacts, args: Any, max_steps: int) -> None:
