@@ -240,6 +240,14 @@ class DoctorConfig:
         _non_negative,
         "a number >= 0",
     )
+    rank_min_growth: float = _opt(
+        3.0,
+        "Factor by which the learned update's median size must have grown since the first "
+        "spectrum reading before the rank verdicts: a spectrum read while the update is still "
+        "near its start shows the first steps, not what the adapter learned.",
+        lambda v: _positive(v) and v >= 1,
+        "a number >= 1",
+    )
     rank_stall_window: float = _opt(
         0.25,
         "Share of the steps so far over which the training loss must have stopped improving for "
