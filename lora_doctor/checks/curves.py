@@ -775,16 +775,10 @@ def _overfit_fixes(
         if back.step is not None
         else "Stop at the best evaluation (early stopping)"
     )
-    epochs = max(1, math.ceil(epoch)) if epoch is not None and epoch > 0 else None
-    planned = facts.num_train_epochs
-    if epochs is not None and (planned is None or epochs < planned):
-        steps.append(
-            f"Train fewer epochs: num_train_epochs={epochs} (the best eval was at epoch {_fmt(epoch or 0)})"
-        )
-        changes["num_train_epochs"] = epochs
-    else:
-        steps.append(f"Train fewer steps: max_steps={best_step} (the best eval)")
-        changes["max_steps"] = best_step
+    # max_steps, not num_train_epochs: it applies whether the run sets max_steps or epochs
+    when = f", epoch {_fmt(epoch)}" if epoch is not None and epoch > 0 else ""
+    steps.append(f"Train fewer steps: max_steps={best_step} (the best evaluation{when})")
+    changes["max_steps"] = best_step
     if facts.has_lora is False:
         _full_fine_tuning_fixes(ctx, steps, changes)
     else:
@@ -979,6 +973,13 @@ class LossPlateau(Check):
         else:
             spent = int(ctx.history.last_step - trend.start)
             waste = f"the {spent:,} steps since then were mostly wasted"
+        # "a fall" only where the loss fell: a flat start is told as such
+        fell = first > trend.level + cfg.plateau_max_gain * trend.level
+        start = (
+            f"after a fall from {_fmt(first)}"
+            if fell
+            else f"about where it started ({_fmt(first)})"
+        )
         return self.finding(
             ctx,
             f"Training loss has been flat since step {int(trend.start)} ({share:.0f}% of training)",
@@ -986,8 +987,8 @@ class LossPlateau(Check):
             f"{_fmt(trend.level)}: a Theil-Sen fit over {trend.points} logs gives a relative "
             f"improvement of {100 * trend.gain:.2g}% per 10% of training (at most "
             f"{100 * trend.gain_bound:.2g}% at {100 * cfg.plateau_confidence:.0f}% "
-            f"confidence; threshold {100 * cfg.plateau_max_gain:.2g}%), after a fall from "
-            f"{_fmt(first)}. {_learner(ctx).capitalize()} has stopped learning: {waste}.",
+            f"confidence; threshold {100 * cfg.plateau_max_gain:.2g}%), {start}. "
+            f"{_learner(ctx).capitalize()} has stopped learning: {waste}.",
             evidence={
                 "since_step": int(trend.start),
                 "level": trend.level,
