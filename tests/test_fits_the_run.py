@@ -384,3 +384,24 @@ def test_the_alpha_fix_is_said_once_in_the_log_line() -> None:
     line = ratio.log_line()
     assert line.count("lora_alpha=32") == 1, line
     assert ratio.recommendation is not None and "lora_alpha=32" in ratio.recommendation.summary
+
+
+def test_offline_the_best_model_metric_is_read_from_the_trainer_state() -> None:
+    """trainer_state.json keeps best_metric and best_global_step but not the metric's name: the
+    one evaluation metric logged with that value at that step is it."""
+    from lora_doctor.offline import diagnose as diagnose_offline
+
+    accuracy = [0.5, 0.6, 0.7, 0.75, 0.78, 0.8, 0.81, 0.82, 0.83, 0.84]
+    state = {
+        "log_history": _log(TRAIN, {"loss": U_SHAPE, "accuracy": accuracy}),
+        "max_steps": N,
+        "global_step": N,
+        "best_metric": 0.84,
+        "best_global_step": 500,
+    }
+    (finding,) = [f for f in diagnose_offline(state).findings if f.slug == "overfit"]
+    assert finding.severity is Severity.INFO
+    assert finding.evidence["metric_for_best_model"] == "eval_accuracy"
+    state["best_metric"] = 0.5  # matches no metric logged at step 500: unknown, a plain overfit
+    (finding,) = [f for f in diagnose_offline(state).findings if f.slug == "overfit"]
+    assert finding.severity is Severity.WARNING and "metric_for_best_model" not in finding.evidence
