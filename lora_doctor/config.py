@@ -241,10 +241,10 @@ class DoctorConfig:
         "a number >= 0",
     )
     rank_min_growth: float = _opt(
-        3.0,
+        1.5,
         "Factor by which the learned update's median size must have grown since the first "
-        "spectrum reading before the rank verdicts: a spectrum read while the update is still "
-        "near its start shows the first steps, not what the adapter learned.",
+        "spectrum reading before the rank verdicts: an update that has not grown since then is "
+        "stuck or still its first steps, and its spectrum says nothing about the rank.",
         lambda v: _positive(v) and v >= 1,
         "a number >= 1",
     )
