@@ -203,8 +203,11 @@ def test_overfit_gives_lora_advice_only_to_lora_runs(
         assert "lora" not in text.lower() and "rank" not in text
         assert "the model is memorising" in finding.message
         assert rec.config_changes["learning_rate"] == 1e-5
-    else:
+    elif facts.get("has_lora") is True:
         assert "lora_dropout" in text and "the adapter is memorising" in finding.message
+    else:  # not known to train LoRA: one conditional step
+        assert "If this run trains LoRA: lower the rank" in text
+        assert rec.config_changes["weight_decay"] == 0.05
 
 
 def test_overfit_goes_back_to_the_checkpoint_of_the_best_evaluation() -> None:

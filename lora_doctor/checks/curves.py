@@ -571,9 +571,14 @@ class Overfit(Check):
     stopping). Established when the last ``overfit_patience`` evaluations are all above the best by
     ``overfit_min_rise`` (relative) and ``overfit_min_abs_rise`` (absolute: a run whose train and
     eval losses are both tiny and flat is not overfitting), while the training loss since the best
-    evaluation is lower than before it. Fixes follow practice for LoRA (DESIGN.md section 3): the
-    best checkpoint first, then fewer epochs, then a smaller r, dropout and weight decay. Judging
-    costs constant time per evaluation (a running best and the last ``overfit_patience`` values).
+    evaluation is lower than before it. Fixes follow practice (DESIGN.md section 3): the best
+    checkpoint first (one that was saved: :func:`lora_doctor.advice.go_back`), then a shorter run,
+    then for LoRA a smaller r, dropout and weight decay, for a full fine-tune weight decay and a
+    lower learning rate. A run that keeps its best model by another metric
+    (``metric_for_best_model``, e.g. accuracy) is judged by it too: while that metric still
+    improves, the rising loss is information (over-confidence on the examples it gets wrong), not
+    a rollback; once it has peaked, the rollback goes to its best. Judging costs constant time per
+    evaluation (a running best and the last ``overfit_patience`` values).
     """
 
     code, slug, severity = "LD202", "overfit", Severity.WARNING
@@ -752,7 +757,7 @@ def _overfit_fixes(
     ctx: Context, key: str, best_step: int, epoch: float | None, own: OwnMetric | None
 ) -> tuple[list[str], dict[str, object], str]:
     """The overfit fixes in order, with their config changes and the summary: back to the best
-    checkpoint, keep the best checkpoint and stop early, fewer epochs; then for LoRA a smaller r,
+    checkpoint, keep the best checkpoint and stop early, a shorter run; then for LoRA a smaller r,
     dropout and (small datasets) weight decay; for a full fine-tune weight decay and a lower
     learning rate (DESIGN.md section 3, "Overfit")."""
     cfg, facts = ctx.config, ctx.facts
@@ -788,23 +793,30 @@ def _overfit_fixes(
 
 def _lora_fixes(ctx: Context, steps: list[str], changes: dict[str, object]) -> None:
     """A LoRA run's further overfit fixes: r down to 8, lora_dropout 0.1, weight decay on small
-    datasets. LoRA's config changes only where the run is known to train LoRA."""
+    datasets. Where the run is not known to train LoRA (offline without its adapter config), the
+    LoRA settings are one conditional step with no config change."""
     cfg, facts = ctx.config, ctx.facts
-    known = facts.has_lora is True or bool(facts.adapters or facts.layers)
+    n = facts.train_examples
+    if not (facts.has_lora is True or facts.adapters or facts.layers):
+        steps.append(
+            "If this run trains LoRA: lower the rank to r=4..8 (with lora_alpha = 2r) and set "
+            "lora_dropout=0.1"
+        )
+        if not _decays(ctx):
+            steps.append("Add weight decay: weight_decay=0.01 to 0.1")
+            changes["weight_decay"] = 0.05
+        return
     ranks = [a.r for a in facts.adapters.values() if a.r] or [lf.r for lf in facts.layers if lf.r]
     r = max(ranks) if ranks else None
     if r is not None and r > 8:
         steps.append(f"Lower the rank: r=8 (now {r}), lora_alpha=16")
-        if known:
-            changes.update({"r": 8, "lora_alpha": 16})
+        changes.update({"r": 8, "lora_alpha": 16})
     elif r is None:
         steps.append("Lower the rank to r=4..8 (with lora_alpha = 2r)")
     dropouts = [a.lora_dropout for a in facts.adapters.values() if a.lora_dropout is not None]
     if not dropouts or min(dropouts) < 0.1:
         steps.append("Set lora_dropout=0.1 (0.1 to 0.2)")
-        if known:
-            changes["lora_dropout"] = 0.1
-    n = facts.train_examples
+        changes["lora_dropout"] = 0.1
     if n is not None and n < cfg.overfit_small_dataset and not _decays(ctx):
         steps.append(f"With only {n} training examples, add weight_decay=0.01 to 0.1")
         changes["weight_decay"] = 0.05
