@@ -408,3 +408,33 @@ def test_offline_the_best_model_metric_is_read_from_the_trainer_state() -> None:
     state["best_metric"] = 0.5  # matches no metric logged at step 500: unknown, a plain overfit
     (finding,) = [f for f in diagnose_offline(state).findings if f.slug == "overfit"]
     assert finding.severity is Severity.WARNING and "metric_for_best_model" not in finding.evidence
+
+
+@pytest.mark.parametrize(
+    ("precision", "says"),
+    [("fp32", "in fp32 no loss scaler skips the step"), ("fp16", "under fp16 the loss scaler")],
+    ids=["fp32", "fp16"],
+)
+def test_a_nan_grad_norm_is_explained_in_the_precision_in_use(precision: str, says: str) -> None:
+    entries = _log(FLAT[:100])
+    entries[39]["grad_norm"] = math.nan
+    dtype = {"fp32": "float32", "fp16": "float16"}[precision]
+    setup = SetupFacts(trainable_dtypes=[dtype])  # the engine derives the precision in use
+    doctor = Doctor(None, RunFacts(max_steps=100, setup=setup), emit=False)
+    replay(doctor, entries)
+    (finding,) = [f for f in doctor.findings if f.slug == "non-finite-values"]
+    assert says in finding.message
+
+
+@pytest.mark.parametrize(
+    ("loss", "says"),
+    [
+        (FLAT, "after a fall from"),
+        (2.0 + _noise(0.02), "about where it started"),
+        (np.concatenate([np.full(20, 1.5), np.full(N - 20, 1.8)]) + _noise(0.02), "above where"),
+    ],
+    ids=["fell", "flat-from-the-start", "rose"],
+)
+def test_the_plateau_tells_how_the_loss_got_there(loss: np.ndarray, says: str) -> None:
+    finding = _one(_run(_log(loss)), "loss-plateau")
+    assert says in finding.message

@@ -459,19 +459,31 @@ def all_linear_fix(facts: RunFacts) -> Recommendation:
     """The fix for adapters on attention only, in the model's own module names.
 
     The model's linear module kinds (``facts.setup.module_kinds``, read live) become the new
-    ``target_modules`` and the message names the ones added (GPT-2: ``c_fc``, ``c_proj``; Llama:
-    ``gate_proj``, ``up_proj``, ``down_proj``); where they are not known (offline), peft's
-    ``'all-linear'``, which resolves to them on any model.
+    ``target_modules`` and the fix names the ones it adds (GPT-2: ``c_proj``, ``c_fc``; Llama:
+    ``gate_proj``, ``up_proj``, ``down_proj`` and the attention projections not yet targeted);
+    where they are not known (offline), peft's ``'all-linear'``, which resolves to them on any
+    model.
 
     Example:
-        >>> from lora_doctor.facts import SetupFacts
-        >>> fix = all_linear_fix(RunFacts(setup=SetupFacts(module_kinds=["c_attn", "c_proj", "c_fc"])))
+        >>> from lora_doctor.facts import AdapterFacts, SetupFacts
+        >>> gpt2 = RunFacts(
+        ...     adapters={"default": AdapterFacts(target_modules=["c_attn"])},
+        ...     setup=SetupFacts(module_kinds=["c_attn", "c_proj", "c_fc"]),
+        ... )
+        >>> fix = all_linear_fix(gpt2)
         >>> fix.config_changes, fix.steps[0]
         ({'target_modules': ['c_attn', 'c_proj', 'c_fc']}, "Set target_modules=['c_attn', 'c_proj', 'c_fc'] in LoraConfig (every linear layer of this model; adds c_proj, c_fc), with more memory as the cost")
     """
     kinds = list(facts.setup.module_kinds)
-    added = [k for k in kinds if not is_attention_module(k)]
-    targets: str | list[str] = kinds if added else "all-linear"
+    targeted = {lf.name.rsplit(".", 1)[-1] for lf in facts.layers} | {
+        t
+        for a in facts.adapters.values()
+        if isinstance(a.target_modules, list)
+        for t in a.target_modules
+    }
+    added = [k for k in kinds if k not in targeted]
+    mlp = [k for k in added if not is_attention_module(k)]
+    targets: str | list[str] = kinds if mlp else "all-linear"
     what = (
         f"every linear layer of this model; adds {', '.join(added)}"
         if added

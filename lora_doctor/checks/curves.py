@@ -144,13 +144,21 @@ class NonFiniteValues(Check):
         is_grad = key == GRAD_NORM
         running = ctx.steps_left != 0
         later = running or ctx.history.last_step > step
-        why = (
-            "the gradient overflowed: under fp16 the loss scaler skips such a step, but repeated "
-            "overflows mean the update is unstable"
-            if is_grad
-            else "the weights are or will soon be NaN"
-            + (", and every later step is wasted" if later else "")
-        )
+        precision = ctx.facts.setup.precision
+        if not is_grad:
+            why = "the weights are or will soon be NaN" + (
+                ", and every later step is wasted" if later else ""
+            )
+        elif precision in ("bf16", "fp32"):  # no loss scaler to skip the step
+            why = (
+                f"the gradient is not finite, and in {precision} no loss scaler skips the step: "
+                "its update carries the NaN into the weights"
+            )
+        else:
+            why = (
+                "the gradient overflowed: under fp16 the loss scaler skips such a step, but "
+                "repeated overflows mean the update is unstable"
+            )
         return self.finding(
             ctx,
             f"{key} is {value} at step {step}",
@@ -985,13 +993,14 @@ class LossPlateau(Check):
         else:
             spent = int(ctx.history.last_step - trend.start)
             waste = f"the {spent:,} steps since then were mostly wasted"
-        # "a fall" only where the loss fell: a flat start is told as such
-        fell = first > trend.level + cfg.plateau_max_gain * trend.level
-        start = (
-            f"after a fall from {_fmt(first)}"
-            if fell
-            else f"about where it started ({_fmt(first)})"
-        )
+        # "a fall" only where the loss fell: a flat start or a rise is told as such
+        margin = cfg.plateau_max_gain * trend.level
+        if first > trend.level + margin:
+            start = f"after a fall from {_fmt(first)}"
+        elif first < trend.level - margin:
+            start = f"above where it started ({_fmt(first)})"
+        else:
+            start = f"about where it started ({_fmt(first)})"
         return self.finding(
             ctx,
             f"Training loss has been flat since step {int(trend.start)} ({share:.0f}% of training)",
