@@ -355,10 +355,11 @@ def _ddp_reentrant(m: re.Match[str], crash: Crash, run: RunFacts) -> Verdict:
     changes = _non_reentrant(f)
     if f.ddp_find_unused_parameters:
         changes["ddp_find_unused_parameters"] = False
+    weights = "LoRA weights" if run.has_lora is not False else "trainable weights"
     return _verdict(
         "reentrant gradient checkpointing under DistributedDataParallel",
-        "Reentrant checkpointing runs a second backward pass per block, so DDP's hooks see the LoRA "
-        "weights become ready twice in one step (with find_unused_parameters they are also "
+        "Reentrant checkpointing runs a second backward pass per block, so DDP's hooks see the "
+        f"{weights} become ready twice in one step (with find_unused_parameters they are also "
         "marked unused first).",
         f'Set {f.checkpointing_arg}_kwargs={{"use_reentrant": False}}'
         + (" and ddp_find_unused_parameters=False." if f.ddp_find_unused_parameters else "."),
@@ -367,8 +368,8 @@ def _ddp_reentrant(m: re.Match[str], crash: Crash, run: RunFacts) -> Verdict:
             steps=(
                 f"TrainingArguments({f.checkpointing_arg}=True, {f.checkpointing_arg}_kwargs="
                 '{"use_reentrant": False})',
-                "Or, keeping reentrant checkpointing: ddp_find_unused_parameters=False (every LoRA "
-                "weight must then get a gradient in every step)",
+                "Or, keeping reentrant checkpointing: ddp_find_unused_parameters=False (every "
+                f"{weights.removesuffix('s')} must then get a gradient in every step)",
             ),
             config_changes=changes,
         ),
