@@ -86,13 +86,24 @@ def test_go_back_names_only_saved_checkpoints(
     assert where.known is (saved_checkpoints(setup) is not None)
 
 
-def test_the_setup_probe_reads_the_checkpoints_again_after_each_save(tmp_path: Path) -> None:
-    doctor = Doctor(None, RunFacts(setup=SetupFacts(output_dir=str(tmp_path))), emit=False)
-    event = Event(doctor=doctor, args=None, state=SimpleNamespace(global_step=10))
-    for name in ("checkpoint-10", "checkpoint-20", "runs"):
-        (tmp_path / name).mkdir()
-    SetupProbe().save(event)
-    assert doctor.facts.setup.checkpoint_steps == [10, 20]
+@pytest.mark.parametrize(
+    ("start", "found"), [(0, [10, 20]), (5, [5, 10, 20, 30])], ids=["fresh-run", "resumed-run"]
+)
+def test_the_setup_probe_knows_the_checkpoints_of_this_run(
+    tmp_path: Path, start: int, found: list[int]
+) -> None:
+    """Read again after each save; a run that starts from step 0 does not count the checkpoints
+    another run left in its folder (5 and 30 here), but counts one it saved over (10)."""
+    for step in (5, 10, 30):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    doctor = Doctor(None, RunFacts(), emit=False)
+    args = SimpleNamespace(output_dir=str(tmp_path))
+    probe = SetupProbe()
+    probe.train_begin(Event(doctor, args, SimpleNamespace(global_step=start)))
+    for step in (10, 20):
+        (tmp_path / f"checkpoint-{step}").mkdir(exist_ok=True)
+        probe.save(Event(doctor, args, SimpleNamespace(global_step=step)))
+    assert doctor.facts.setup.checkpoint_steps == found
 
 
 @pytest.mark.slow
