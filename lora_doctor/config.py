@@ -241,10 +241,12 @@ class DoctorConfig:
         "a number >= 0",
     )
     rank_min_growth: float = _opt(
-        1.5,
+        1.1,
         "Factor by which the learned update's median size must have grown since the first "
         "spectrum reading before the rank verdicts: an update that has not grown since then is "
-        "stuck or still its first steps, and its spectrum says nothing about the rank.",
+        "stuck where it started (a learning rate of 0, frozen layers), and its spectrum says "
+        "nothing about the rank. Lenient on purpose: a fast update is most of its final size at "
+        "the first reading (planted-rank benchmark, r = 32: 1.1x by 30% of training).",
         lambda v: _positive(v) and v >= 1,
         "a number >= 1",
     )

@@ -88,7 +88,7 @@ SATURATED_CASES = [
     ("data-exceeds-capacity", {"sv": FLAT4, "loss": STALLED, "tokens": 10**6}, True),
     ("too-early", {"sv": FLAT4, "loss": STALLED, "phase": Phase.LOG, "step": 20}, False),
     ("adapter-barely-moved", {"sv": FLAT4, "loss": STALLED, "rel": 1e-6}, False),
-    ("update-not-grown-from-start", {"sv": FLAT4, "loss": STALLED, "growth": 1.2}, False),
+    ("update-not-grown-from-start", {"sv": FLAT4, "loss": STALLED, "growth": 1.05}, False),
     ("loss-unknown", {"sv": FLAT4, "loss": None}, False),
 ]
 
@@ -168,8 +168,8 @@ UNDERUSED_CASES = [
     ("memorising-r32", {"sv": MEMO32}, False),
     ("barely-moved", {"sv": CLIFF32, "rel": 1e-6}, False),
     ("too-early", {"sv": CLIFF32, "phase": Phase.LOG, "step": 20}, False),
-    ("not-grown-from-start", {"sv": CLIFF32, "phase": Phase.LOG, "growth": 1.2}, False),
-    ("not-grown-at-end", {"sv": CLIFF32, "growth": 1.2}, False),
+    ("not-grown-from-start", {"sv": CLIFF32, "phase": Phase.LOG, "growth": 1.05}, False),
+    ("not-grown-at-end", {"sv": CLIFF32, "growth": 1.05}, False),
     ("one-reading-at-end", {"sv": CLIFF32, "snapshots": 1}, True),
 ]
 
