@@ -12,27 +12,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lora_doctor.facts import SetupFacts
+from lora_doctor.facts import RunFacts
 
 __all__ = ["GoBack", "go_back", "saved_checkpoints"]
 
 
-def saved_checkpoints(setup: SetupFacts) -> list[int] | None:
+def saved_checkpoints(facts: RunFacts) -> list[int] | None:
     """The steps of the checkpoints the run has saved, oldest first; None when unknown.
 
-    Known when the output folder was read (live at train begin and after each save, offline
-    beside the trainer state) or when ``save_strategy="no"``; a custom loop that named no folder
-    leaves it unknown.
+    Known when checkpoints were found, when ``save_strategy="no"``, or when a live run's output
+    folder holds none (it is read at train begin and after each save). Offline, a folder without
+    checkpoints proves nothing (a ``trainer_state.json`` is often copied out of its run), and a
+    custom loop that named no folder leaves it unknown.
 
     Example:
-        >>> saved_checkpoints(SetupFacts(output_dir="out", checkpoint_steps=[20, 10]))
+        >>> from lora_doctor.facts import SetupFacts
+        >>> saved_checkpoints(RunFacts(setup=SetupFacts(checkpoint_steps=[20, 10])))
         [10, 20]
-        >>> saved_checkpoints(SetupFacts()) is None
-        True
+        >>> saved_checkpoints(RunFacts(saved_global_step=50, setup=SetupFacts(output_dir="o")))
     """
+    setup = facts.setup
     if setup.checkpoint_steps:
         return sorted(setup.checkpoint_steps)
-    if setup.output_dir is not None or setup.save_strategy == "no":
+    live = facts.saved_global_step is None
+    if setup.save_strategy == "no" or (live and setup.output_dir is not None):
         return []
     return None
 
@@ -53,23 +56,26 @@ class GoBack:
     text: str
 
 
-def go_back(setup: SetupFacts, step: int, what: str = "") -> GoBack:
+def go_back(facts: RunFacts, step: int, what: str = "") -> GoBack:
     """The fix's step that returns to the state of ``step``: its checkpoint when one was saved,
     else the last one saved before it, else a restart from step 0.
 
     Args:
-        setup: the run's set-up (its checkpoints, ``save_strategy``, output folder).
+        facts: the run's facts (its set-up's checkpoints, ``save_strategy`` and output folder;
+            live or offline).
         step: the step whose weights are wanted (the best evaluation, the lowest loss).
         what: why that step, for the sentence (``"the best evaluation"``).
 
     Example:
-        >>> go_back(SetupFacts(output_dir="out", checkpoint_steps=[10, 20]), 15).text
+        >>> from lora_doctor.facts import SetupFacts
+        >>> go_back(RunFacts(setup=SetupFacts(output_dir="out", checkpoint_steps=[10, 20])), 15).text
         'Go back to checkpoint-10 in out, the last one saved before step 15'
-        >>> go_back(SetupFacts(save_strategy="no"), 15).text
+        >>> go_back(RunFacts(setup=SetupFacts(save_strategy="no")), 15).text
         "No checkpoint was saved up to step 15 (save_strategy='no'): restart from step 0, and save checkpoints (save_strategy='steps') to be able to go back next time"
     """
     why = f" ({what})" if what else ""
-    saved = saved_checkpoints(setup)
+    setup = facts.setup
+    saved = saved_checkpoints(facts)
     if saved is None:
         return GoBack(
             None,

@@ -80,10 +80,27 @@ def _one(doctor: Doctor, slug: str) -> Finding:
 def test_go_back_names_only_saved_checkpoints(
     setup: SetupFacts, step: int, back: int | None, says: str
 ) -> None:
-    where = go_back(setup, step)
+    where = go_back(RunFacts(setup=setup), step)
     assert where.step == back
     assert says in where.text
-    assert where.known is (saved_checkpoints(setup) is not None)
+    assert where.known is (saved_checkpoints(RunFacts(setup=setup)) is not None)
+
+
+@pytest.mark.parametrize(
+    ("facts", "known"),
+    [
+        (RunFacts(setup=SetupFacts(output_dir="o")), True),
+        (RunFacts(saved_global_step=50, setup=SetupFacts(output_dir="o")), False),
+        (
+            RunFacts(saved_global_step=50, setup=SetupFacts(output_dir="o", checkpoint_steps=[9])),
+            True,
+        ),
+    ],
+    ids=["live-folder-read", "offline-folder-without-checkpoints", "offline-checkpoints-found"],
+)
+def test_offline_a_folder_without_checkpoints_proves_nothing(facts: RunFacts, known: bool) -> None:
+    """A trainer_state.json copied out of its run sits in a folder without its checkpoints."""
+    assert (saved_checkpoints(facts) is not None) is known
 
 
 @pytest.mark.parametrize(

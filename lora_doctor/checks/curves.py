@@ -50,8 +50,10 @@ def _fmt(x: float) -> str:
 
 
 def _learner(ctx: Context) -> str:
-    """What learns: "the model" in a full fine-tune, else "the adapter"."""
-    return "the model" if ctx.facts.has_lora is False else "the adapter"
+    """What learns: "the adapter" in a run known to train LoRA, else "the model"."""
+    facts = ctx.facts
+    lora = facts.has_lora is True or (facts.has_lora is None and (facts.adapters or facts.layers))
+    return "the adapter" if lora else "the model"
 
 
 def _windows(a: np.ndarray, width: int) -> np.ndarray:
@@ -365,7 +367,7 @@ class LossDivergence(Check):
             yield self._finding(ctx, verdict)
 
     def _finding(self, ctx: Context, v: Divergence) -> Finding:
-        back = go_back(ctx.facts.setup, v.best_step, "the lowest loss")
+        back = go_back(ctx.facts, v.best_step, "the lowest loss")
         running = ctx.steps_left != 0
         if back.step is not None:
             summary = f"Go back to checkpoint-{back.step}, before the loss climbed"
@@ -769,7 +771,7 @@ def _overfit_fixes(
     dropout and (small datasets) weight decay; for a full fine-tune weight decay and a lower
     learning rate (DESIGN.md section 3, "Overfit")."""
     cfg, facts = ctx.config, ctx.facts
-    back = go_back(facts.setup, best_step, "the best evaluation")
+    back = go_back(facts, best_step, "the best evaluation")
     # the metric the best checkpoint is chosen by: the run's own, else the loss that rose (the
     # Trainer adds the "eval_" prefix back)
     metric = (own.key if own is not None else key).removeprefix("eval_")
