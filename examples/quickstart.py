@@ -1,23 +1,36 @@
-"""lora-doctor quickstart: a tiny Llama, LoRA with a deliberate mistake, and the doctor's diagnosis.
+"""lora-doctor quickstart: LoRA with a deliberate mistake on a tiny model, and the doctor's diagnosis.
 
-Runs on a CPU in well under a minute, with no download: the model is built from a config and the
-data is made up (sequences that repeat a short random pattern, so there is something to learn).
+Runs on a CPU in well under a minute, with no download. A tiny Llama is built from a config and
+pre-trained for a few seconds on a made-up "chain language" (16 tokens, each followed by a fixed
+successor nine times in ten), so that, like a real base model, it already knows something. The
+fine-tuning task is a dialect of that language in which 8 of the 16 tokens have new successors:
+the LoRA adapter has to learn them.
 
-The mistake: ``r=16`` with ``lora_alpha=8``. peft scales the update by lora_alpha / r = 0.5, half of
-the usual alpha = r, so the adapter learns slowly; the doctor says so before the first step, with the
-fix. When the loss then stays flat it reports a plateau whose first suspect is that scaling, and it
-writes ``out/quickstart/lora_doctor.json`` at the end.
+The mistake: ``lora_alpha=1`` (the default of loralib, LoRA's first implementation) with ``r=16``.
+peft scales the update by lora_alpha / r = 1/16, sixteen to thirty-two times less than the usual
+lora_alpha = r or 2r, so the adapter barely moves and the loss stays flat near where it started.
+The doctor warns before the first step (``alpha-rank-ratio``), then reports the plateau with that
+scaling as its most likely cause and the fix, ``lora_alpha=32``, in ``config_changes``. Apply it
+and the loss falls:
+
+    python examples/quickstart.py                       # the mistake: the loss stays near 2.6
+    python examples/quickstart.py --set lora_alpha=32   # the doctor's fix: it falls to about 1.1
 
 Usage:
-    python examples/quickstart.py [--output-dir out/quickstart] [--steps 60]
+    python examples/quickstart.py [--output-dir out/quickstart] [--seed 0] [--set FIELD=VALUE ...]
+
+``--set`` changes a field of ``LoraConfig`` or ``TrainingArguments`` (a finding's
+``config_changes``, applied by hand); the value is read as JSON when it parses, else as a string.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -26,91 +39,147 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArgumen
 
 from lora_doctor import LoraDoctorCallback
 
+VOCAB, SEQ_LEN, ALPHABET = 128, 32, 16
 
-class PatternDataset(Dataset):
-    """Token sequences that repeat a random pattern of 4 to 8 tokens: learnable, made up."""
 
-    def __init__(self, n: int, length: int = 32, vocab: int = 256, seed: int = 0) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.rows = []
-        for _ in range(n):
-            period = int(torch.randint(4, 9, (1,), generator=g))
-            pattern = torch.randint(0, vocab, (period,), generator=g)
-            self.rows.append(pattern.repeat(length // period + 1)[:length])
+def chain_language(dialect: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The language's 16 tokens and each one's successor (the same for every run); the dialect
+    gives 8 of them new successors."""
+    g = torch.Generator().manual_seed(1234)
+    tokens = torch.randperm(VOCAB - 1, generator=g)[:ALPHABET] + 1
+    successor = torch.randperm(ALPHABET, generator=g)
+    if dialect:
+        successor[:8] = successor[:8].roll(1)
+    return tokens, successor
+
+
+def sentences(n: int, seed: int, dialect: bool, noise: float = 0.1) -> torch.Tensor:
+    """``n`` sequences: each token is followed by its successor, or by a random token one time in
+    ten (noise the model cannot learn)."""
+    tokens, successor = chain_language(dialect)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.empty(n, SEQ_LEN, dtype=torch.long)
+    idx[:, 0] = torch.randint(ALPHABET, (n,), generator=g)
+    jumps = torch.rand(n, SEQ_LEN, generator=g) < noise
+    random_next = torch.randint(ALPHABET, (n, SEQ_LEN), generator=g)
+    for t in range(1, SEQ_LEN):
+        idx[:, t] = torch.where(jumps[:, t], random_next[:, t], successor[idx[:, t - 1]])
+    return tokens[idx]
+
+
+class Sentences(Dataset):
+    """Sequences of the chain language for the Trainer (each its own label)."""
+
+    def __init__(self, ids: torch.Tensor) -> None:
+        self.ids = ids
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.ids)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        ids = self.rows[i]
-        return {"input_ids": ids, "labels": ids.clone()}
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output-dir", default="out/quickstart")
-    parser.add_argument("--steps", type=int, default=40)
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-
-    torch.manual_seed(0)
+def base_model(seed: int, steps: int = 150) -> LlamaForCausalLM:
+    """A tiny Llama pre-trained on the chain language (full training, a few seconds on a CPU)."""
+    torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=256,
+        vocab_size=VOCAB,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=64,
+        max_position_embeddings=2 * SEQ_LEN,
     )
-    base = LlamaForCausalLM(config)
-    # The deliberate mistake: lora_alpha below r (scaling 0.5). The fix is lora_alpha=16 or 32.
+    model = LlamaForCausalLM(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    data = sentences(16 * steps, seed + 100, dialect=False)
+    for batch in data.split(16):
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model
+
+
+def _changes(pairs: list[str]) -> dict[str, Any]:
+    """``FIELD=VALUE`` pairs as a dict, each value read as JSON when it parses."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set takes FIELD=VALUE, got {pair!r}")
+        try:
+            out[name] = json.loads(text)
+        except json.JSONDecodeError:
+            out[name] = text
+    return out
+
+
+def _split(changes: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The changes for LoraConfig and for TrainingArguments, by their field names."""
+    lora_fields = {f.name for f in dataclasses.fields(LoraConfig)}
+    args_fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    unknown = sorted(set(changes) - lora_fields - args_fields)
+    if unknown:
+        raise SystemExit(f"--set: {unknown} are fields of neither LoraConfig nor TrainingArguments")
+    lora = {k: v for k, v in changes.items() if k in lora_fields}
+    return lora, {k: v for k, v in changes.items() if k not in lora}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--output-dir", default="out/quickstart")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    lora_changes, args_changes = _split(_changes(args.set))
+
+    model = base_model(args.seed)
     lora = LoraConfig(
         r=16,
-        lora_alpha=8,
-        target_modules=[
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ],
+        lora_alpha=1,  # the mistake: lora_alpha / r = 1/16; the usual is lora_alpha = r or 2r
+        target_modules="all-linear",
+        lora_dropout=0.0,
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(base, lora)
-
+    model = get_peft_model(model, dataclasses.replace(lora, **lora_changes))
     training_args = TrainingArguments(
-        output_dir=args.output_dir,
-        max_steps=args.steps,
-        per_device_train_batch_size=8,
-        per_device_eval_batch_size=8,
-        learning_rate=3e-3,
-        logging_steps=5,
-        eval_strategy="steps",
-        eval_steps=20,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
+        **{
+            "output_dir": args.output_dir,
+            "max_steps": 80,
+            "per_device_train_batch_size": 16,
+            "learning_rate": 5e-4,
+            "logging_steps": 5,
+            "save_strategy": "no",
+            "report_to": [],
+            "use_cpu": True,
+            "disable_tqdm": True,
+            "seed": args.seed,
+            **args_changes,
+        }
     )
     trainer = Trainer(
         model=model,
         args=training_args,
-        train_dataset=PatternDataset(256, seed=0),
-        eval_dataset=PatternDataset(32, seed=1),
+        train_dataset=Sentences(sentences(1024, args.seed, dialect=True)),
         callbacks=[LoraDoctorCallback()],
     )
     trainer.train()
 
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     report = Path(args.output_dir) / "lora_doctor.json"
     data = json.loads(report.read_text())
-    print(f"\nThe diagnosis is in {report}: {len(data['findings'])} finding(s)")
+    print(f"\nFinal training loss: {losses[-1]:.3f} (first logged: {losses[0]:.3f})")
+    print(f"The diagnosis is in {report}: {len(data['findings'])} finding(s)")
     for f in data["findings"]:
-        fix = f["recommendation"]["summary"] if f["recommendation"] else "-"
-        print(f"  {f['severity']:7} {f['code']} {f['slug']}: {f['title']}\n          fix: {fix}")
+        rec = f["recommendation"]
+        print(f"  {f['severity']:7} {f['code']} {f['slug']}: {f['title']}")
+        if rec:
+            changes = " ".join(f"{k}={json.dumps(v)}" for k, v in rec["config_changes"].items())
+            print(f"          fix: {rec['summary']}" + (f"  (--set {changes})" if changes else ""))
 
 
 if __name__ == "__main__":

@@ -298,6 +298,16 @@ class DoctorConfig:
         _non_negative,
         "a number >= 0",
     )
+    rank_min_growth: float = _opt(
+        1.1,
+        "Factor by which the learned update's median size must have grown since the first "
+        "spectrum reading before the rank verdicts: an update that has not grown since then is "
+        "stuck where it started (a learning rate of 0, frozen layers), and its spectrum says "
+        "nothing about the rank. Lenient on purpose: a fast update is most of its final size at "
+        "the first reading (planted-rank benchmark, r = 32: 1.1x by 30% of training).",
+        lambda v: _positive(v) and v >= 1,
+        "a number >= 1",
+    )
     rank_stall_window: float = _opt(
         0.25,
         "Share of the steps so far over which the training loss must have stopped improving for "

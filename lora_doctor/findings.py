@@ -154,15 +154,23 @@ class Finding:
         )
 
     def log_line(self) -> str:
-        """The line the logger prints: code, slug, step, title and message."""
+        """The line the logger prints: code, slug, step, title, message and the fix.
+
+        The fix is printed once: its steps, which spell it out, or its summary when it has none
+        (the summary, the gist of the steps, stays in the JSON).
+
+        Example:
+            >>> fix = Recommendation("Set lora_alpha=32", ("Set lora_alpha=32 in LoraConfig",))
+            >>> Finding("LD110", "alpha-rank-ratio", Severity.WARNING, None, "t", "m.", {}, fix).log_line()
+            '[LD110 alpha-rank-ratio]: t. m. Fix: (1) Set lora_alpha=32 in LoraConfig'
+        """
         where = f" at step {self.step}" if self.step is not None else ""
         text = f"[{self.code} {self.slug}]{where}: {self.title}. {self.message}"
-        if self.recommendation is not None:
-            text += f" Fix: {self.recommendation.summary}."
-            if self.recommendation.steps:
-                text += " " + " ".join(
-                    f"({i}) {s}" for i, s in enumerate(self.recommendation.steps, 1)
-                )
+        rec = self.recommendation
+        if rec is not None and rec.steps:
+            text += " Fix: " + " ".join(f"({i}) {s}" for i, s in enumerate(rec.steps, 1))
+        elif rec is not None:
+            text += f" Fix: {rec.summary}."
         return text
 
 

@@ -222,6 +222,7 @@ def facts_from_files(run: RunFiles) -> RunFacts:
     for key in ("logging_steps", "save_steps"):
         value = _int(run.state.get(key))
         setattr(setup, key, value if value > 0 else None)
+    setup.metric_for_best_model = _best_metric_name(run)
     if run.state_path is not None:
         folder = run.state_path.parent
         if _CHECKPOINT.match(folder.name):  # a checkpoint's own state: the run is one folder up
@@ -239,6 +240,26 @@ def facts_from_files(run: RunFiles) -> RunFacts:
         peft_type = str(run.adapter_config.get("peft_type", "LORA")).upper()
         facts.has_lora = True if peft_type in ("LORA", "ADALORA") else None
     return facts
+
+
+def _best_metric_name(run: RunFiles) -> str | None:
+    """The run's ``metric_for_best_model``, which the trainer state does not name: the one
+    evaluation metric logged at ``best_global_step`` with the value ``best_metric``; None when
+    no single one matches (no best model kept, or an older trainer state without the step)."""
+    best, step = run.state.get("best_metric"), run.state.get("best_global_step")
+    if isinstance(best, bool) or not isinstance(best, (int, float)) or not math.isfinite(best):
+        return None
+    names = {
+        key
+        for entry in run.log_history
+        if entry.get("step") == step
+        for key, value in entry.items()
+        if key.startswith("eval_")
+        and isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isclose(value, best, rel_tol=1e-9, abs_tol=1e-12)
+    }
+    return names.pop() if len(names) == 1 else None
 
 
 def replay(doctor: Doctor, entries: Iterable[Mapping[str, Any]]) -> Doctor:

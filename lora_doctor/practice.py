@@ -31,6 +31,7 @@ class LrRange:
             ``high`` runs diverge, spike or stall high.
         typical: the value a fix sets when the run shows no better one.
         assumed: True when the optimizer is not known and AdamW (the Trainer's default) is assumed.
+        full: True for the ranges of full fine-tuning (no LoRA), about ten times lower.
     """
 
     family: str
@@ -38,6 +39,7 @@ class LrRange:
     high: float
     typical: float
     assumed: bool = False
+    full: bool = False
 
     def describe(self) -> str:
         """The range in words, e.g. ``"1e-05 to 0.001 with AdamW"``."""
@@ -45,7 +47,8 @@ class LrRange:
             self.family
         ]
         who = f"{name} (assumed: the optimizer is not known)" if self.assumed else name
-        return f"{self.low:g} to {self.high:g} with {who}"
+        what = " for full fine-tuning" if self.full else ""
+        return f"{self.low:g} to {self.high:g} with {who}{what}"
 
 
 _RANGES = {
@@ -74,16 +77,31 @@ def optimizer_family(optimizer: str | None) -> str | None:
     return None
 
 
-def lr_range(optimizer: str | None) -> LrRange:
+#: Full fine-tuning (every weight trained, no LoRA) runs at about a tenth of LoRA's rates (LoRA
+#: wants about 10x the full fine-tuning rate; full SFT of LLMs with AdamW: 1e-5 to 5e-5).
+_FULL_FACTOR = 0.1
+
+
+def lr_range(optimizer: str | None, *, full: bool = False) -> LrRange:
     """The usual LoRA learning-rate range for ``optimizer`` (AdamW's, marked assumed, when the
-    optimizer is unknown or of no known family).
+    optimizer is unknown or of no known family); with ``full``, that of a full fine-tune.
 
     Example:
         >>> lr_range("adamw_torch").high, lr_range(None).assumed
         (0.001, True)
+        >>> lr_range("adamw_torch", full=True).typical
+        2e-05
     """
     family = optimizer_family(optimizer)
-    if family is None:
-        base = _RANGES["adam"]
-        return LrRange(base.family, base.low, base.high, base.typical, assumed=True)
-    return _RANGES[family]
+    base = _RANGES[family or "adam"]
+    if family is not None and not full:
+        return base
+    scale = _FULL_FACTOR if full else 1.0
+    return LrRange(
+        base.family,
+        float(f"{base.low * scale:.3g}"),
+        float(f"{base.high * scale:.3g}"),
+        float(f"{base.typical * scale:.3g}"),
+        assumed=family is None,
+        full=full,
+    )

@@ -18,7 +18,7 @@ from lora_doctor.checks.rank import (
 )
 from lora_doctor.config import DoctorConfig
 from lora_doctor.diagnosis import reasoning
-from lora_doctor.facts import LayerSpectrum, RunFacts, SpectrumSnapshot
+from lora_doctor.facts import AdapterFacts, LayerSpectrum, RunFacts, SpectrumSnapshot
 from lora_doctor.findings import Finding, Severity
 from lora_doctor.history import History
 
@@ -66,13 +66,21 @@ def _ctx(
     rel: float = 0.05,
     snapshots: int = 2,
     total: int = 0,
+    growth: float = 2.0,
     **config: object,
 ) -> Context:
-    """A run of ``snapshots`` spectrum readings of 8 layers each (of ``total`` layers the model
-    has: 8 when 0), 10 steps apart, the latest at ``step``."""
+    """A run whose ``snapshots`` spectrum readings of 8 layers each (of ``total`` layers the model
+    has: 8 when 0), 10 steps apart, end at ``step`` with singular values ``sv``; the update's size
+    grows ``growth`` times from one reading to the next, up to ``rel`` of the frozen weight."""
     facts = RunFacts(has_lora=True, max_steps=100, lora_params=params, supervised_tokens=tokens)
     facts.spectrum = [
-        _snap(step - 10 * (snapshots - 1 - i), sv, rel, total=total) for i in range(snapshots)
+        _snap(
+            step - 10 * (snapshots - 1 - i),
+            sv,
+            rel * growth ** (i - snapshots + 1),
+            total=total,
+        )
+        for i in range(snapshots)
     ]
     history = History()
     for i, value in enumerate(loss or []):
@@ -94,6 +102,7 @@ SATURATED_CASES = [
     ("data-exceeds-capacity", {"sv": FLAT4, "loss": STALLED, "tokens": 10**6}, True),
     ("too-early", {"sv": FLAT4, "loss": STALLED, "phase": Phase.LOG, "step": 20}, False),
     ("adapter-barely-moved", {"sv": FLAT4, "loss": STALLED, "rel": 1e-6}, False),
+    ("update-not-grown-from-start", {"sv": FLAT4, "loss": STALLED, "growth": 1.05}, False),
     ("loss-unknown", {"sv": FLAT4, "loss": None}, False),
     # a time budget's reading of 8 of 112 layers: too few under the default 16, enough under 8
     ("subset-below-min-layers", {"sv": FLAT4, "loss": STALLED, "total": 112}, False),
@@ -185,6 +194,9 @@ UNDERUSED_CASES = [
     ("barely-moved", {"sv": CLIFF32, "rel": 1e-6}, False),
     ("too-early", {"sv": CLIFF32, "phase": Phase.LOG, "step": 20}, False),
     ("subset-below-min-layers", {"sv": CLIFF32, "total": 112}, False),
+    ("not-grown-from-start", {"sv": CLIFF32, "phase": Phase.LOG, "growth": 1.05}, False),
+    ("not-grown-at-end", {"sv": CLIFF32, "growth": 1.05}, False),
+    ("one-reading-at-end", {"sv": CLIFF32, "snapshots": 1}, True),
 ]
 
 
@@ -199,6 +211,32 @@ def test_rank_underused(kwargs: dict, fires: bool) -> None:
         assert f.recommendation is not None and f.recommendation.config_changes == {"r": 16}
         assert f.evidence["by_kind"]["v_proj"]["used_rank"] == 8
         assert f.evidence["by_kind"]["v_proj"]["cliff_at"] == 8
+        assert f.title.startswith("The LoRA update uses about 8 of its r=32 directions in 8 of 8")
+
+
+def test_rank_underused_title_counts_the_underused_layers() -> None:
+    """Half the layers use 4 of 8 directions, the other half 7: the title gives the 4 of the
+    layers it counts, not the 7 of the fullest kind (a title that says "7 of 8 ... r could be
+    halved" disagrees with itself)."""
+    ctx = _ctx([1.0, 0.9, 0.8, 0.7, 0.01, 0.01, 0.01, 0.01], rank_layer_share=0.5)
+    full = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.01]
+    for lay in ctx.facts.spectrum[-1].layers:
+        if lay.kind in ("up_proj", "down_proj"):
+            lay.singular_values = full
+    (f,) = RankUnderused().run(ctx)
+    assert f.title.startswith("The LoRA update uses about 4 of its r=8 directions in 4 of 8 layers")
+    assert f.evidence["used_rank_underused_layers"] == 4
+    assert "MiB" not in f.message  # 10,000 parameters save far less than a MiB
+    assert f.recommendation is not None and len(f.recommendation.steps) == 1  # the run is over
+
+
+def test_rank_underused_scales_lora_alpha_with_r() -> None:
+    ctx = _ctx(CLIFF32)
+    ctx.facts.adapters = {"default": AdapterFacts(r=32, lora_alpha=64)}
+    (f,) = RankUnderused().run(ctx)
+    assert f.recommendation is not None
+    assert f.recommendation.config_changes == {"r": 16, "lora_alpha": 32}
+    assert f.recommendation.steps[0] == "In the next run set r=16 with lora_alpha=32 in LoraConfig"
 
 
 CAPACITY_CASES = [

@@ -59,7 +59,8 @@ def test_failing_rank_leaves_its_own_report(ranks: Path) -> None:
     died = _died(ranks / "rank1-dies" / "lora_doctor.rank1.json")
     assert died["evidence"]["signature"] == "token-id-past-embedding"
     assert "the tokenizer has 47 tokens but the input embedding has 45 rows" in died["message"]
-    assert "model.resize_token_embeddings(len(tokenizer))" in died["message"]
+    steps = " ".join(died["recommendation"]["steps"])  # the fix is the recommendation's
+    assert "model.resize_token_embeddings(len(tokenizer))" in steps
     assert died["step"] == 1
 
 

@@ -92,6 +92,13 @@ def report(out: Path) -> dict[str, Any]:
     return data
 
 
+def told(finding: dict[str, Any]) -> str:
+    """What the finding tells the user: its message, then its fix (summary and steps), where a
+    remedy the recommendation spells out now stands (the message no longer repeats it)."""
+    rec = finding["recommendation"] or {}
+    return " ".join([finding["message"], rec.get("summary", ""), *rec.get("steps", [])])
+
+
 def died(out: Path) -> dict[str, Any]:
     data = report(out)
     assert "training-stopped-early" not in {f["slug"] for f in data["findings"]}
@@ -250,7 +257,7 @@ REAL = {
         "_engine_run_backward",
         "no-trainable-parameters",
         "no parameter of the model requires grad (0 trainable)",
-        "PeftModel.from_pretrained(base, path, is_trainable=True)",
+        "PeftModel.from_pretrained(base_model, adapter_path, is_trainable=True)",
     ),
     "fp16-trainable-weights": Real(
         fp16_weights,
@@ -259,7 +266,7 @@ REAL = {
         "_unscale_grads_",
         "fp16-trainable-weights",
         "trainable tensors are float16 (e.g. base_model.model.model.layers.0.self_attn.q_proj",
-        "Cast the trainable parameters to float32 before training, or train with bf16=True",
+        "Cast the trainable parameters to float32 after get_peft_model",
         {"fp16": False, "bf16": True},
     ),
     "dtype-mismatch": Real(
@@ -269,7 +276,7 @@ REAL = {
         "forward",
         "dtype-mismatch",
         "training runs without autocast (fp16=False, bf16=False)",
-        "Train with autocast (bf16=True in TrainingArguments)",
+        "TrainingArguments(bf16=True): autocast runs each matrix product in one dtype",
         {"bf16": True, "fp16": False},
     ),
     "labels-not-padded": Real(
@@ -305,7 +312,7 @@ def test_real_crash_is_diagnosed_and_propagates(tmp_path: Path, case: Real) -> N
     assert (finding["code"], finding["severity"], finding["step"]) == ("LD501", "error", 1)
     assert finding["evidence"]["signature"] == case.signature
     assert case.fact in finding["message"]
-    assert case.fix in finding["message"]
+    assert case.fix in told(finding)
     assert finding["recommendation"]["config_changes"] == case.changes
 
 
@@ -470,7 +477,7 @@ def test_library_error_through_the_guard(tmp_path: Path, case: Raised) -> None:
     assert finding["evidence"]["signature"] == case.signature
     assert finding["step"] == case.step
     for text in case.text:
-        assert text in finding["message"]
+        assert text in told(finding)
     if case.signature is None:
         assert finding["recommendation"] is None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -60,3 +61,38 @@ def test_custom_loop_example(tmp_path: Path, lr: str, plateau: bool) -> None:
     found = _findings(tmp_path / "lora_doctor.json")
     assert ("loss-plateau" in found) is plateau
     assert "The diagnosis is in" in done.stdout
+
+
+def _quickstart(out: Path, *changes: str) -> tuple[dict[str, dict], float]:
+    """Runs examples/quickstart.py; returns its findings by slug and its final training loss."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "quickstart.py"), "--output-dir", str(out)]
+        + (["--set", *changes] if changes else []),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},  # a tiny model: threads only contend
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    final = re.search(r"Final training loss: ([\d.]+)", done.stdout)
+    assert final, done.stdout
+    return _findings(out / "lora_doctor.json"), float(final.group(1))
+
+
+@pytest.mark.slow
+def test_quickstart_mistake_is_named_and_the_doctors_fix_removes_it(tmp_path: Path) -> None:
+    """The quickstart's mistake (lora_alpha=1 at r=16) stalls its loss; the doctor names it as the
+    plateau's most likely cause, and its config_changes, applied as they are, make the loss fall."""
+    found, stalled = _quickstart(tmp_path / "mistake")
+    assert found["alpha-rank-ratio"]["severity"] == "warning"
+    plateau = found["loss-plateau"]
+    top = plateau["evidence"]["causes"][0]
+    assert (top["cause"], top["verdict"]) == ("alpha-too-small", "supported")
+    assert "Most likely cause: alpha scales the update down" in plateau["message"]
+    changes = plateau["recommendation"]["config_changes"]
+    assert changes == {"lora_alpha": 32}
+    fixed_found, fixed = _quickstart(
+        tmp_path / "fixed", *(f"{k}={json.dumps(v)}" for k, v in changes.items())
+    )
+    assert fixed < 0.6 * stalled, (fixed, stalled)
+    assert not {f for f, v in fixed_found.items() if v["severity"] != "info"}, fixed_found

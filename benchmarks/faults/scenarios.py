@@ -240,6 +240,47 @@ def overfit(spec: Spec) -> Outcome:
     return outcome
 
 
+def _dialect(spec: Spec, alpha: float) -> Outcome:
+    """LoRA r 16 with ``alpha`` on a pre-trained base learning the chain language's dialect
+    (:func:`tasks.pretrained_model`), at learning rate 5e-4, inside LoRA's usual range."""
+    model = get_peft_model(
+        tasks.pretrained_model(spec.arch, spec.seed), _lora(spec, r=16, alpha=alpha)
+    )
+    return train(spec, model, tasks.chain_data(1024, spec.seed, dialect=True), learning_rate=5e-4)
+
+
+def alpha_far_too_small(spec: Spec) -> Outcome:
+    """lora_alpha=1 (loralib's default) at r 16 on a pre-trained base: the update is scaled by
+    1/16, the adapter barely moves and the loss stays flat far below chance (the quickstart's
+    mistake)."""
+    return _dialect(spec, alpha=1)
+
+
+def healthy_pretrained(spec: Spec) -> Outcome:
+    """The same pre-trained base and dialect with lora_alpha 32 (scaling 2): the loss falls from
+    about 2.6 to about 1.1."""
+    return _dialect(spec, alpha=32)
+
+
+def full_fine_tune_overfit(spec: Spec) -> Outcome:
+    """A full fine-tune (no LoRA) on 8 sequences with half their tokens random, 100 epochs,
+    evaluated every 5 steps: the model memorises the noise while the validation loss climbs; the
+    fixes must be full fine-tuning's (weight decay, a lower learning rate), never r or
+    lora_dropout."""
+    outcome = train(
+        spec,
+        tasks.tiny_model(spec.arch, spec.seed),
+        tasks.chain_data(8, spec.seed, noise=0.5),
+        eval_data=tasks.chain_data(128, spec.seed + 10_000, noise=0.5),
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        eval_strategy="steps",
+        eval_steps=5,
+    )
+    outcome.onset = _step_of_min(outcome, "eval_loss")
+    return outcome
+
+
 def labels_masked(spec: Spec) -> Outcome:
     """Every label is -100 (a collator or template that masks the whole sequence as prompt)."""
     data = _data(spec)
@@ -384,6 +425,14 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("healthy-resume", "healthy", healthy_resume.__doc__ or "", (), (ANY,), healthy_resume),
     Scenario("healthy-rank", "healthy", healthy_rank.__doc__ or "", (), (ANY,), healthy_rank),
     Scenario(
+        "healthy-pretrained",
+        "healthy",
+        healthy_pretrained.__doc__ or "",
+        (),
+        (ANY,),
+        healthy_pretrained,
+    ),
+    Scenario(
         "alpha-not-scaled",
         "r changed without alpha",
         alpha_not_scaled.__doc__ or "",
@@ -467,6 +516,23 @@ SCENARIOS: tuple[Scenario, ...] = (
         ("overfit",),
         ("loss-plateau", *_WRONG_CAUSE),
         overfit,
+    ),
+    Scenario(
+        "full-ft-overfit",
+        "full fine-tune overfits",
+        full_fine_tune_overfit.__doc__ or "",
+        ("overfit",),
+        ("loss-plateau", *_WRONG_CAUSE),
+        full_fine_tune_overfit,
+    ),
+    Scenario(
+        "alpha-far-too-small",
+        "lora_alpha far below r (pre-trained base)",
+        alpha_far_too_small.__doc__ or "",
+        ("alpha-rank-ratio", "loss-plateau"),
+        ("rank-saturated", *_WRONG_CAUSE),
+        alpha_far_too_small,
+        cause="alpha-too-small",
     ),
     Scenario(
         "labels-masked",

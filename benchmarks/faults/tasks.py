@@ -11,6 +11,12 @@ in which each token is followed by a fixed successor with probability ``1 - nois
 token otherwise. It has structure to learn (the successor table) and noise to memorise (overfit).
 The classification task labels a sequence by whether its last token lies in the lower half of the
 vocabulary (the classifier reads the last position, so even a frozen body lets the head learn).
+
+A pre-trained base (:func:`pretrained_model`) is the tiny model trained fully on the chain
+language for a few seconds, so that, like a real base model, it already knows something; its
+fine-tuning task is a dialect (``chain_data(..., dialect=True)``) in which 8 of the 16 tokens have
+new successors. A LoRA run on it starts far below chance (about 2.6 against ln 128 = 4.85) and
+has something new to learn.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ __all__ = [
     "char_tokenizer",
     "class_data",
     "lora_targets",
+    "pretrained_model",
     "random_data",
     "tiny_model",
 ]
@@ -110,8 +117,9 @@ def _lm_example(tokens: torch.Tensor) -> Example:
     }
 
 
-def chain_data(n: int, seed: int, *, noise: float = 0.1) -> list[Example]:
-    """``n`` sequences of the noisy chain language (see the module docstring).
+def chain_data(n: int, seed: int, *, noise: float = 0.1, dialect: bool = False) -> list[Example]:
+    """``n`` sequences of the noisy chain language (see the module docstring); with ``dialect``,
+    of its dialect, in which 8 of the 16 tokens have new successors.
 
     Example:
         >>> chain_data(2, 0)[0]["input_ids"].shape
@@ -120,6 +128,8 @@ def chain_data(n: int, seed: int, *, noise: float = 0.1) -> list[Example]:
     g = torch.Generator().manual_seed(_TASK_SEED)
     alphabet = torch.randperm(VOCAB - 1, generator=g)[:_CHAIN_TOKENS] + 1  # token 0 is padding
     successor = torch.randperm(_CHAIN_TOKENS, generator=g)
+    if dialect:
+        successor[:_DIALECT] = successor[:_DIALECT].roll(1)
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
@@ -131,6 +141,28 @@ def chain_data(n: int, seed: int, *, noise: float = 0.1) -> list[Example]:
             idx[t] = random_next[t] if jumps[t] else successor[idx[t - 1]]
         out.append(_lm_example(alphabet[idx]))
     return out
+
+
+_DIALECT = 8  # tokens whose successor the dialect changes
+_PRETRAIN_STEPS, _PRETRAIN_BATCH, _PRETRAIN_LR = 150, 16, 3e-3
+
+
+def pretrained_model(arch: str, seed: int) -> PreTrainedModel:
+    """:func:`tiny_model` trained fully on the chain language (150 steps of 16 sequences at
+    learning rate 3e-3 with AdamW, a few seconds on a CPU): a base model that knows something.
+
+    Example:
+        >>> base = pretrained_model("gpt2", 0)  # doctest: +SKIP
+    """
+    model = tiny_model(arch, seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=_PRETRAIN_LR)
+    data = chain_data(_PRETRAIN_STEPS * _PRETRAIN_BATCH, seed + 20_000)
+    for start in range(0, len(data), _PRETRAIN_BATCH):
+        ids = torch.stack([e["input_ids"] for e in data[start : start + _PRETRAIN_BATCH]])
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model
 
 
 def random_data(n: int, seed: int) -> list[Example]:

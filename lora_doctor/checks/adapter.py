@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 from lora_doctor.checks.base import Check, Context, Phase
 from lora_doctor.checks.ecosystem import is_online_rl_run
-from lora_doctor.facts import LayerFacts
+from lora_doctor.facts import LayerFacts, RunFacts
 from lora_doctor.findings import Finding, Recommendation, Severity
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "LoraParamBudget",
     "NoLoraAdapter",
     "NoTrainableParams",
+    "all_linear_fix",
     "is_attention_module",
 ]
 
@@ -160,10 +161,9 @@ class AlphaRankRatio(Check):
         )
         message = (
             f"{formula} = {_fmt(scale)} (r={first.r}, lora_alpha={_fmt(first.lora_alpha)}) in {where}, "
-            f"{direction}. The usual choice is lora_alpha = r or 2r, which keeps the effective "
-            f"learning rate the same whatever r is. Set lora_alpha={_fmt(a1)} (scaling 1) or "
-            f"{_fmt(a2)} (scaling 2), or silence with DoctorConfig(ignore={{'alpha-rank-ratio'}}) "
-            f"if the scaling is deliberate (QLoRA used r 64 with alpha 16)."
+            f"{direction}. The usual choice is a scaling of 1 to 2 (lora_alpha = r or 2r), which "
+            "keeps the effective learning rate the same whatever r is; a deliberate scaling off "
+            "the rule can train well (QLoRA used r 64 with alpha 16)."
         )
         if not uniform:
             message += " Scalings differ between layers: " + ", ".join(
@@ -184,10 +184,13 @@ class AlphaRankRatio(Check):
                 "expected_scaling": [ctx.config.scaling_low, ctx.config.scaling_high],
             },
             recommendation=Recommendation(
-                summary=f"Set lora_alpha={_fmt(a2)} (2r) or {_fmt(a1)} (r) for r={first.r}",
+                summary=f"Set lora_alpha={_fmt(a2)} (scaling 2) or {_fmt(a1)} (scaling 1) for "
+                f"r={first.r}",
                 steps=(
                     f"Set lora_alpha={_fmt(a2)} in LoraConfig (or {_fmt(a1)} for scaling 1)",
                     "When you change r later, change lora_alpha with it",
+                    "If the scaling is deliberate, silence this with "
+                    "DoctorConfig(ignore={'alpha-rank-ratio'})",
                 ),
                 config_changes={"lora_alpha": _num(a2)},
             ),
@@ -387,8 +390,7 @@ class LoraParamBudget(Check):
             f"LoRA parameters are {_pct(share)} of the base model (adapter '{adapter}')",
             f"Adapter '{adapter}' has {count:,} LoRA parameters, {_pct(share)} of the base "
             f"model's {base:,} (expected {_pct(cfg.budget_low)} to {_pct(cfg.budget_high)}; a 7B "
-            f"model at r 16 on all linear layers has about 40M, 0.6%): {why}. {fix}, or silence "
-            "with DoctorConfig(ignore={'lora-param-budget'}) if the size is deliberate." + note,
+            f"model at r 16 on all linear layers has about 40M, 0.6%): {why}." + note,
             evidence={
                 "adapter": adapter,
                 "lora_params": count,
@@ -399,7 +401,12 @@ class LoraParamBudget(Check):
             },
             recommendation=Recommendation(
                 summary=summary,
-                steps=(fix, "Restart training from step 0: a new rank changes the adapter shapes"),
+                steps=(
+                    fix,
+                    "Restart training from step 0: a new rank changes the adapter shapes",
+                    "If the size is deliberate, silence this with "
+                    "DoctorConfig(ignore={'lora-param-budget'})",
+                ),
                 config_changes=changes,
                 restart_from_scratch=bool(changes),
             ),
@@ -449,6 +456,51 @@ def is_attention_module(path: str) -> bool:
     return any("attn" in p or "attention" in p for p in parts[:-1])
 
 
+def all_linear_fix(facts: RunFacts) -> Recommendation:
+    """The fix for adapters on attention only, in the model's own module names.
+
+    The model's linear module kinds (``facts.setup.module_kinds``, read live) become the new
+    ``target_modules`` and the fix names the ones it adds (GPT-2: ``c_proj``, ``c_fc``; Llama:
+    ``gate_proj``, ``up_proj``, ``down_proj`` and the attention projections not yet targeted);
+    where they are not known (offline), peft's ``'all-linear'``, which resolves to them on any
+    model.
+
+    Example:
+        >>> from lora_doctor.facts import AdapterFacts, SetupFacts
+        >>> gpt2 = RunFacts(
+        ...     adapters={"default": AdapterFacts(target_modules=["c_attn"])},
+        ...     setup=SetupFacts(module_kinds=["c_attn", "c_proj", "c_fc"]),
+        ... )
+        >>> fix = all_linear_fix(gpt2)
+        >>> fix.config_changes, fix.steps[0]
+        ({'target_modules': ['c_attn', 'c_proj', 'c_fc']}, "Set target_modules=['c_attn', 'c_proj', 'c_fc'] in LoraConfig (every linear layer of this model; adds c_proj, c_fc), with more memory as the cost")
+    """
+    kinds = list(facts.setup.module_kinds)
+    targeted = {lf.name.rsplit(".", 1)[-1] for lf in facts.layers} | {
+        t
+        for a in facts.adapters.values()
+        if isinstance(a.target_modules, list)
+        for t in a.target_modules
+    }
+    added = [k for k in kinds if k not in targeted]
+    mlp = [k for k in added if not is_attention_module(k)]
+    targets: str | list[str] = kinds if mlp else "all-linear"
+    what = (
+        f"every linear layer of this model; adds {', '.join(added)}"
+        if added
+        else "every linear layer but the output head"
+    )
+    return Recommendation(
+        summary=f"Target every linear layer: target_modules={targets!r}",
+        steps=(
+            f"Set target_modules={targets!r} in LoraConfig ({what}), with more memory as the cost",
+            "Restart training from step 0: new target modules mean new adapter layers",
+        ),
+        config_changes={"target_modules": targets},
+        restart_from_scratch=True,
+    )
+
+
 class AttentionOnlyTargets(Check):
     """Adapters only on attention projections.
 
@@ -486,20 +538,9 @@ class AttentionOnlyTargets(Check):
             f"Adapter '{adapter}' adapts {len(names)} modules, all attention projections "
             f"({', '.join(leaves)}); the MLP layers, most of the model's weights, stay as they are. "
             "QLoRA found that LoRA matches full fine-tuning only on all linear layers, and "
-            "attention-only adapters are a common cause of an early loss plateau. Set "
-            "target_modules='all-linear' (or add the MLP projections, e.g. gate_proj, up_proj, "
-            "down_proj), with more memory as the cost.",
+            "attention-only adapters are a common cause of an early loss plateau.",
             evidence={"adapter": adapter, "targets": leaves, "modules": len(names)},
-            recommendation=Recommendation(
-                summary="Target all linear layers: target_modules='all-linear'",
-                steps=(
-                    "Set target_modules='all-linear' in LoraConfig (or list the MLP projections "
-                    "too)",
-                    "Restart training from step 0: new target modules mean new adapter layers",
-                ),
-                config_changes={"target_modules": "all-linear"},
-                restart_from_scratch=True,
-            ),
+            recommendation=all_linear_fix(ctx.facts),
         )
 
     def dedup_key(self, finding: Finding) -> str:
@@ -553,8 +594,8 @@ class CustomInit(Check):
                     f"Adapter '{name}' uses init_lora_weights=False: A and B start random",
                     f"init_lora_weights=False leaves adapter '{name}' with random A and B, so the "
                     "model's outputs change before the first step and training starts from a "
-                    "damaged model; peft meant this for debugging. Remove init_lora_weights (the "
-                    "default, True, starts B at zero).",
+                    "damaged model; peft meant this for debugging (the default, True, starts B at "
+                    "zero).",
                     evidence={"adapter": name, "init_lora_weights": False},
                     recommendation=Recommendation(
                         summary="Use the default init: init_lora_weights=True",
@@ -611,9 +652,7 @@ class BaseWeightsTrainable(Check):
             f"values, {_pct(share)} of the base)",
             f"Base-model parameters have requires_grad=True ({_names(names)}) although LoRA "
             f"should leave the base frozen: {facts.trainable_base_params:,} values train at full size, with gradients and optimizer state in memory, and "
-            "save_pretrained does not save them, so their training is lost. If you mean to train "
-            "these modules fully, list them in LoraConfig(modules_to_save=[...]); otherwise do not "
-            "set requires_grad=True on base parameters after get_peft_model.",
+            "save_pretrained does not save them, so their training is lost.",
             evidence={
                 "parameters": names,
                 "modules": modules,
@@ -657,8 +696,7 @@ class AdapterShape(Check):
                 f"{lf.name} ({lf.adapter}): {why}"
                 + (f"; also {_names([w.name for w, _ in wrong[1:]])}" if len(wrong) > 1 else "")
                 + ". The adapter then does not compute the update LoRA intends (often a checkpoint "
-                "saved with another rank or for another model). Re-create the adapter with "
-                "get_peft_model on this base model, or load the checkpoint that matches it.",
+                "saved with another rank or for another model).",
                 evidence={
                     "layers": [
                         {"name": w.name, "adapter": w.adapter, "problem": p} for w, p in wrong
@@ -668,7 +706,8 @@ class AdapterShape(Check):
                     summary="Re-create the adapter for this base model and restart",
                     steps=(
                         "Stop training",
-                        "Build the adapter with get_peft_model(base, LoraConfig(...)) on this base",
+                        "Build the adapter with get_peft_model(base, LoraConfig(...)) on this "
+                        "base, or load the checkpoint saved for it",
                         "Never resume a checkpoint saved with another rank",
                     ),
                     restart_from_scratch=True,
@@ -686,9 +725,7 @@ class AdapterShape(Check):
                 f"In {_n(len(full), 'layer')} (e.g. {lf.name}: r={lf.r}, d_in={d_in}, d_out={d_out}) "
                 "the rank is at least the smaller side of the matrix, so A and B hold "
                 f"{lf.r * (d_in + d_out):,} parameters for a {d_in * d_out:,}-parameter matrix: a "
-                "full-size update where a low-rank pair belongs, with none of LoRA's savings. "
-                "Lower r well below min(d_in, d_out), or train the module fully through "
-                "modules_to_save.",
+                "full-size update where a low-rank pair belongs, with none of LoRA's savings.",
                 evidence={
                     "layers": [
                         {"name": f.name, "adapter": f.adapter, "r": f.r, "d_in": i, "d_out": o}
@@ -699,6 +736,7 @@ class AdapterShape(Check):
                     summary=f"Lower r below {min(d_in, d_out)} for these layers",
                     steps=(
                         "Set a smaller r (or a rank_pattern entry for these layers) and restart",
+                        "Or train these modules fully: list them in modules_to_save instead",
                     ),
                     restart_from_scratch=True,
                 ),

@@ -181,6 +181,17 @@ class Context:
         """The run's planned length in steps: ``max_steps``, or the steps seen so far."""
         return float(self.facts.max_steps or max(self.step, self.history.last_step, 1))
 
+    @property
+    def steps_left(self) -> int | None:
+        """Optimizer steps the run still has to go: 0 at the end and offline (a saved run is
+        over), None when its plan is unknown. A fix says "stop training" or "the remaining steps
+        are wasted" only when steps remain."""
+        if self.phase is Phase.END or self.facts.saved_global_step is not None:
+            return 0
+        if not self.facts.max_steps:
+            return None
+        return max(self.facts.max_steps - self.step, 0)
+
 
 class Check:
     """Base class of every check.

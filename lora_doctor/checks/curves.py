@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from lora_doctor.advice import go_back
 from lora_doctor.checks.base import Cadence, Check, Context, Phase, Read, Reads, finite
 from lora_doctor.config import DoctorConfig
 from lora_doctor.findings import Finding, Recommendation, Severity
@@ -31,6 +32,7 @@ __all__ = [
     "NonFiniteValues",
     "Overfit",
     "OverfitState",
+    "OwnMetric",
     "RlRun",
     "Trend",
     "ZeroLoss",
@@ -46,6 +48,13 @@ LOSS, EVAL_LOSS, GRAD_NORM = "loss", "eval_loss", "grad_norm"
 
 def _fmt(x: float) -> str:
     return f"{x:.3g}"
+
+
+def _learner(ctx: Context) -> str:
+    """What learns: "the adapter" in a run known to train LoRA, else "the model"."""
+    facts = ctx.facts
+    lora = facts.has_lora is True or (facts.has_lora is None and (facts.adapters or facts.layers))
+    return "the adapter" if lora else "the model"
 
 
 def _windows(a: np.ndarray, width: int) -> np.ndarray:
@@ -136,12 +145,17 @@ class NonFiniteValues(Check):
 
     def _finding(self, ctx: Context, key: str, step: int, value: float) -> Finding:
         is_grad = key == GRAD_NORM
+        running = ctx.steps_left != 0
+        later = running or ctx.history.last_step > step
+        precision = ctx.facts.setup.precision
         if not is_grad:
-            why = "the weights are or will soon be NaN, and every later step is wasted"
-        elif ctx.facts.setup.precision in ("bf16", "fp32"):
+            why = "the weights are or will soon be NaN" + (
+                ", and every later step is wasted" if later else ""
+            )
+        elif precision in ("bf16", "fp32"):  # no loss scaler to skip the step
             why = (
-                f"in {ctx.facts.setup.precision} no loss scaler skips such a step, so the "
-                "optimizer writes the non-finite gradient into the weights"
+                f"the gradient is not finite, and in {precision} no loss scaler skips the step: "
+                "its update carries the NaN into the weights"
             )
         else:
             why = (
@@ -156,8 +170,10 @@ class NonFiniteValues(Check):
             recommendation=None
             if is_grad
             else Recommendation(
-                summary="Stop training and remove the cause of the NaN",
-                steps=("Stop training: steps after a NaN loss train nothing",),
+                summary="Stop training and remove the cause of the NaN"
+                if running
+                else "Remove the cause of the NaN before training again",
+                steps=("Stop training: steps after a NaN loss train nothing",) if running else (),
             ),
             severity=Severity.WARNING if is_grad else Severity.ERROR,
             step=step,
@@ -348,6 +364,14 @@ class LossDivergence(Check):
             yield self._finding(ctx, verdict)
 
     def _finding(self, ctx: Context, v: Divergence) -> Finding:
+        back = go_back(ctx.facts, v.best_step, "the lowest loss")
+        running = ctx.steps_left != 0
+        if back.step is not None:
+            summary = f"Go back to checkpoint-{back.step}, before the loss climbed"
+        elif back.known:
+            summary = f"Restart from step 0: no checkpoint was saved before step {v.best_step}"
+        else:
+            summary = f"Go back to a checkpoint saved before step {v.best_step}"
         return self.finding(
             ctx,
             f"Training loss diverged: {_fmt(v.level)} against a best of {_fmt(v.best)}",
@@ -361,12 +385,19 @@ class LossDivergence(Check):
                 "best_step": v.best_step,
                 "initial": v.first,
                 "drop_before": v.drop,
+                "checkpoint": back.step,
             },
             recommendation=Recommendation(
-                summary=f"Stop and go back to before step {v.best_step}",
+                summary=("Stop and " + summary[0].lower() + summary[1:]) if running else summary,
                 steps=(
-                    "Stop training: the steps since the best loss are undoing what it learned",
-                    f"Keep the last checkpoint saved before step {v.best_step}, or restart",
+                    *(
+                        (
+                            "Stop training: the steps since the best loss are undoing what it learned",
+                        )
+                        if running
+                        else ()
+                    ),
+                    back.text,
                 ),
             ),
             step=v.step,
@@ -549,9 +580,14 @@ class Overfit(Check):
     stopping). Established when the last ``overfit_patience`` evaluations are all above the best by
     ``overfit_min_rise`` (relative) and ``overfit_min_abs_rise`` (absolute: a run whose train and
     eval losses are both tiny and flat is not overfitting), while the training loss since the best
-    evaluation is lower than before it. Fixes follow practice for LoRA (DESIGN.md section 3): the
-    best checkpoint first, then fewer epochs, then a smaller r, dropout and weight decay. Judging
-    costs constant time per evaluation (a running best and the last ``overfit_patience`` values).
+    evaluation is lower than before it. Fixes follow practice (DESIGN.md section 3): the best
+    checkpoint first (one that was saved: :func:`lora_doctor.advice.go_back`), then a shorter run,
+    then for LoRA a smaller r, dropout and weight decay, for a full fine-tune weight decay and a
+    lower learning rate. A run that keeps its best model by another metric
+    (``metric_for_best_model``, e.g. accuracy) is judged by it too: while that metric still
+    improves, the rising loss is information (over-confidence on the examples it gets wrong), not
+    a rollback; once it has peaked, the rollback goes to its best. Judging costs constant time per
+    evaluation (a running best and the last ``overfit_patience`` values).
     """
 
     code, slug, severity = "LD202", "overfit", Severity.WARNING
@@ -575,7 +611,10 @@ class Overfit(Check):
                 break
 
     def dedup_key(self, finding: Finding) -> Hashable:
-        return str(finding.evidence.get("key", EVAL_LOSS))
+        key = str(finding.evidence.get("key", EVAL_LOSS))
+        # the nuanced report (the run's own metric still improves) does not silence the plain one
+        # once that metric stops improving too
+        return (key, finding.severity.value)
 
     def _finding(
         self, ctx: Context, key: str, track: EvalTrack, then: float, now: float
@@ -583,20 +622,34 @@ class Overfit(Check):
         cfg = ctx.config
         best, best_step, last = track.best, int(track.best_step), track.last
         since = track.n - 1 - track.best_i
-        epoch = _value_at(ctx, "epoch", best_step)
-        steps, changes = _overfit_fixes(ctx, key, best_step, epoch)
+        own = _own_metric(ctx, key, best_step)
+        if own is not None and own.improving:
+            return self._still_improving(ctx, key, track, own)
+        target = own.best_step if own is not None else best_step
+        epoch = _value_at(ctx, "epoch", target)
+        steps, changes, summary = _overfit_fixes(ctx, key, target, epoch, own)
         train_text = (
             f", while the training loss kept falling ({_fmt(then)} -> {_fmt(now)})"
             if math.isfinite(then)
             else ""
+        )
+        own_text = (
+            f" {own.key}, the metric this run keeps its best model by (metric_for_best_model), "
+            f"was best at step {own.best_step} ({_fmt(own.best)}) and is now {_fmt(own.last)}."
+            if own is not None
+            else ""
+        )
+        worse = (
+            " Every further step makes it worse on new data."
+            if ctx.steps_left != 0
+            else f" The steps after step {target} made it worse on new data."
         )
         return self.finding(
             ctx,
             f"{key} rose from {_fmt(best)} (step {best_step}) to {_fmt(last)} over {since} evaluations",
             f"The {key} has been above its best ({_fmt(best)} at step {best_step}) for the last "
             f"{cfg.overfit_patience} evaluations, now {_fmt(last)} (+{_fmt(100 * (last / best - 1) if best > 0 else math.inf)}%)"
-            f"{train_text}: the adapter is memorising the training set. Every further step makes "
-            "the model worse on new data. Use the checkpoint of the best evaluation.",
+            f"{train_text}: {_learner(ctx)} is memorising the training set.{own_text}{worse}",
             evidence={
                 "key": key,
                 "best_eval_loss": best,
@@ -607,23 +660,122 @@ class Overfit(Check):
                 "train_loss_now": now,
                 "best_epoch": epoch,
                 "train_examples": ctx.facts.train_examples,
+                **(own.evidence() if own is not None else {}),
             },
             recommendation=Recommendation(
-                summary=f"Use the checkpoint of step {best_step} and stop earlier (early stopping)",
-                steps=tuple(steps),
-                config_changes=changes,
+                summary=summary, steps=tuple(steps), config_changes=changes
             ),
         )
 
+    def _still_improving(self, ctx: Context, key: str, track: EvalTrack, own: OwnMetric) -> Finding:
+        """The eval loss rises while the metric the run keeps its best model by still improves:
+        information, not a rollback."""
+        best, best_step, last = track.best, int(track.best_step), track.last
+        name = own.key.removeprefix("eval_")
+        return self.finding(
+            ctx,
+            f"{key} rose from {_fmt(best)} (step {best_step}) to {_fmt(last)}, but {own.key} "
+            f"still improves ({_fmt(own.best)} at step {own.best_step})",
+            f"The {key} has been above its best ({_fmt(best)} at step {best_step}) for the last "
+            f"{ctx.config.overfit_patience} evaluations, now {_fmt(last)}, but {own.key}, the "
+            "metric this run keeps its best model by (metric_for_best_model), reached its best "
+            f"({_fmt(own.best)}) at step {own.best_step}, after the loss turned. By the run's own "
+            "measure the model still gets better: a loss that rises while that metric improves "
+            "usually means over-confident predictions on the examples it gets wrong, which "
+            "matters only where the probabilities themselves are used. No reason to roll back "
+            f"yet; it is overfitting once {own.key} stops improving too.",
+            evidence={
+                "key": key,
+                "best_eval_loss": best,
+                "best_step": best_step,
+                "eval_loss": last,
+                **own.evidence(),
+            },
+            recommendation=Recommendation(
+                summary=f"Keep training while {own.key} improves, and keep the best checkpoint "
+                "by it",
+                steps=(
+                    f"Keep load_best_model_at_end=True with metric_for_best_model='{name}', so the "
+                    "checkpoint kept is the best by your metric",
+                    f"Add EarlyStoppingCallback(early_stopping_patience="
+                    f"{ctx.config.overfit_patience}) to stop once {own.key} stops improving",
+                ),
+                config_changes={"load_best_model_at_end": True, "metric_for_best_model": name},
+            ),
+            severity=Severity.INFO,
+        )
+
+
+@dataclass(frozen=True)
+class OwnMetric:
+    """The metric a run keeps its best model by (``metric_for_best_model``), as logged.
+
+    Attributes:
+        key: its logged name (``eval_accuracy``).
+        greater_is_better: its direction.
+        best, best_step: its best value so far and the evaluation step of it.
+        last: its latest value.
+        improving: its best came after the eval loss's best, within the last
+            ``overfit_patience`` evaluations: by the run's own measure the model still improves.
+    """
+
+    key: str
+    greater_is_better: bool
+    best: float
+    best_step: int
+    last: float
+    improving: bool
+
+    def evidence(self) -> dict[str, object]:
+        return {
+            "metric_for_best_model": self.key,
+            "greater_is_better": self.greater_is_better,
+            "metric_best": self.best,
+            "metric_best_step": self.best_step,
+            "metric_now": self.last,
+            "metric_improving": self.improving,
+        }
+
+
+def _own_metric(ctx: Context, key: str, loss_best_step: int) -> OwnMetric | None:
+    """The run's ``metric_for_best_model`` as logged (None when the run names none, names the
+    loss being judged, or has not logged it). Its direction is ``greater_is_better``, else the
+    Trainer's default: higher is better unless the name ends in "loss"."""
+    setup = ctx.facts.setup
+    name = setup.metric_for_best_model
+    if not name:
+        return None
+    metric = name if name.startswith("eval_") else f"eval_{name}"
+    if metric == key:
+        return None
+    steps, values = finite(*ctx.history.points(metric))
+    if not len(values):
+        return None
+    greater = (
+        setup.greater_is_better
+        if setup.greater_is_better is not None
+        else not metric.endswith("loss")
+    )
+    i = int(np.argmax(values) if greater else np.argmin(values))  # the first best, as the Trainer
+    recent = steps[-ctx.config.overfit_patience :]
+    improving = bool(steps[i] > loss_best_step and steps[i] >= recent[0])
+    return OwnMetric(metric, greater, float(values[i]), int(steps[i]), float(values[-1]), improving)
+
 
 def _overfit_fixes(
-    ctx: Context, key: str, best_step: int, epoch: float | None
-) -> tuple[list[str], dict[str, object]]:
-    """The overfit fixes in order (best checkpoint, fewer epochs, smaller r, dropout, weight
-    decay) with their config changes."""
+    ctx: Context, key: str, best_step: int, epoch: float | None, own: OwnMetric | None
+) -> tuple[list[str], dict[str, object], str]:
+    """The overfit fixes in order, with their config changes and the summary: back to the best
+    checkpoint, keep the best checkpoint and stop early, a shorter run; then for LoRA a smaller r,
+    dropout and (small datasets) weight decay; for a full fine-tune weight decay and a lower
+    learning rate (DESIGN.md section 3, "Overfit")."""
     cfg, facts = ctx.config, ctx.facts
-    metric = key.removeprefix("eval_")  # the Trainer adds the prefix back
+    back = go_back(facts, best_step, "the best evaluation")
+    # the metric the best checkpoint is chosen by: the run's own, else the loss that rose (the
+    # Trainer adds the "eval_" prefix back)
+    metric = (own.key if own is not None else key).removeprefix("eval_")
     steps = [
+        back.text,
         "Keep the best checkpoint: load_best_model_at_end=True, "
         f"metric_for_best_model='{metric}', save_strategy equal to eval_strategy, and add "
         f"EarlyStoppingCallback(early_stopping_patience={cfg.overfit_patience})",
@@ -632,14 +784,37 @@ def _overfit_fixes(
         "load_best_model_at_end": True,
         "metric_for_best_model": metric,
     }
-    if epoch is not None and epoch > 0:
-        epochs = max(1, math.ceil(epoch))
-        steps.append(
-            f"Train fewer epochs: num_train_epochs={epochs} (the best eval was at epoch {_fmt(epoch)})"
-        )
-        changes["num_train_epochs"] = epochs
+    summary = (
+        f"Go back to checkpoint-{back.step} and stop earlier (early stopping)"
+        if back.step is not None
+        else "Stop at the best evaluation (early stopping)"
+    )
+    # max_steps, not num_train_epochs: it applies whether the run sets max_steps or epochs
+    when = f", epoch {_fmt(epoch)}" if epoch is not None and epoch > 0 else ""
+    steps.append(f"Train fewer steps: max_steps={best_step} (the best evaluation{when})")
+    changes["max_steps"] = best_step
+    if facts.has_lora is False:
+        _full_fine_tuning_fixes(ctx, steps, changes)
     else:
-        steps.append(f"Train fewer steps: stop near step {best_step}")
+        _lora_fixes(ctx, steps, changes)
+    return steps, changes, summary
+
+
+def _lora_fixes(ctx: Context, steps: list[str], changes: dict[str, object]) -> None:
+    """A LoRA run's further overfit fixes: r down to 8, lora_dropout 0.1, weight decay on small
+    datasets. Where the run is not known to train LoRA (offline without its adapter config), the
+    LoRA settings are one conditional step with no config change."""
+    cfg, facts = ctx.config, ctx.facts
+    n = facts.train_examples
+    if not (facts.has_lora is True or facts.adapters or facts.layers):
+        steps.append(
+            "If this run trains LoRA: lower the rank to r=4..8 (with lora_alpha = 2r) and set "
+            "lora_dropout=0.1"
+        )
+        if not _decays(ctx):
+            steps.append("Add weight decay: weight_decay=0.01 to 0.1")
+            changes["weight_decay"] = 0.05
+        return
     ranks = [a.r for a in facts.adapters.values() if a.r] or [lf.r for lf in facts.layers if lf.r]
     r = max(ranks) if ranks else None
     if r is not None and r > 8:
@@ -651,11 +826,30 @@ def _overfit_fixes(
     if not dropouts or min(dropouts) < 0.1:
         steps.append("Set lora_dropout=0.1 (0.1 to 0.2)")
         changes["lora_dropout"] = 0.1
-    n = facts.train_examples
-    if n is not None and n < cfg.overfit_small_dataset:
+    if n is not None and n < cfg.overfit_small_dataset and not _decays(ctx):
         steps.append(f"With only {n} training examples, add weight_decay=0.01 to 0.1")
         changes["weight_decay"] = 0.05
-    return steps, changes
+
+
+def _full_fine_tuning_fixes(ctx: Context, steps: list[str], changes: dict[str, object]) -> None:
+    """A full fine-tune's further overfit fixes: weight decay and a lower learning rate (no LoRA
+    setting applies)."""
+    if not _decays(ctx):
+        steps.append("Add weight decay: weight_decay=0.01 to 0.1")
+        changes["weight_decay"] = 0.05
+    lr = ctx.facts.learning_rate
+    if lr is not None and lr > 0:
+        lower = float(f"{lr / 2:.2g}")
+        steps.append(f"Lower the learning rate: learning_rate={lower:g} (now {lr:g})")
+        changes["learning_rate"] = lower
+    else:
+        steps.append("Lower the learning rate (halve it)")
+
+
+def _decays(ctx: Context) -> bool:
+    """True when the run already uses a weight decay of at least 0.01."""
+    decay = ctx.facts.setup.weight_decay
+    return decay is not None and decay >= 0.01
 
 
 def _value_at(ctx: Context, key: str, step: float) -> float | None:
@@ -797,6 +991,22 @@ class LossPlateau(Check):
     def _finding(self, ctx: Context, trend: Trend, first: float) -> Finding:
         cfg = ctx.config
         share = 100 * trend.start / ctx.horizon
+        left = ctx.steps_left
+        if left is None:
+            waste = "further steps are mostly wasted"
+        elif left > 0:
+            waste = f"the remaining {left:,} steps would be mostly wasted"
+        else:
+            spent = int(ctx.history.last_step - trend.start)
+            waste = f"the {spent:,} steps since then were mostly wasted"
+        # "a fall" only where the loss fell: a flat start or a rise is told as such
+        margin = cfg.plateau_max_gain * trend.level
+        if first > trend.level + margin:
+            start = f"after a fall from {_fmt(first)}"
+        elif first < trend.level - margin:
+            start = f"above where it started ({_fmt(first)})"
+        else:
+            start = f"about where it started ({_fmt(first)})"
         return self.finding(
             ctx,
             f"Training loss has been flat since step {int(trend.start)} ({share:.0f}% of training)",
@@ -804,9 +1014,8 @@ class LossPlateau(Check):
             f"{_fmt(trend.level)}: a Theil-Sen fit over {trend.points} logs gives a relative "
             f"improvement of {100 * trend.gain:.2g}% per 10% of training (at most "
             f"{100 * trend.gain_bound:.2g}% at {100 * cfg.plateau_confidence:.0f}% "
-            f"confidence; threshold {100 * cfg.plateau_max_gain:.2g}%), after a fall from "
-            f"{_fmt(first)}. The adapter has stopped learning: the remaining steps are mostly "
-            "wasted.",
+            f"confidence; threshold {100 * cfg.plateau_max_gain:.2g}%), {start}. "
+            f"{_learner(ctx).capitalize()} has stopped learning: {waste}.",
             evidence={
                 "since_step": int(trend.start),
                 "level": trend.level,

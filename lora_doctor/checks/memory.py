@@ -97,28 +97,65 @@ def _fixes(ctx: Context, where: str = "training") -> tuple[tuple[str, ...], dict
             "Re-test with a smaller batch first: halve per_device_train_batch_size and double "
             "gradient_accumulation_steps (same effective batch)"
         )
-    adapter = _adapter(ctx)
-    r = adapter.r if adapter is not None and adapter.r else mem.r
-    if r and r > 1:
-        rank = f"Lower the rank: r={r // 2} (from {r})"
-        if adapter is not None and adapter.lora_alpha:
-            alpha = adapter.lora_alpha * (r // 2) / r
-            rank += f" with lora_alpha={alpha:g} (same lora_alpha/r)"
-        rank += "; a new rank changes the adapter's shapes, so start from step 0"
-    else:
-        rank = "Lower the rank (r 8 -> 4, with lora_alpha halved too)"
-    targets = adapter.target_modules if adapter is not None else None
-    if isinstance(targets, list) and "k_proj" in targets and len(targets) > 1:
-        kept = [t for t in targets if t != "k_proj"]
-        modules = f"Target fewer modules: drop k_proj (target_modules={kept})"
-    else:
-        modules = "Target fewer modules: drop k_proj (list target_modules without it)"
     last = (
         "Then gradient_checkpointing=True in TrainingArguments (activations recomputed in the "
         'backward pass, about 20% slower) or a paged optimizer: optim="paged_adamw_8bit" '
         "(bitsandbytes; optimizer states move to CPU memory when the GPU runs short)"
     )
-    return (first, rank, modules, last), changes
+    if ctx.facts.has_lora is False:
+        full = (
+            "A full fine-tune keeps a gradient and two optimizer states for every weight: an "
+            'optimizer with 8-bit states (optim="adamw_bnb_8bit") shrinks them fourfold, and a '
+            "LoRA adapter (peft.get_peft_model) leaves all but a fraction of them out"
+        )
+        return (first, full, last), changes
+    modules = _targets_fix(ctx)
+    return (first, _rank_fix(ctx, mem), *([modules] if modules else []), last), changes
+
+
+def _then(ctx: Context, lora: str, full: str) -> str:
+    """The next memory fixes in a summary: LoRA's (rank, targets), or a full fine-tune's."""
+    return full if ctx.facts.has_lora is False else lora
+
+
+def _rank_fix(ctx: Context, mem: MemoryFacts) -> str:
+    """The memory fix's lower rank, with lora_alpha scaled alike."""
+    adapter = _adapter(ctx)
+    r = adapter.r if adapter is not None and adapter.r else mem.r
+    if not (r and r > 1):
+        return "Lower the rank (r 8 -> 4, with lora_alpha halved too)"
+    rank = f"Lower the rank: r={r // 2} (from {r})"
+    if adapter is not None and adapter.lora_alpha:
+        alpha = adapter.lora_alpha * (r // 2) / r
+        rank += f" with lora_alpha={alpha:g} (same lora_alpha/r)"
+    return rank + "; a new rank changes the adapter's shapes, so start from step 0"
+
+
+def _targets_fix(ctx: Context) -> str | None:
+    """The memory fix's fewer target modules, in the model's own names: drop k_proj where the
+    adapter targets it (DESIGN.md section 3); a model without it (GPT-2's fused c_attn) gets the
+    list of what it targets instead; None when it targets a single module kind."""
+    adapter = _adapter(ctx)
+    targets = adapter.target_modules if adapter is not None else None
+    if isinstance(targets, list) and "k_proj" in targets and len(targets) > 1:
+        kept = [t for t in targets if t != "k_proj"]
+        return f"Target fewer modules: drop k_proj (target_modules={kept})"
+    targeted = (
+        targets
+        if isinstance(targets, list)
+        else list(dict.fromkeys(lf.name.rsplit(".", 1)[-1] for lf in ctx.facts.layers))
+        or (list(ctx.facts.setup.module_kinds) if targets == "all-linear" else [])
+    )
+    if "k_proj" in targeted and len(targeted) > 1:
+        return "Target fewer modules: drop k_proj from target_modules"
+    if len(targeted) > 1:
+        return (
+            f"Target fewer modules (now {', '.join(targeted)}): each one left out saves its LoRA "
+            "matrices, their gradients and optimizer states"
+        )
+    if not targeted:
+        return "Target fewer modules: list fewer in target_modules"
+    return None  # a single target module: nothing to leave out
 
 
 def _estimate_note(mem: MemoryFacts | None) -> str:
@@ -220,7 +257,8 @@ class OomRisk(Check):
             evidence={"rule": "static", "share": share, "estimate": est.to_dict()},
             recommendation=self._recommendation(
                 ctx,
-                "Make room before the first batch: a 4-bit or 8-bit base, lower r, fewer targets",
+                "Make room before the first batch: a 4-bit or 8-bit base, "
+                + _then(ctx, "lower r, fewer targets", "8-bit optimizer states or LoRA"),
             ),
         )
 
@@ -238,7 +276,9 @@ class OomRisk(Check):
             + _estimate_note(ctx.facts.memory),
             evidence={"rule": "peak", **fig},
             recommendation=self._recommendation(
-                ctx, "Lower the peak: smaller batch with more accumulation, then r, targets"
+                ctx,
+                "Lower the peak: smaller batch with more accumulation, then "
+                + _then(ctx, "r, targets", "8-bit optimizer states"),
             ),
             step=step,
         )
@@ -269,7 +309,9 @@ class OomRisk(Check):
                 **fig,
             },
             recommendation=self._recommendation(
-                ctx, "Make room before the allocator gives up: smaller batch, then r, targets"
+                ctx,
+                "Make room before the allocator gives up: smaller batch, then "
+                + _then(ctx, "r, targets", "8-bit optimizer states"),
             ),
             step=int(step),
         )
@@ -415,8 +457,9 @@ class OutOfMemory(Check):
                 "gradient_accumulation_steps": mem.gradient_accumulation_steps if mem else None,
             },
             recommendation=Recommendation(
-                summary="Re-test with a smaller batch first; then lower r, target fewer modules, "
-                "or turn on gradient checkpointing",
+                summary="Re-test with a smaller batch first; then "
+                + _then(ctx, "lower r, target fewer modules", "8-bit optimizer states")
+                + ", or turn on gradient checkpointing",
                 steps=steps,
                 config_changes=changes,
             ),

@@ -191,6 +191,43 @@ def _progress_ok(ctx: Context, step: int) -> bool:
     return bool(max_steps) and step >= ctx.config.rank_min_progress * max_steps
 
 
+def _update_size(snap: SpectrumSnapshot) -> float | None:
+    """The learned update's size at a reading: the median over module kinds of its norm
+    relative to the frozen weight, else of the norm of B; None when neither was read."""
+    for key in ("relative_update", "b_norm"):
+        values = [
+            float(s[key])
+            for s in snap.kinds.values()
+            if isinstance(s.get(key), int | float) and math.isfinite(s[key])
+        ]
+        if values:
+            return float(np.median(values))
+    return None
+
+
+def _growth(ctx: Context, snap: SpectrumSnapshot) -> float | None:
+    """How many times the update has grown since the first reading where it was not zero; None
+    when ``snap`` is that reading (or none has a size)."""
+    for earlier in ctx.facts.spectrum:
+        if earlier is snap:
+            return None
+        size = _update_size(earlier)
+        if size:
+            now = _update_size(snap)
+            return now / size if now is not None else None
+    return None
+
+
+def _grown(ctx: Context, snap: SpectrumSnapshot) -> bool:
+    """The update has grown from its start by ``rank_min_growth``: the first steps' spectrum no
+    longer dominates it. With no earlier reading to compare with, only a reading at the end of
+    training is judged."""
+    growth = _growth(ctx, snap)
+    if growth is None:
+        return ctx.phase is Phase.END
+    return growth >= ctx.config.rank_min_growth
+
+
 def _assess(ctx: Context) -> _Assessment | None:
     """The latest snapshot's verdict per layer, or None before there is one worth reading: one
     past ``rank_min_progress`` that read at least ``spectrum_min_layers`` layers (every layer when
@@ -217,8 +254,10 @@ def _assess(ctx: Context) -> _Assessment | None:
     ]
     rel = [lay.relative_update for lay in layers if lay.relative_update is not None]
     median_update = float(np.median(rel)) if rel else None
-    moved = any(_values(lay.singular_values)[:1].sum() > 0 for lay in layers) and (
-        median_update is None or median_update >= cfg.rank_min_update
+    moved = (
+        any(_values(lay.singular_values)[:1].sum() > 0 for lay in layers)
+        and (median_update is None or median_update >= cfg.rank_min_update)
+        and _grown(ctx, snap)
     )
     r_values = sorted({lay.r for lay in layers})
     evidence: dict[str, Any] = {
@@ -231,6 +270,7 @@ def _assess(ctx: Context) -> _Assessment | None:
         "layers_full": len(full),
         "layers_underused": len(underused),
         "median_relative_update": median_update,
+        "update_growth": _growth(ctx, snap),
         "full_ratio_threshold": cfg.rank_full_ratio,
         "noise_floor": cfg.rank_noise_floor,
         "by_kind": {
@@ -506,11 +546,41 @@ class RankUnderused(Check):
         if ctx.phase is not Phase.END and not self._stable(ctx, a):
             return
         r = a.evidence["r"]
-        used = int(max(s["used_rank"] for s in a.snapshot.kinds.values()))
+        floor = ctx.config.rank_noise_floor
+        # the title speaks of the layers it counts: the underused ones
+        used = round(_median(used_rank(lay.singular_values, floor) for lay in a.underused))
         half = max(1, r // 2) if isinstance(r, int) else None
         saved = ctx.facts.lora_params // 2 * _BYTES_PER_TRAINABLE if ctx.facts.lora_params else None
-        evidence = {**a.evidence, "suggested_r": half, "bytes_saved_estimate": saved}
+        evidence = {
+            **a.evidence,
+            "used_rank_underused_layers": used,
+            "suggested_r": half,
+            "bytes_saved_estimate": saved,
+        }
         target = f"r={half}" if half else "half of r"
+        _, alpha, scale = rank_and_alpha(ctx.facts)
+        changes: dict[str, Any] = {"r": half} if half else {}
+        alpha_text = " and scale lora_alpha alike"
+        if half and isinstance(r, int) and alpha is not None:
+            # the same scaling, unless it is off the usual one (alpha-rank-ratio says so): then 2
+            cfg = ctx.config
+            usual = scale is not None and (
+                cfg.scaling_low * (1 - cfg.scaling_tolerance)
+                <= scale
+                <= cfg.scaling_high * (1 + cfg.scaling_tolerance)
+            )
+            rslora = any(a.use_rslora for a in ctx.facts.adapters.values()) or any(
+                lf.use_rslora for lf in ctx.facts.layers
+            )
+            if usual:  # alpha/r, or alpha/sqrt(r) with rsLoRA, unchanged
+                new_alpha = alpha * (math.sqrt(half / r) if rslora else half / r)
+            else:
+                new_alpha = 2.0 * (math.sqrt(half) if rslora else half)
+            changes["lora_alpha"] = (
+                int(new_alpha) if new_alpha.is_integer() else round(new_alpha, 4)
+            )
+            alpha_text = f" with lora_alpha={new_alpha:g}"
+        size = f" (about {saved / 2**20:.0f} MiB)" if saved and saved >= 2**20 else ""
         yield self.finding(
             ctx,
             f"The LoRA update uses about {used} of its r={r} directions in {len(a.underused)} of "
@@ -520,18 +590,21 @@ class RankUnderused(Check):
             f"the largest in {len(a.underused)} of {len(a.layers)} layers (used/r per kind: "
             f"{_fmt_kinds(a, 'used_rank')}; largest drop after value "
             + ", ".join(f"{k} {s['cliff_at']:.0f}" for k, s in a.snapshot.kinds.items())
-            + "). The rest of the rank holds noise. A loss plateau in this run is not caused by "
-            f"the rank. Next time, {target} (with lora_alpha scaled alike) trains as well and "
-            "halves the adapter's parameters, gradients and optimizer state"
-            + (f" (about {saved / 2**20:.0f} MiB)." if saved else "."),
+            + "). The rest of the rank holds noise, so a loss plateau in this run is not caused "
+            f"by the rank, and {target} would train as well with half the adapter's parameters, "
+            f"gradients and optimizer state{size}.",
             evidence=evidence,
             recommendation=Recommendation(
-                summary=f"Use {target} next time (keep lora_alpha/r unchanged)",
+                summary=f"Use {target} next time",
                 steps=(
-                    f"In the next run set {target} in LoraConfig and scale lora_alpha alike",
-                    "This run can finish as it is: an idle rank does no harm to quality",
+                    f"In the next run set {target}{alpha_text} in LoraConfig",
+                    *(
+                        ("This run can finish as it is: an idle rank does no harm to quality",)
+                        if ctx.steps_left != 0
+                        else ()
+                    ),
                 ),
-                config_changes={"r": half} if half else {},
+                config_changes=changes,
             ),
         )
 

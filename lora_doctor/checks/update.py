@@ -69,15 +69,18 @@ class LrVerdict:
         """The rate against the range in words, e.g. ``"learning_rate=0.05 is 50x the top of
         LoRA's usual range (...) and 250x its usual 0.0002"``."""
         rng = self.range
+        whose = "full fine-tuning's" if rng.full else "LoRA's"
         return (
-            f"learning_rate={_fmt(self.lr)} is {_fmt(self.factor)}x the top of LoRA's usual range "
+            f"learning_rate={_fmt(self.lr)} is {_fmt(self.factor)}x the top of {whose} usual range "
             f"({rng.describe()}) and {_fmt(self.lr / rng.typical)}x its usual {rng.typical:g}"
         )
 
 
-def lr_verdict(lr: float | None, optimizer: str | None, cfg: DoctorConfig) -> LrVerdict | None:
+def lr_verdict(
+    lr: float | None, optimizer: str | None, cfg: DoctorConfig, *, full: bool = False
+) -> LrVerdict | None:
     """The verdict on a learning rate for an optimizer; None when it is unknown, not positive, or
-    not above the top of LoRA's usual range.
+    not above the top of LoRA's usual range (a full fine-tune's with ``full``).
 
     Example:
         >>> lr_verdict(0.05, None, DoctorConfig()).severity.value
@@ -87,7 +90,7 @@ def lr_verdict(lr: float | None, optimizer: str | None, cfg: DoctorConfig) -> Lr
     """
     if lr is None or not math.isfinite(lr) or lr <= 0:
         return None
-    rng = lr_range(optimizer)
+    rng = lr_range(optimizer, full=full)
     factor = lr / rng.high
     if factor <= 1:
         return None

@@ -16,7 +16,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from lora_doctor.checks.adapter import is_attention_module
+from lora_doctor.checks.adapter import all_linear_fix, is_attention_module
 from lora_doctor.checks.update import lr_range_applies, lr_verdict
 from lora_doctor.config import DoctorConfig
 from lora_doctor.facts import RunFacts
@@ -119,12 +119,23 @@ class Look:
 
     @property
     def range(self) -> LrRange:
-        return lr_range(self.facts.setup.optimizer)
+        """The usual learning rates for the run's optimizer: LoRA's, or a full fine-tune's."""
+        return lr_range(self.facts.setup.optimizer, full=not self.lora)
 
     @property
     def lora(self) -> bool:
         """False only when the model is known to have no LoRA layers."""
         return self.facts.has_lora is not False
+
+    @property
+    def method(self) -> str:
+        """Whose practice the run is judged by: ``"LoRA"`` or ``"full fine-tuning"``."""
+        return "LoRA" if self.lora else "full fine-tuning"
+
+    @property
+    def learner(self) -> str:
+        """What the run trains: ``"adapter"``, or ``"model"`` in a full fine-tune."""
+        return "adapter" if self.lora else "model"
 
     def first_step(self) -> int | None:
         """The step the symptom began at (its evidence's ``first_step``, else its own step)."""
@@ -181,7 +192,7 @@ def lr_too_high(look: Look) -> Cause:
     top of the range, or above the top beside an update that outweighs the frozen weights; open
     when LoRA's range may not apply (offline without a LoRA config: prompt tuning trains at 1e-2)."""
     lr, rng = look.lr, look.range
-    verdict = lr_verdict(lr, look.facts.setup.optimizer, look.config)
+    verdict = lr_verdict(lr, look.facts.setup.optimizer, look.config, full=not look.lora)
     big = look.found.get("update-too-large")
     support: list[str] = []
     against: list[str] = []
@@ -191,7 +202,9 @@ def lr_too_high(look: Look) -> Cause:
         if big is not None and big is not look.symptom:
             support.append(big.title)
     elif lr is not None and 0 < lr <= rng.high:
-        against.append(f"learning_rate={_fmt(lr)} is within LoRA's usual range ({rng.describe()})")
+        against.append(
+            f"learning_rate={_fmt(lr)} is within {look.method}'s usual range ({rng.describe()})"
+        )
     spike = look.found.get("grad-norm-spike")
     if spike is not None and spike is not look.symptom and support:
         support.append(spike.title)
@@ -200,15 +213,16 @@ def lr_too_high(look: Look) -> Cause:
     target, source = _lr_target(look)
     return Cause(
         "learning-rate-too-high",
-        "learning rate far above LoRA's range",
+        f"learning rate far above {look.method}'s range",
         tuple(support),
         tuple(against),
         Recommendation(
-            summary=f"Set learning_rate={target:g} (LoRA's usual range; do not just halve it)",
+            summary=f"Set learning_rate={target:g} ({look.method}'s usual range; do not just "
+            "halve it)",
             steps=(
-                f"Set learning_rate={target:g} in TrainingArguments: {source} (LoRA's usual "
-                f"range: {rng.describe()})",
-                "Restart from the base model: steps at that rate damaged the adapter",
+                f"Set learning_rate={target:g} in TrainingArguments: {source} ({look.method}'s "
+                f"usual range: {rng.describe()})",
+                f"Restart from the base model: steps at that rate damaged the {look.learner}",
             ),
             config_changes={"learning_rate": target},
             restart_from_scratch=True,
@@ -218,36 +232,42 @@ def lr_too_high(look: Look) -> Cause:
 
 
 def lr_too_low(look: Look) -> Cause:
-    """A learning rate far below LoRA's (a full fine-tuning rate)."""
-    lr, cfg, rng = look.lr, look.config, look.range
-    if lr is not None and 0 < lr < cfg.plateau_low_lr:
-        support: tuple[str, ...] = (
-            f"learning_rate={_fmt(lr)}, below {_fmt(cfg.plateau_low_lr)}; LoRA usually needs "
-            "1e-4 to 5e-4, about 10x full fine-tuning",
-        )
+    """A learning rate far below LoRA's (a full fine-tuning rate), or below a full fine-tune's
+    usual range in a run without LoRA."""
+    lr, rng = look.lr, look.range
+    low = look.config.plateau_low_lr if look.lora else rng.low
+    usual = (
+        "LoRA usually needs 1e-4 to 5e-4, about 10x full fine-tuning"
+        if look.lora
+        else f"full fine-tuning usually runs at {rng.describe()}"
+    )
+    if lr is not None and 0 < lr < low:
+        support: tuple[str, ...] = (f"learning_rate={_fmt(lr)}, below {_fmt(low)}; {usual}",)
         against: tuple[str, ...] = ()
     else:
         support = ()
         against = (
-            (f"learning_rate={_fmt(lr)} is not below {_fmt(cfg.plateau_low_lr)}",)
+            (f"learning_rate={_fmt(lr)} is not below {_fmt(low)}",)
             if lr is not None and lr > 0
             else ()
         )
     target = rng.typical
     return Cause(
         "learning-rate-too-low",
-        "learning rate too low for LoRA",
+        f"learning rate too low for {look.method}",
         support,
         against,
         Recommendation(
             summary=f"Raise learning_rate from {_fmt(lr or 0)} to {target:g}",
             steps=(
-                f"Set learning_rate={target:g} in TrainingArguments (LoRA's usual 1e-4 to 5e-4)",
-                "Restart from the last checkpoint or from scratch; the rank can stay",
+                f"Set learning_rate={target:g} in TrainingArguments ({usual})",
+                "Restart from step 0 with it: resuming a checkpoint would restore the old rate "
+                "with its optimizer and scheduler states"
+                + ("; the rank can stay" if look.lora else ""),
             ),
             config_changes={"learning_rate": target},
         ),
-        "compare learning_rate with LoRA's usual 1e-4 to 5e-4",
+        f"compare learning_rate with {look.method}'s usual range ({rng.describe()})",
     )
 
 
@@ -270,15 +290,26 @@ def rank_and_alpha(facts: RunFacts) -> tuple[int | None, float | None, float | N
     return None, None, None
 
 
-def _alpha_fix(r: int | None, summary: str) -> Recommendation:
-    target = 2 * r if r else None
+def _alpha_fix(facts: RunFacts) -> Recommendation:
+    """Set lora_alpha for an effective scaling of 2 (2r; 2 sqrt(r) with rsLoRA) and restart."""
+    r, alpha, scale = rank_and_alpha(facts)
+    target: float | None = None
+    if alpha and scale:
+        target = alpha * 2 / scale
+    elif r:
+        target = 2 * r
+    shown = f"{target:g}" if target is not None else ""
     return Recommendation(
-        summary=summary,
+        summary=f"Set lora_alpha={shown} (scaling 2) and restart"
+        if shown
+        else "Set lora_alpha = 2r",
         steps=(
-            f"Set lora_alpha={target} in LoraConfig" if target else "Set lora_alpha = 2r",
+            f"Set lora_alpha={shown} in LoraConfig (scaling 2)" if shown else "Set lora_alpha = 2r",
             "Restart from scratch (the scaling is part of the trained update)",
         ),
-        config_changes={"lora_alpha": target} if target else {},
+        config_changes={"lora_alpha": int(target) if target.is_integer() else round(target, 4)}
+        if target is not None
+        else {},
         restart_from_scratch=True,
     )
 
@@ -301,7 +332,7 @@ def alpha_too_small(look: Look) -> Cause | None:
         "alpha scales the update down",
         (f"{words}, below alpha = r",) if low else (),
         () if low else (f"{words} is not below alpha = r",),
-        _alpha_fix(r, f"Set lora_alpha={2 * r} (2r) and restart" if r else "Set lora_alpha = 2r"),
+        _alpha_fix(look.facts),
         "check lora_alpha/r",
     )
 
@@ -327,7 +358,7 @@ def alpha_too_large(look: Look) -> Cause | None:
         "alpha scales the update up",
         tuple(support),
         tuple(against),
-        _alpha_fix(r, f"Set lora_alpha={2 * r} (2r) and restart" if r else "Set lora_alpha = 2r"),
+        _alpha_fix(look.facts),
         "check lora_alpha/r",
     )
 
@@ -338,9 +369,6 @@ def attention_only(look: Look) -> Cause | None:
     if not look.lora:
         return None
     found = look.found.get("attention-only-targets")
-    kinds = look.facts.setup.module_kinds
-    targets: str | list[str] = list(kinds) if kinds else "all-linear"
-    shown = ", ".join(kinds) if kinds else "'all-linear'"
     targeted = [lf.name for lf in look.facts.layers] or [
         t
         for a in look.facts.adapters.values()
@@ -355,15 +383,7 @@ def attention_only(look: Look) -> Cause | None:
         (f"the adapters also cover {beyond[0].rsplit('.', 1)[-1]} and other non-attention layers",)
         if beyond and found is None
         else (),
-        Recommendation(
-            summary="Add the MLP projections to target_modules",
-            steps=(
-                f"Set target_modules to every linear layer in LoraConfig ({shown})",
-                "Restart from scratch: new target modules mean new adapters",
-            ),
-            config_changes={"target_modules": targets},
-            restart_from_scratch=True,
-        ),
+        all_linear_fix(look.facts),
         "check that target_modules covers the MLP projections",
     )
 
@@ -441,6 +461,23 @@ def not_learning(look: Look) -> Cause | None:
     frozen = facts.no_grad_layers or facts.b_still_zero_layers
     if frozen and not support:
         support.append(f"{len(frozen)} LoRA layers got no update in the first steps")
+    if not look.lora:
+        return Cause(
+            "adapters-not-learning",
+            "weights not learning",
+            tuple(support),
+            (),
+            Recommendation(
+                summary="Make the model's weights train before anything else",
+                steps=(
+                    "Check that the parameters to train require grad: sum(p.numel() for p in "
+                    "model.parameters() if p.requires_grad) > 0",
+                    "Build the optimizer from model.parameters() after any freezing (or let the "
+                    "Trainer build it)",
+                ),
+            ),
+            "check that the model's parameters require grad and move",
+        )
     return Cause(
         "adapters-not-learning",
         "adapters not learning",
@@ -530,6 +567,8 @@ def checkpointing_without_input_grads(look: Look) -> Cause | None:
     """Reentrant gradient checkpointing on a frozen base: no gradient reaches the adapters inside
     the checkpointed blocks unless the inputs require grad (transformers' and peft's docs:
     ``enable_input_require_grads`` or ``use_reentrant=False``)."""
+    if not look.lora:
+        return None  # a full fine-tune's trainable embeddings give the blocks inputs with grad
     setup = look.facts.setup
     on = setup.gradient_checkpointing
     if on is None:

@@ -54,7 +54,8 @@ class Verdict:
     Attributes:
         title: the cause in a few words, for the finding's title.
         cause: the cause in one or two sentences, with the facts that confirm it.
-        remedy: the exact fix in one sentence, for the message.
+        remedy: the exact fix in one sentence, for the message of a verdict without a
+            recommendation (one with a recommendation prints its steps instead).
         fix: the recommendation (``config_changes`` use real ``TrainingArguments`` or
             ``LoraConfig`` field names only).
         support: facts for the cause.
@@ -173,6 +174,20 @@ def _token_ids(m: re.Match[str], crash: Crash, run: RunFacts) -> Verdict:
             )
     extra = (f.tokenizer_len or 0) - (rows or 0)
     emb, head = f.embedding_module or "embed_tokens", f.output_module or "lm_head"
+    lora = run.has_lora is not False
+    steps = (
+        (
+            "Load the base model, then model.resize_token_embeddings(len(tokenizer)), then "
+            "get_peft_model",
+            f"The new rows start untrained: train them with LoraConfig(trainable_token_indices="
+            f"...) or modules_to_save=['{emb}', '{head}'], and save the tokenizer with the adapter",
+        )
+        if lora
+        else (
+            "Call model.resize_token_embeddings(len(tokenizer)) after loading the model, and "
+            "save the tokenizer with the model",
+        )
+    )
     return _verdict(
         "token ids past the embedding (tokens added without resizing)",
         f"Tokens were added to the tokenizer ({_n(max(extra, 0))} past the embedding) but the model's "
@@ -181,14 +196,9 @@ def _token_ids(m: re.Match[str], crash: Crash, run: RunFacts) -> Verdict:
         "Call model.resize_token_embeddings(len(tokenizer)) on the base model before "
         "get_peft_model, and train the new rows.",
         Recommendation(
-            summary="Resize the embeddings to the tokenizer before adding LoRA",
-            steps=(
-                "Load the base model, then model.resize_token_embeddings(len(tokenizer)), then "
-                "get_peft_model",
-                f"The new rows start untrained: train them with LoraConfig(trainable_token_indices="
-                f"...) or modules_to_save=['{emb}', '{head}'], and save the tokenizer with the adapter",
-                "Restart from step 0 (the model changed)",
-            ),
+            summary="Resize the embeddings to the tokenizer"
+            + (" before adding LoRA" if lora else ""),
+            steps=(*steps, "Restart from step 0 (the model changed)"),
             restart_from_scratch=True,
         ),
         support,
@@ -204,6 +214,24 @@ def _no_trainable(m: re.Match[str], crash: Crash, run: RunFacts) -> Verdict:
         support.append("no parameter of the model requires grad (0 trainable)")
     elif f.trainable_params:
         against.append(f"{_n(f.trainable_params)} parameters require grad")
+    if run.has_lora is False:  # a full fine-tune: no adapter to load trainable
+        return _verdict(
+            "no parameter requires grad",
+            "Nothing in the model is trainable, so the loss has no gradient to follow; this "
+            "happens when the model's parameters were frozen (requires_grad_(False)) before "
+            "training.",
+            "Make the parameters to train require grad again.",
+            Recommendation(
+                summary="Make the parameters to train require grad",
+                steps=(
+                    "Remove the code that freezes them, or call model.requires_grad_(True) (or "
+                    "on the modules to train) before building the Trainer",
+                    "Check sum(p.numel() for p in model.parameters() if p.requires_grad) > 0",
+                ),
+            ),
+            support,
+            against,
+        )
     return _verdict(
         "no parameter requires grad",
         "Nothing in the model is trainable, so the loss has no gradient to follow; this happens when "
@@ -286,7 +314,10 @@ def _fp16_weights(m: re.Match[str], crash: Crash, run: RunFacts) -> Verdict:
         "Cast the trainable parameters to float32 after get_peft_model: for p in "
         "model.parameters(): if p.requires_grad: p.data = p.data.float() (get_peft_model keeps new "
         "LoRA weights in float32 with autocast_adapter_dtype=True; modules_to_save copies and "
-        "adapters loaded from a float16 checkpoint stay float16)",
+        "adapters loaded from a float16 checkpoint stay float16)"
+        if run.has_lora is not False
+        else "Load the model in float32 (torch_dtype=torch.float32): mixed precision keeps the "
+        "weights it trains in float32 and computes in float16",
     ]
     if bf16:
         steps.append("Or, on this bfloat16-capable device: bf16=True, fp16=False")
@@ -324,10 +355,11 @@ def _ddp_reentrant(m: re.Match[str], crash: Crash, run: RunFacts) -> Verdict:
     changes = _non_reentrant(f)
     if f.ddp_find_unused_parameters:
         changes["ddp_find_unused_parameters"] = False
+    weights = "LoRA weights" if run.has_lora is not False else "trainable weights"
     return _verdict(
         "reentrant gradient checkpointing under DistributedDataParallel",
-        "Reentrant checkpointing runs a second backward pass per block, so DDP's hooks see the LoRA "
-        "weights become ready twice in one step (with find_unused_parameters they are also "
+        "Reentrant checkpointing runs a second backward pass per block, so DDP's hooks see the "
+        f"{weights} become ready twice in one step (with find_unused_parameters they are also "
         "marked unused first).",
         f'Set {f.checkpointing_arg}_kwargs={{"use_reentrant": False}}'
         + (" and ddp_find_unused_parameters=False." if f.ddp_find_unused_parameters else "."),
@@ -336,8 +368,8 @@ def _ddp_reentrant(m: re.Match[str], crash: Crash, run: RunFacts) -> Verdict:
             steps=(
                 f"TrainingArguments({f.checkpointing_arg}=True, {f.checkpointing_arg}_kwargs="
                 '{"use_reentrant": False})',
-                "Or, keeping reentrant checkpointing: ddp_find_unused_parameters=False (every LoRA "
-                "weight must then get a gradient in every step)",
+                "Or, keeping reentrant checkpointing: ddp_find_unused_parameters=False (every "
+                f"{weights.removesuffix('s')} must then get a gradient in every step)",
             ),
             config_changes=changes,
         ),
@@ -985,7 +1017,9 @@ def classify(crash: Crash, run: RunFacts, history: History | None = None) -> Fin
         severity=Severity.ERROR,
         step=step,
         title=f"Training died at step {step}: {verdict.title}",
-        message=f"{head}: {line!r}. {verdict.cause} {confirm} {verdict.remedy}",
+        # the remedy is in the message only when no recommendation spells it out
+        message=f"{head}: {line!r}. {verdict.cause} {confirm}"
+        + (f" {verdict.remedy}" if verdict.fix is None else ""),
         evidence=evidence,
         recommendation=verdict.fix,
     )

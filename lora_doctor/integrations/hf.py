@@ -411,6 +411,11 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
         doctor.observe(state.global_step, metrics, run=False)
         self._run(Phase.EVAL, state, control, doctor)
 
+    @_guarded
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.doctor is not None:
+            self._call("save", self._event(args, state, kwargs))
+
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._train_end(args, state, control, **kwargs)
         # outside the guard: the findings so far are written even after a hook failed

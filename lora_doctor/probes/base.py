@@ -103,6 +103,9 @@ class Probe:
     def evaluate(self, event: Event) -> None:
         """An evaluation has ended with metrics ``event.logs``."""
 
+    def save(self, event: Event) -> None:
+        """The Trainer has saved a checkpoint (and removed those past ``save_total_limit``)."""
+
     def train_end(self, event: Event) -> None:
         """Training has ended (normally or not)."""
 

@@ -79,13 +79,37 @@ def read_setup(
 
 
 class SetupProbe(Probe):
-    """Reads the training set-up at train begin (:func:`read_setup`), from the shared view."""
+    """Reads the training set-up at train begin (:func:`read_setup`), from the shared view, and
+    the checkpoints on disk after each save.
+
+    A run that starts from step 0 in a folder that already holds ``checkpoint-N`` folders finds
+    another run's checkpoints there: they are not this run's to go back to, unless this run saves
+    one of the same step over them.
+    """
 
     name = "setup"
+
+    def __init__(self) -> None:
+        self._stale: set[int] = set()
+        self._saved: set[int] = set()
 
     def train_begin(self, event: Event) -> None:
         facts = event.doctor.facts
         read_setup(facts.setup, event.model_view(), event.args, event.optimizer, facts.max_steps)
+        if event.step == 0:  # not resumed: what is on disk is another run's
+            self._stale = set(facts.setup.checkpoint_steps)
+            facts.setup.checkpoint_steps = []
+
+    def save(self, event: Event) -> None:
+        """Reads the checkpoints on disk again: the one just saved is there, and those that
+        ``save_total_limit`` removed are gone (a fix names only checkpoints that exist)."""
+        self._saved.add(event.step)
+        setup = event.doctor.facts.setup
+        setup.checkpoint_steps = [
+            s
+            for s in checkpoint_steps(setup.output_dir)
+            if s not in self._stale or s in self._saved
+        ]
 
 
 def _read_args(setup: SetupFacts, args: Any, max_steps: int) -> None:
