@@ -165,6 +165,7 @@ def train(
     resume_from: str | None = None,
     trainer_cls: Callable[..., Trainer] = Trainer,
     callbacks: Sequence[TrainerCallback] = (),
+    optimizers: tuple[Any, Any] = (None, None),
     name: str = "run",
     verbose: bool = False,
     **overrides: Any,
@@ -180,6 +181,7 @@ def train(
         resume_from: a checkpoint folder to resume from.
         trainer_cls: builds the Trainer from its keyword arguments (a subclass, or a partial).
         callbacks: extra callbacks, placed before the doctor's.
+        optimizers: the Trainer's ``optimizers`` (an optimizer built by hand, and a scheduler).
         name: the sub-folder of ``spec.workdir`` for this training job.
         verbose: show the doctor's log lines.
         **overrides: TrainingArguments to change (see :func:`training_args`).
@@ -199,6 +201,7 @@ def train(
             train_dataset=train_data,
             eval_dataset=eval_data,
             callbacks=[*callbacks, doctor],
+            optimizers=optimizers,
         )
         trainer.remove_callback(PrinterCallback)  # disable_tqdm prints every log dict instead
         try:
