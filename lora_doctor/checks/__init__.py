@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from lora_doctor.checks import adapter, curves, ecosystem, memory, rank, run
+from lora_doctor.checks import adapter, curves, ecosystem, learning, memory, rank, run
 from lora_doctor.checks.base import Cadence, Check, Context, Phase, Points, Read, Reads
 
 __all__ = [
@@ -30,6 +30,7 @@ BUILTIN_CHECKS: tuple[type[Check], ...] = (
     *memory.CHECKS,
     *rank.CHECKS,
     *curves.CHECKS,
+    *learning.CHECKS,
     *run.CHECKS,
 )
 

@@ -31,7 +31,15 @@ __all__ = ["EXPLAINED_BY", "run"]
 
 #: A finding of the key's slug is stood down when one of these is (or was) reported.
 EXPLAINED_BY: dict[str, tuple[str, ...]] = {
-    "loss-plateau": ("zero-loss", "loss-divergence", "non-finite-values"),
+    "loss-plateau": (
+        "zero-loss",
+        "loss-divergence",
+        "non-finite-values",
+        "loss-at-chance",
+        "weights-not-updating",
+    ),
+    "loss-at-chance": ("zero-loss", "loss-divergence", "non-finite-values", "weights-not-updating"),
+    "adapter-not-learning": ("weights-not-updating",),
     "rank-inconclusive": ("rank-saturated",),
     "training-died": ("out-of-memory", "rank-changed-on-resume"),
     "training-stopped-early": ("training-died", "out-of-memory", "rank-changed-on-resume"),
