@@ -119,6 +119,9 @@ class LossAtChance(Check):
     random base at the usual initialisation that LoRA barely adapts sits at 0.84 ln V by 20% of
     training. Hence ``chance_tolerance`` 0.05 below ln V, and up to ``chance_max`` (1.5) ln V
     above it (a real run reported a loss that jumped 7x to ln V within its first five logs). A
+    base fine-tuned on data it gets wrong starts above chance (1.6 ln V) and falls through it
+    while learning, so the loss must also not be falling: its recent median no more than
+    ``stuck_min_drop`` below that of the span before. A
     loss that started far below chance and rose to it is an error of a destroyed model; one that
     started there and never fell, of a set-up that does not train. Without the vocabulary (offline)
     the rule is the plateau's on a loss that never fell: flat, less than ``stuck_min_drop`` below
@@ -163,7 +166,8 @@ class LossAtChance(Check):
                 ctx,
                 f"Training loss has not fallen from its first value ({_fmt(v.first)})",
                 f"Since step {v.since} the training loss stays near {_fmt(v.level)}, "
-                f"{100 * drop:.2g}% below its first logged value ({_fmt(v.first)}; a fall under "
+                f"{abs(100 * drop):.2g}% {'below' if drop >= 0 else 'above'} its first logged "
+                f"value ({_fmt(v.first)}; a fall under "
                 f"{100 * cfg.stuck_min_drop:.0f}% counts as none), and is flat: nothing has been "
                 "learned. A slow adapter still lowers the loss early; one that learns nothing "
                 "points at the set-up: what trains, the learning rate, the data.",

@@ -4,7 +4,9 @@ It sees this look's findings together with every finding reported before and the
 in this order:
 
 1. stands down a finding that another one explains (:data:`EXPLAINED_BY`): a flat loss after a NaN,
-   a diverged or a zero loss is no underfitting, so its rank and learning-rate advice would mislead;
+   a diverged or a zero loss, a loss at chance or weights that never update is no underfitting, so
+   its rank and learning-rate advice would mislead; adapters that do not learn are part of a run
+   whose weights do not update at all;
    ``rank-inconclusive`` says nothing once ``rank-saturated`` has spoken;
 2. re-reads the evidence in the light of another finding: a full spectrum while the validation
    loss rises is what memorising looks like, so once ``overfit`` is reported a full spectrum gives
