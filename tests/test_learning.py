@@ -254,7 +254,7 @@ def _first_steps(facts: RunFacts) -> Doctor:
     return doctor
 
 
-def _live(trainable_params: int, frozen: int) -> RunFacts:
+def _live(trainable_params: int, frozen: int, no_grad: int = 0) -> RunFacts:
     layers = [LayerFacts(name=f"model.layers.{i}.q_proj", r=8) for i in range(4)]
     return RunFacts(
         has_lora=True,
@@ -263,18 +263,20 @@ def _live(trainable_params: int, frozen: int) -> RunFacts:
         trainable_lora_params=400,
         trainable_params=trainable_params,
         frozen_in_place=[lf.name for lf in layers[:frozen]],
+        no_grad_layers=[lf.name for lf in layers[:no_grad]],
     )
 
 
 @pytest.mark.parametrize(
     ("facts", "slugs"),
     [
-        (_live(400, 4), {"weights-not-updating"}),  # nothing moved, nothing else trains
+        (_live(400, 4), {"weights-not-updating"}),  # gradients arrive, nothing moves
         (_live(900, 4), {"adapter-not-learning"}),  # a head still trains: the adapters are stuck
         (_live(400, 2), {"adapter-not-learning"}),  # some layers moved
+        (_live(400, 4, no_grad=4), {"adapter-not-learning"}),  # no gradient (masked labels ...)
         (_live(400, 0), set()),
     ],
-    ids=["all-frozen", "head-trains", "some-frozen", "all-moved"],
+    ids=["all-frozen", "head-trains", "some-frozen", "no-gradient", "all-moved"],
 )
 def test_weights_not_updating_from_the_adapter_probe(facts: RunFacts, slugs: set[str]) -> None:
     doctor = _first_steps(facts)

@@ -312,9 +312,11 @@ class WeightsNotUpdating(Check):
     - **A grad norm of exactly 0** (with a positive loss) on at least half of the logs, and at
       least ``not_updating_min_logs``: no gradient reaches the trainable weights. Not in RL runs,
       where a group whose completions all got the same reward has zero gradient by design.
-    - **The adapter probe**: after the first steps no active LoRA layer changed at all, and
-      nothing else in the model trains (with something else training, ``adapter-not-learning``
-      says which adapters are stuck).
+    - **The adapter probe**: after the first steps no active LoRA layer changed at all although
+      their gradients arrived, and nothing else in the model trains: the optimizer does not apply
+      them. Layers that got no gradient, or a run where something else trains, are
+      ``adapter-not-learning``'s (a gradient of zero is also what fully masked labels give, which
+      ``zero-loss`` reports).
 
     The learning-rate and grad-norm evidence also asks that the loss has not fallen (weights that
     move lower it), so that a first param group held at 0 on purpose, or a grad norm logged as 0
@@ -344,7 +346,7 @@ class WeightsNotUpdating(Check):
     def _frozen(self, ctx: Context) -> Finding | None:
         facts = ctx.facts
         active = sum(1 for lf in facts.layers if lf.active)
-        frozen = len(set(facts.frozen_in_place))
+        frozen = len(set(facts.frozen_in_place) - set(facts.no_grad_layers))
         if not active or frozen < active or facts.trainable_params > facts.trainable_lora_params:
             return None
         steps = ctx.config.check_after_steps
@@ -353,7 +355,8 @@ class WeightsNotUpdating(Check):
             f"No update reaches the weights: none of the {active} LoRA layers changed in "
             f"{steps} steps",
             f"After {steps} optimizer steps at a positive learning rate, none of the {active} "
-            "active LoRA layers changed at all, and no other parameter of the model trains",
+            "active LoRA layers changed at all although their gradients arrived, and no other "
+            "parameter of the model trains",
             {"evidence": "frozen_layers", "frozen_layers": frozen, "after_steps": steps},
         )
 
