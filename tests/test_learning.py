@@ -432,26 +432,20 @@ def test_optimizer_without_the_adapter_in_a_trainer(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("slug", "latest"),
-    [("loss-divergence", 10), ("loss-at-chance", 40)],
+    ("build", "slug", "latest"),
+    [("early_divergence", "loss-divergence", 10), ("loss_at_chance", "loss-at-chance", 40)],
     ids=["logged-every-step", "logged-every-5-steps"],
 )
-def test_destroyed_model_in_a_trainer(tmp_path: Path, slug: str, latest: int) -> None:
-    """A base that knows the language, fine-tuned at learning rate 0.3: its first updates destroy
-    it and the loss sits at ln(128). Logged every step, the jump within the first logs is a
-    divergence; logged every 5 steps the first log already holds the jump, and the loss at
-    chance says it. Either way the learning rate is the cause, and the rank is not named."""
+def test_destroyed_model_in_a_trainer(tmp_path: Path, build: str, slug: str, latest: int) -> None:
+    """A base that knows the language, fine-tuned at learning rate 0.3 (the fault benchmark's
+    scenarios): its first updates destroy it and the loss sits at ln(128). Logged every step, the
+    jump within the first logs is a divergence; logged every 5 steps the first log already holds
+    the jump, and the loss at chance says it. Either way the learning rate is the cause, and the
+    rank is not named."""
     from benchmarks.faults import scenarios
     from benchmarks.faults.runner import Spec
 
-    logging_steps = {"loss-divergence": 1, "loss-at-chance": 5}[slug]
-    scenarios._pretrained(  # the scenarios of the fault benchmark, at half their length
-        Spec("llama", 0, tmp_path),
-        learning_rate=0.3,
-        lr_scheduler_type="constant",
-        logging_steps=logging_steps,
-        max_steps=50,
-    )
+    getattr(scenarios, build)(Spec("llama", 0, tmp_path))
     found = _report(tmp_path)
     assert found[slug]["severity"] == "error" and found[slug]["step"] <= latest
     assert _top(found[slug]) == ("learning-rate-too-high", "supported")
