@@ -5,9 +5,10 @@ linear layer, and made-up data with something to learn (each token is usually fo
 successor).
 
 The mistake: a learning rate of 2e-5, a full fine-tuning rate. LoRA trains a few small matrices
-and wants about ten times more (this tiny task learns at 2e-3). The loss falls a little at the
-start and then barely moves; the doctor reports the plateau and names the learning rate as its
-most likely cause, with the fix, and writes ``out/custom_loop/lora_doctor.json``.
+and wants about ten times more (this tiny task learns at 2e-3). The loss stays near ln(64), the
+loss of a uniform guess over the vocabulary; the doctor reports that it sits at chance and names
+the learning rate as its most likely cause, with the fix, and writes
+``out/custom_loop/lora_doctor.json``.
 
 The loop drives a :class:`lora_doctor.Doctor` by hand: ``read_model`` reads the adapter,
 ``start`` runs the set-up checks, ``observe`` hands over each logged step's metrics (and runs the

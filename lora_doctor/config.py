@@ -471,6 +471,14 @@ class DoctorConfig:
         _non_negative,
         "a number >= 0",
     )
+    divergence_early_factor: float = _opt(
+        3.0,
+        "A rolling median this many times the lowest median of the losses logged before the "
+        "window first filled is a divergence too: a loss that jumps within the first logs and "
+        "stays up has no rolling best from before the jump.",
+        lambda v: _positive(v) and v > 1,
+        "a number > 1",
+    )
     spike_factor: float = _opt(
         10.0,
         "A grad norm this many times the median of the previous ones is a spike.",
@@ -482,6 +490,57 @@ class DoctorConfig:
     )
     spike_min_points: int = _opt(
         10, "Grad norms needed before spikes are judged.", _positive_int, "an integer >= 1"
+    )
+    spike_early_factor: float = _opt(
+        100.0,
+        "A grad norm logged before spike_min_points others is judged against this many times "
+        "the median of those before it: an extreme jump (11,140 among norms near 8) is a spike "
+        "however early it comes.",
+        lambda v: _positive(v) and v > 1,
+        "a number > 1",
+    )
+    spike_early_min_points: int = _opt(
+        3,
+        "Grad norms needed before an early one is judged against spike_early_factor.",
+        _positive_int,
+        "an integer >= 1",
+    )
+
+    # --- nothing learned ---------------------------------------------------------------------------
+    chance_tolerance: float = _opt(
+        0.05,
+        "loss-at-chance fires when the training loss after the early phase is at least "
+        "(1 - chance_tolerance) * ln(vocab_size), the loss of a uniform guess over the vocabulary.",
+        lambda v: _fraction(v) and v < 1,
+        "a number in [0, 1)",
+    )
+    chance_max: float = _opt(
+        1.5,
+        "... and at most this many times ln(vocab_size): a larger loss is no mean token "
+        "cross-entropy near chance (a summed loss, or a divergence).",
+        lambda v: _positive(v) and v >= 1,
+        "a number >= 1",
+    )
+    stuck_min_drop: float = _opt(
+        0.05,
+        "loss-at-chance also fires when the loss is flat (the loss-plateau rule) and has fallen by "
+        "less than this share of its first logged value: nothing was learned at all.",
+        _fraction,
+        "a number in [0, 1]",
+    )
+    repeat_min_logs: int = _opt(
+        6,
+        "weights-not-updating fires when this many logged losses in a row equal, to 4 decimals, "
+        "the loss logged one epoch earlier (and spread over at least 0.01).",
+        lambda v: _positive_int(v) and v >= 2,
+        "an integer >= 2",
+    )
+    not_updating_min_logs: int = _opt(
+        5,
+        "Logs with a learning rate of exactly 0 (all of them), or a grad norm of exactly 0 (at "
+        "least half of them), before weights-not-updating fires.",
+        _positive_int,
+        "an integer >= 1",
     )
 
     def __post_init__(self) -> None:
@@ -515,6 +574,11 @@ class DoctorConfig:
             raise ValueError(
                 "DoctorConfig.plateau_early_fraction must be <= plateau_latest_start, "
                 f"got {self.plateau_early_fraction!r} > {self.plateau_latest_start!r}"
+            )
+        if self.spike_early_factor < self.spike_factor:
+            raise ValueError(
+                "DoctorConfig.spike_early_factor must be >= spike_factor, "
+                f"got {self.spike_early_factor!r} < {self.spike_factor!r}"
             )
         if self.budget_low > self.budget_high:
             raise ValueError(

@@ -204,7 +204,7 @@ def test_plot_without_matplotlib_still_diagnoses(
     ]
     assert main(argv) == 1  # by the findings, not 2
     captured = capsys.readouterr()
-    assert "LD201 loss-plateau" in captured.out and json.loads(out.read_text())
+    assert "LD208 loss-at-chance" in captured.out and json.loads(out.read_text())
     assert captured.err == (
         "lora-doctor: --plot skipped: plotting needs matplotlib: pip install 'lora-doctor[plot]'\n"
     )

@@ -72,8 +72,8 @@ PLATEAU_CASES = {
     "flat-after-early-fall": (2.0 + 1.5 * np.exp(-T / 0.02) + _noise(N, 0.02), True),
     # after the early fall, 0.3% improvement per 10% of training: "falling very slowly"
     "very-slow-fall": (1.9 + 1.5 * np.exp(-T / 0.02) - 0.06 * T + _noise(N, 0.03, 1), True),
-    # flat at a high level from the start
-    "flat-from-start": (3.0 + _noise(N, 0.05, 2), True),
+    # flat at a high level from the start: no fall at all is loss-at-chance, which explains it
+    "flat-from-start": (3.0 + _noise(N, 0.05, 2), False),
     # steady fall of 40% over the run
     "steady-fall": (2.5 - 1.0 * T + _noise(N, 0.05, 3), False),
     # a run that converges late: falls until ~70%, flattens after (natural, decayed LR)

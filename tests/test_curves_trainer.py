@@ -71,7 +71,14 @@ def _train(tmp_path: Path, callback: LoraDoctorCallback, **kwargs) -> Trainer:
 
 
 def _curve_verdicts(findings) -> list[tuple[str, int | None]]:
-    return [(f.slug, f.step) for f in findings if f.code.startswith("LD2")]
+    """The curve findings and their steps. loss-at-chance's step is left out: live, the doctor
+    knows the vocabulary and can tell a loss at chance as soon as it judges; offline it knows
+    only that the loss never fell, which takes a flat window."""
+    return [
+        (f.slug, None if f.slug == "loss-at-chance" else f.step)
+        for f in findings
+        if f.code.startswith("LD2")
+    ]
 
 
 @pytest.mark.slow
@@ -91,19 +98,20 @@ def test_same_verdicts_live_and_offline_with_evaluations(tmp_path: Path) -> None
     live = callback.doctor.diagnosis("live")
     evals = [e for e in trainer.state.log_history if "eval_loss" in e]
     assert callback.doctor.history.count("eval_loss") == len(evals) == 6
-    assert live.by_slug("loss-plateau"), live.summary()
+    assert live.by_slug("loss-at-chance"), live.summary()  # flat at ln(64): nothing learned
     offline = diagnose(tmp_path / "trainer_state.json")
     assert _curve_verdicts(offline.findings) == _curve_verdicts(live.findings)
     saved = json.loads((tmp_path / "live.json").read_text())
     in_file = [(f["slug"], f["step"]) for f in saved["findings"] if f["code"].startswith("LD2")]
-    assert in_file == _curve_verdicts(live.findings)
+    assert in_file == [(f.slug, f.step) for f in live.findings if f.code.startswith("LD2")]
 
 
 @pytest.mark.slow
-def test_low_learning_rate_plateau_and_stop_on(tmp_path: Path) -> None:
-    """learning_rate=1e-6 leaves the loss flat: the plateau is reported by 20% of training, its
-    first cause is the learning rate, and stop_on stops the run there."""
-    callback = LoraDoctorCallback(report_path=False, stop_on={"loss-plateau"})
+def test_low_learning_rate_loss_at_chance_and_stop_on(tmp_path: Path) -> None:
+    """learning_rate=1e-6 leaves the loss at chance, ln(64): loss-at-chance (not a plateau) is
+    reported by 20% of training, its first cause is the learning rate, and stop_on stops the run
+    there."""
+    callback = LoraDoctorCallback(report_path=False, stop_on={"loss-at-chance"})
     trainer = _train(
         tmp_path,
         callback,
@@ -111,8 +119,9 @@ def test_low_learning_rate_plateau_and_stop_on(tmp_path: Path) -> None:
         learning_rate=1e-6,
         train_dataset=_data(64, 4),
     )
-    plateau = callback.doctor.diagnosis().by_slug("loss-plateau")  # data: random tokens
+    plateau = callback.doctor.diagnosis().by_slug("loss-at-chance")  # data: random tokens
     assert len(plateau) == 1
+    assert not callback.doctor.diagnosis().by_slug("loss-plateau")
     assert plateau[0].step is not None and plateau[0].step <= 25
     assert plateau[0].recommendation.config_changes == {"learning_rate": 2e-4}
     assert trainer.state.global_step == plateau[0].step < 100  # stopped, as asked

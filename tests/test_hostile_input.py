@@ -249,13 +249,20 @@ def test_odd_logs_give_no_warning_and_no_internal_error(
 
 
 def test_values_near_float_max_are_judged_on_their_scale() -> None:
-    """A flat loss at 1e308 is as flat as one at 2.0: the plateau fit does not overflow."""
+    """A loss at 1e308 is judged as one at 2.0: a fall then a flat stretch is a plateau, a loss
+    flat from its first log never fell (loss-at-chance, offline), and neither fit overflows."""
+    fell = [
+        {**e, "loss": e["loss"] * 2.5e307 * (1 + max(0, 10 - i) / 10)}
+        for i, e in enumerate(_flat_log())
+    ]
     flat = [{**e, "loss": e["loss"] * 5e307} for e in _flat_log()]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        d = diagnose({"max_steps": 100, "log_history": flat})
+        d = diagnose({"max_steps": 100, "log_history": fell})
+        never = diagnose({"max_steps": 100, "log_history": flat})
     assert "loss-plateau" in d.slugs
-    assert d.by_slug("loss-plateau")[0].evidence["level"] == pytest.approx(1e308, rel=0.01)
+    assert d.by_slug("loss-plateau")[0].evidence["level"] == pytest.approx(5e307, rel=0.01)
+    assert never.slugs == {"loss-at-chance"}
 
 
 # --- config -------------------------------------------------------------------------------------

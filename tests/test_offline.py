@@ -27,8 +27,13 @@ def _state(log: list[dict], **extra) -> dict:
 
 
 def _flat_log(n: int = 100, level: float = 2.0) -> list[dict]:
+    """A loss that falls in its first five logs, then stays flat: a plateau."""
     return [
-        {"loss": level + 0.01 * ((i * 7) % 5 - 2), "step": i + 1, "learning_rate": 2e-4}
+        {
+            "loss": level + 0.01 * ((i * 7) % 5 - 2) + (1.0 if i < 5 else 0.0),
+            "step": i + 1,
+            "learning_rate": 2e-4,
+        }
         for i in range(n)
     ]
 

@@ -172,6 +172,7 @@ def train(
     trainer_cls: Callable[..., Trainer] = Trainer,
     args_cls: Callable[..., TrainingArguments] = TrainingArguments,
     callbacks: Sequence[TrainerCallback] = (),
+    optimizers: tuple[Any, Any] = (None, None),
     name: str = "run",
     verbose: bool = False,
     **overrides: Any,
@@ -193,6 +194,7 @@ def train(
         trainer_cls: builds the Trainer from its keyword arguments (a subclass, or a partial).
         args_cls: builds its arguments (``TrainingArguments``, or a subclass such as TRL's).
         callbacks: extra callbacks, placed before the doctor's.
+        optimizers: the Trainer's ``optimizers`` (an optimizer built by hand, and a scheduler).
         name: the sub-folder of ``spec.workdir`` for this training job.
         verbose: show the doctor's log lines.
         **overrides: TrainingArguments to change (see :func:`training_args`).
@@ -212,6 +214,7 @@ def train(
             train_dataset=train_data,
             eval_dataset=eval_data,
             callbacks=[*callbacks, doctor],
+            optimizers=optimizers,
         )
         trainer.remove_callback(PrinterCallback)  # disable_tqdm prints every log dict instead
         try:

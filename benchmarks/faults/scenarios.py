@@ -104,6 +104,49 @@ def healthy_eval(spec: Spec) -> Outcome:
 
 
 # --- faults -------------------------------------------------------------------------------------------
+def _vocabulary(spec: Spec, **overrides: Any) -> Outcome:
+    """LoRA (r 8, lora_alpha 16, every linear layer) on a base that knows the language over the
+    whole vocabulary (:func:`tasks.vocabulary_model`), fine-tuned on the clean full-vocabulary
+    chain."""
+    model = get_peft_model(tasks.vocabulary_model(spec.arch, spec.seed), _lora(spec))
+    data = tasks.chain_data(512, spec.seed, tokens=tasks.VOCAB - 1)
+    return train(spec, model, data, **overrides)
+
+
+def healthy_vocabulary(spec: Spec) -> Outcome:
+    """A base that knows the language, fine-tuned at 2e-3: the loss starts near 0.25 ln(128) and
+    falls."""
+    return _vocabulary(spec)
+
+
+_DESTROYING_LR = 0.3
+
+
+def loss_at_chance(spec: Spec) -> Outcome:
+    """A base that knows the language, fine-tuned at a constant learning rate of 0.3 (150x the
+    healthy rate): its first updates destroy it, and the loss sits at ln(128), a uniform guess.
+    Logged every 5 steps, the first log already averages the blow-up, so no rise shows."""
+    return _vocabulary(spec, learning_rate=_DESTROYING_LR, lr_scheduler_type="constant")
+
+
+def early_divergence(spec: Spec) -> Outcome:
+    """The same, logged every step: the loss jumps about 4x at the second log, to ln(128), and
+    stays there (a catastrophe within the first five logs)."""
+    return _vocabulary(
+        spec, learning_rate=_DESTROYING_LR, lr_scheduler_type="constant", logging_steps=1
+    )
+
+
+def optimizer_without_adapter(spec: Spec) -> Outcome:
+    """The optimizer built from the model's parameters before ``get_peft_model`` wraps it: it holds
+    the base weights, which peft then freezes, and none of the LoRA parameters, so no update
+    reaches any weight."""
+    base = tasks.tiny_model(spec.arch, spec.seed)
+    optimizer = torch.optim.AdamW(base.parameters(), lr=2e-3)
+    model = get_peft_model(base, _lora(spec))
+    return train(spec, model, _data(spec), optimizers=(optimizer, None))
+
+
 def alpha_not_scaled(spec: Spec) -> Outcome:
     """r raised from 4 (lora_alpha 8, scaling 2) to 16 while lora_alpha stays 8: scaling 0.5."""
     return train(spec, _peft(spec, r=16, alpha=8), _data(spec))
@@ -433,6 +476,14 @@ SCENARIOS: tuple[Scenario, ...] = (
         healthy_pretrained,
     ),
     Scenario(
+        "healthy-vocabulary",
+        "healthy",
+        healthy_vocabulary.__doc__ or "",
+        (),
+        (ANY,),
+        healthy_vocabulary,
+    ),
+    Scenario(
         "alpha-not-scaled",
         "r changed without alpha",
         alpha_not_scaled.__doc__ or "",
@@ -453,9 +504,10 @@ SCENARIOS: tuple[Scenario, ...] = (
         "lr-too-low",
         "learning rate too low",
         lr_too_low.__doc__ or "",
-        ("loss-plateau",),
+        ("loss-plateau|loss-at-chance",),
         ("rank-saturated", *_WRONG_CAUSE),
         lr_too_low,
+        cause="learning-rate-too-low",
     ),
     Scenario(
         "lr-too-high",
@@ -559,6 +611,33 @@ SCENARIOS: tuple[Scenario, ...] = (
         ("rank-changed-on-resume",),
         ("non-finite-values", "loss-divergence"),
         resume_other_rank,
+    ),
+    Scenario(
+        "weights-not-updating",
+        "optimizer without the adapter",
+        optimizer_without_adapter.__doc__ or "",
+        ("weights-not-updating",),
+        ("loss-plateau", "rank-saturated", "loss-divergence", "non-finite-values", "zero-loss"),
+        optimizer_without_adapter,
+        cause="adapter-not-in-optimizer",
+    ),
+    Scenario(
+        "loss-at-chance",
+        "learning rate far too high (coarse logs)",
+        loss_at_chance.__doc__ or "",
+        ("loss-at-chance",),
+        ("loss-plateau", "rank-saturated", "adapter-not-learning", "zero-loss", "overfit"),
+        loss_at_chance,
+        cause="learning-rate-too-high",
+    ),
+    Scenario(
+        "early-divergence",
+        "learning rate far too high (first logs)",
+        early_divergence.__doc__ or "",
+        ("loss-divergence",),
+        ("loss-plateau", "rank-saturated", "adapter-not-learning", "zero-loss", "overfit"),
+        early_divergence,
+        cause="learning-rate-too-high",
     ),
     Scenario(
         "memory-pressure",

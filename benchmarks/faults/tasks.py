@@ -7,8 +7,9 @@ healthy run would look like a plateau. At 0.1 a LoRA adapter on a healthy setup 
 about 4.8 to about 1.2 within 100 steps, as a real fine-tuning run falls.
 
 The language model task is a noisy chain: sequences over a fixed 16-token slice of the vocabulary
-in which each token is followed by a fixed successor with probability ``1 - noise`` and by a random
-token otherwise. It has structure to learn (the successor table) and noise to memorise (overfit).
+(or the whole vocabulary, for the runs that start from :func:`vocabulary_model`) in which each
+token is followed by a fixed successor with probability ``1 - noise`` and by a random token
+otherwise. It has structure to learn (the successor table) and noise to memorise (overfit).
 The classification task labels a sequence by whether its last token lies in the lower half of the
 vocabulary (the classifier reads the last position, so even a frozen body lets the head learn).
 
@@ -117,26 +118,30 @@ def _lm_example(tokens: torch.Tensor) -> Example:
     }
 
 
-def chain_data(n: int, seed: int, *, noise: float = 0.1, dialect: bool = False) -> list[Example]:
-    """``n`` sequences of the noisy chain language (see the module docstring); with ``dialect``,
-    of its dialect, in which 8 of the 16 tokens have new successors.
+def chain_data(
+    n: int, seed: int, *, noise: float = 0.1, tokens: int = _CHAIN_TOKENS, dialect: bool = False
+) -> list[Example]:
+    """``n`` sequences of the noisy chain language (see the module docstring), over an alphabet of
+    ``tokens`` tokens (``VOCAB - 1``: every token but padding, so that a model that learned nothing
+    but the token frequencies sits at ln(VOCAB)); with ``dialect``, of its dialect, in which 8 of
+    the tokens have new successors.
 
     Example:
         >>> chain_data(2, 0)[0]["input_ids"].shape
         torch.Size([32])
     """
     g = torch.Generator().manual_seed(_TASK_SEED)
-    alphabet = torch.randperm(VOCAB - 1, generator=g)[:_CHAIN_TOKENS] + 1  # token 0 is padding
-    successor = torch.randperm(_CHAIN_TOKENS, generator=g)
+    alphabet = torch.randperm(VOCAB - 1, generator=g)[:tokens] + 1  # token 0 is padding
+    successor = torch.randperm(tokens, generator=g)
     if dialect:
         successor[:_DIALECT] = successor[:_DIALECT].roll(1)
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
         idx = torch.empty(SEQ_LEN, dtype=torch.long)
-        idx[0] = torch.randint(_CHAIN_TOKENS, (1,), generator=g)
+        idx[0] = torch.randint(tokens, (1,), generator=g)
         jumps = torch.rand(SEQ_LEN, generator=g) < noise
-        random_next = torch.randint(_CHAIN_TOKENS, (SEQ_LEN,), generator=g)
+        random_next = torch.randint(tokens, (SEQ_LEN,), generator=g)
         for t in range(1, SEQ_LEN):
             idx[t] = random_next[t] if jumps[t] else successor[idx[t - 1]]
         out.append(_lm_example(alphabet[idx]))
@@ -160,6 +165,40 @@ def pretrained_model(arch: str, seed: int) -> PreTrainedModel:
     for start in range(0, len(data), _PRETRAIN_BATCH):
         ids = torch.stack([e["input_ids"] for e in data[start : start + _PRETRAIN_BATCH]])
         model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model
+
+
+#: The base of :func:`vocabulary_model`: full fine-tuning steps, batch, rate and noise on the
+#: full-vocabulary chain seen with half its successors random.
+_VOCAB_STEPS, _VOCAB_BATCH, _VOCAB_LR, _VOCAB_NOISE = 100, 16, 1e-2, 0.5
+
+
+def vocabulary_model(arch: str, seed: int) -> PreTrainedModel:
+    """A two-layer model of ``arch`` that already knows the language over the whole vocabulary,
+    as a real base model does.
+
+    :func:`tiny_model` is trained (every weight, AdamW at 1e-2, 100 steps of 16 sequences) on the
+    chain over the whole vocabulary with half of its successors random: it learns each token's
+    successor with a probability of about one half. Fine-tuning it on the clean chain
+    (``chain_data(n, seed, tokens=VOCAB - 1)``) starts at about 0.25 ln(VOCAB) with room to fall,
+    as a pretrained model starts far below chance on its fine-tuning data; a model destroyed by
+    its updates sits at ln(VOCAB), the uniform guess over the chain's tokens. Takes about 5 s on
+    one CPU thread.
+
+    Example:
+        >>> vocabulary_model("llama", 0).training  # doctest: +SKIP
+        True
+    """
+    model = tiny_model(arch, seed)
+    data = chain_data(512, seed + 20_000, noise=_VOCAB_NOISE, tokens=VOCAB - 1)
+    ids = torch.stack([example["input_ids"] for example in data])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=_VOCAB_LR)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(_VOCAB_STEPS):
+        batch = ids[torch.randint(len(ids), (_VOCAB_BATCH,), generator=g)]
+        model(input_ids=batch, labels=batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
     return model

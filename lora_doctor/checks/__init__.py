@@ -9,7 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from lora_doctor.checks import adapter, curves, ecosystem, memory, rank, reward, run, update
+from lora_doctor.checks import (
+    adapter,
+    curves,
+    ecosystem,
+    learning,
+    memory,
+    rank,
+    reward,
+    run,
+    update,
+)
 from lora_doctor.checks.base import Cadence, Check, Context, Phase, Points, Read, Reads
 
 __all__ = [
@@ -32,6 +42,7 @@ BUILTIN_CHECKS: tuple[type[Check], ...] = (
     *rank.CHECKS,
     *curves.CHECKS,
     *reward.CHECKS,
+    *learning.CHECKS,
     *run.CHECKS,
 )
 

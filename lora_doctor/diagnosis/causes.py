@@ -496,16 +496,20 @@ def not_learning(look: Look) -> Cause | None:
 
 
 def not_trainable(look: Look) -> Cause | None:
-    """No LoRA parameter requires grad (an adapter loaded for inference)."""
+    """No LoRA parameter requires grad (an adapter loaded for inference). Open when the model was
+    not read (offline): nothing tells either way."""
     facts = look.facts
-    if not facts.lora_params:
+    if not look.lora:
         return None
-    frozen = facts.trainable_lora_params == 0
+    known = facts.lora_params > 0
+    frozen = known and facts.trainable_lora_params == 0
     return Cause(
         "lora-not-trainable",
         "no LoRA parameter is trainable",
         ("every LoRA parameter has requires_grad=False",) if frozen else (),
-        (f"{facts.trainable_lora_params:,} LoRA parameters are trainable",) if not frozen else (),
+        (f"{facts.trainable_lora_params:,} LoRA parameters are trainable",)
+        if known and not frozen
+        else (),
         Recommendation(
             summary="Load the adapter trainable: PeftModel.from_pretrained(..., is_trainable=True)",
             steps=(
@@ -520,9 +524,9 @@ def not_trainable(look: Look) -> Cause | None:
 
 
 def not_in_optimizer(look: Look) -> Cause | None:
-    """Trainable LoRA parameters that no optimizer param group holds."""
+    """Trainable LoRA parameters that no optimizer param group holds (open offline)."""
     missing = look.facts.not_in_optimizer
-    if not look.facts.lora_params:
+    if not look.lora:
         return None
     return Cause(
         "adapter-not-in-optimizer",
@@ -785,6 +789,21 @@ CANDIDATES: dict[str, tuple[Candidate, ...]] = {
         not_in_optimizer,
         checkpointing_without_input_grads,
         learning_rate_zero,
+    ),
+    "weights-not-updating": (
+        not_trainable,
+        not_in_optimizer,
+        learning_rate_zero,
+        checkpointing_without_input_grads,
+        lr_too_low,
+    ),
+    "loss-at-chance": (
+        not_learning,
+        learning_rate_zero,
+        lr_too_high,
+        alpha_too_large,
+        lr_too_low,
+        data_or_task,
     ),
 }
 

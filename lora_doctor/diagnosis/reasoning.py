@@ -4,7 +4,9 @@ It sees this look's findings together with every finding reported before and the
 in this order:
 
 1. stands down a finding that another one explains (:data:`EXPLAINED_BY`): a flat loss after a NaN,
-   a diverged or a zero loss is no underfitting, so its rank and learning-rate advice would mislead;
+   a diverged or a zero loss, a loss at chance or weights that never update is no underfitting, so
+   its rank and learning-rate advice would mislead; adapters that do not learn are part of a run
+   whose weights do not update at all;
    ``rank-inconclusive`` says nothing once ``rank-saturated`` has spoken;
 2. re-reads the evidence in the light of another finding: a full spectrum while the validation
    loss rises is what memorising looks like, so once ``overfit`` is reported a full spectrum gives
@@ -31,7 +33,15 @@ __all__ = ["EXPLAINED_BY", "run"]
 
 #: A finding of the key's slug is stood down when one of these is (or was) reported.
 EXPLAINED_BY: dict[str, tuple[str, ...]] = {
-    "loss-plateau": ("zero-loss", "loss-divergence", "non-finite-values"),
+    "loss-plateau": (
+        "zero-loss",
+        "loss-divergence",
+        "non-finite-values",
+        "loss-at-chance",
+        "weights-not-updating",
+    ),
+    "loss-at-chance": ("zero-loss", "loss-divergence", "non-finite-values", "weights-not-updating"),
+    "adapter-not-learning": ("weights-not-updating",),
     "rank-inconclusive": ("rank-saturated",),
     "training-died": ("out-of-memory", "rank-changed-on-resume"),
     "training-stopped-early": ("training-died", "out-of-memory", "rank-changed-on-resume"),
