@@ -299,9 +299,11 @@ def test_overfit_fix_for_a_small_dataset_and_large_rank() -> None:
         train_examples=200,
         adapters={"default": AdapterFacts(r=32, lora_alpha=64, lora_dropout=0.0)},
     )
-    changes = _one(doctor, "overfit").recommendation.config_changes
+    finding = _one(doctor, "overfit")
+    changes = finding.recommendation.config_changes
     assert changes["r"] == 8 and changes["lora_dropout"] == 0.1 and "weight_decay" in changes
-    assert changes["num_train_epochs"] == 4  # the best eval was at epoch 4
+    assert changes["max_steps"] == finding.evidence["best_step"]  # stop at the best evaluation
+    assert "num_train_epochs=4" in finding.recommendation.steps[1]  # the best eval: epoch 4
 
 
 def test_overfit_patience_is_configurable() -> None:

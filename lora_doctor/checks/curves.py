@@ -617,27 +617,35 @@ class Overfit(Check):
 def _overfit_fixes(
     ctx: Context, key: str, best_step: int, epoch: float | None
 ) -> tuple[list[str], dict[str, object]]:
-    """The overfit fixes in order (best checkpoint, fewer epochs, smaller r, dropout, weight
-    decay) with their config changes."""
+    """The overfit fixes in order (best checkpoint, stop at the best evaluation, smaller r,
+    dropout, weight decay) with their config changes.
+
+    ``save_strategy='best'`` saves a checkpoint at each new best evaluation, which is what
+    ``load_best_model_at_end`` needs whatever the run's evaluation schedule (transformers otherwise
+    requires the save and evaluation strategies to match). The run stops at the step of the best
+    evaluation through ``max_steps``, which binds both a run bounded by steps and one bounded by
+    epochs (``num_train_epochs`` is ignored once ``max_steps`` is set).
+    """
     cfg, facts = ctx.config, ctx.facts
     metric = key.removeprefix("eval_")  # the Trainer adds the prefix back
     steps = [
         "Keep the best checkpoint: load_best_model_at_end=True, "
-        f"metric_for_best_model='{metric}', save_strategy equal to eval_strategy, and add "
-        f"EarlyStoppingCallback(early_stopping_patience={cfg.overfit_patience})",
+        f"metric_for_best_model='{metric}', save_strategy='best' (a checkpoint at each new best "
+        f"evaluation), and add EarlyStoppingCallback(early_stopping_patience={cfg.overfit_patience})",
     ]
     changes: dict[str, object] = {
         "load_best_model_at_end": True,
         "metric_for_best_model": metric,
+        "save_strategy": "best",
+        "max_steps": best_step,
     }
-    if epoch is not None and epoch > 0:
-        epochs = max(1, math.ceil(epoch))
-        steps.append(
-            f"Train fewer epochs: num_train_epochs={epochs} (the best eval was at epoch {_fmt(epoch)})"
-        )
-        changes["num_train_epochs"] = epochs
-    else:
-        steps.append(f"Train fewer steps: stop near step {best_step}")
+    by_epochs = (
+        f" (the best eval was at epoch {_fmt(epoch)}: num_train_epochs="
+        f"{max(1, math.ceil(epoch))} in a run bounded by epochs)"
+        if epoch is not None and epoch > 0
+        else ""
+    )
+    steps.append(f"Stop at the best evaluation: max_steps={best_step}{by_epochs}")
     ranks = [a.r for a in facts.adapters.values() if a.r] or [lf.r for lf in facts.layers if lf.r]
     r = max(ranks) if ranks else None
     if r is not None and r > 8:

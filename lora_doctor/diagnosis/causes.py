@@ -368,8 +368,8 @@ def rollback(
     changes: dict[str, object] = {}
     if r:
         changes["r"] = 2 * r
-        if alpha is not None:
-            changes["lora_alpha"] = int(2 * alpha) if float(alpha).is_integer() else 2 * alpha
+        if alpha is not None:  # an int, as peft's LoraConfig declares it
+            changes["lora_alpha"] = max(1, round(2 * alpha))
     target = (
         f"r={2 * r}, lora_alpha={changes.get('lora_alpha', '2x')}"
         if r
@@ -537,11 +537,17 @@ def checkpointing_without_input_grads(look: Look) -> Cause | None:
             summary="Let gradients reach the adapters: gradient_checkpointing_kwargs="
             "{'use_reentrant': False} or model.enable_input_require_grads()",
             steps=(
-                "Set gradient_checkpointing_kwargs={'use_reentrant': False} in TrainingArguments, "
-                "or call model.enable_input_require_grads() before training",
+                "Set gradient_checkpointing=True with gradient_checkpointing_kwargs="
+                "{'use_reentrant': False} in TrainingArguments (the Trainer then turns "
+                "checkpointing on itself, non-reentrant), or call "
+                "model.enable_input_require_grads() before training",
                 "Restart from step 0",
             ),
-            config_changes={"gradient_checkpointing_kwargs": {"use_reentrant": False}},
+            # both: the kwargs do nothing unless the Trainer itself turns checkpointing on
+            config_changes={
+                "gradient_checkpointing": True,
+                "gradient_checkpointing_kwargs": {"use_reentrant": False},
+            },
             restart_from_scratch=True,
         ),
         "with gradient checkpointing, use use_reentrant=False",
