@@ -14,14 +14,16 @@ Rules (:func:`apply_findings`, behind :meth:`lora_doctor.report.Diagnosis.apply`
 - **Routing.** Each key goes to the object whose class has a field of that name, and its value
   must have the type the class annotates (an ``int`` is a ``float``; a ``bool`` is not an
   ``int``; an enum field takes its values' strings). With an object given, its own class decides
-  (a ``TrainingArguments`` subclass such as TRL's ``SFTConfig`` brings its fields; a release that
-  renamed a field does not have the new name). Without one, :data:`KNOWN_FIELDS` decides: the
+  (a ``TrainingArguments`` subclass such as TRL's ``SFTConfig`` brings its fields; a field
+  transformers renamed, :data:`RENAMED`, is set under the name the class has, the new one when it
+  has both). Without one, :data:`KNOWN_FIELDS` decides: the
   fields the doctor's fixes set, with the types peft's ``LoraConfig`` and transformers'
   ``TrainingArguments`` declare (``tests/test_fix.py`` holds the table to the installed classes).
   A key neither object has, or a value of the wrong type, is reported in ``unrouted``, not applied.
 - **Copies.** Each object is copied with :func:`dataclasses.replace`, one finding's changes at a
-  time, so the class validates them (its ``__post_init__`` runs); changes the class refuses are
-  reported in ``unrouted`` with its reason, and the copy keeps the changes before them. The
+  time, so the class validates them (its ``__post_init__`` runs); changes the class refuses, or
+  does not keep (a field read back with another value), are reported in ``unrouted`` with the
+  reason, and the copy keeps the changes before them. The
   objects passed in are never modified; the result holds new objects even when nothing changed.
 - **Steps.** The steps of the findings followed, in order, without those that only set a field
   this result sets ("Set lora_alpha=32 in LoraConfig"): what is left is what configuration cannot
@@ -83,6 +85,8 @@ KNOWN_FIELDS: dict[str, tuple[str, Any]] = {
     "fp16": (TRAINING_ARGUMENTS, bool),
     "gradient_checkpointing": (TRAINING_ARGUMENTS, bool),
     "gradient_checkpointing_kwargs": (TRAINING_ARGUMENTS, dict[str, Any]),
+    "activation_checkpointing": (TRAINING_ARGUMENTS, bool),
+    "activation_checkpointing_kwargs": (TRAINING_ARGUMENTS, dict[str, Any]),
     "ddp_find_unused_parameters": (TRAINING_ARGUMENTS, bool),
     "per_device_train_batch_size": (TRAINING_ARGUMENTS, int),
     "gradient_accumulation_steps": (TRAINING_ARGUMENTS, int),
@@ -280,23 +284,47 @@ def _class_fields(obj: Any) -> dict[str, Any]:
 _FIELDS: dict[type, dict[str, Any]] = {}
 
 
-def _route(key: str, value: Any, objects: Mapping[str, Any]) -> tuple[str, str | None]:
-    """The object ``key`` belongs to, and why it cannot be set there (None when it can)."""
+#: Fields transformers renamed, old name -> new name. transformers 5 keeps
+#: ``gradient_checkpointing*`` as mirrors of ``activation_checkpointing*``: the old name set on a
+#: copy is silently reset from the new one. A change naming either is set under the new name when
+#: the class has it, else under the old one.
+RENAMED = {
+    "gradient_checkpointing": "activation_checkpointing",
+    "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs",
+}
+_OLD_NAMES = {new: old for old, new in RENAMED.items()}
+
+
+def _name_in(key: str, fields: Mapping[str, Any]) -> str:
+    """The name ``key`` has in a class with ``fields``: the new one of a renamed field when the
+    class has it, else the old one, else ``key``."""
+    new = RENAMED.get(key, key)
+    old = _OLD_NAMES.get(new, key)
+    return new if new in fields else old if old in fields else key
+
+
+def _route(key: str, value: Any, objects: Mapping[str, Any]) -> tuple[str, str, str | None]:
+    """The object ``key`` belongs to, the field's name there, and why it cannot be set there
+    (None when it can)."""
     fields = {name: _class_fields(obj) for name, obj in objects.items() if obj is not None}
     known = KNOWN_FIELDS.get(key)
-    owners = [name for name, f in fields.items() if key in f]
+    owners = [name for name, f in fields.items() if _name_in(key, f) in f]
     if known is not None and (known[0] in owners or known[0] not in fields or not owners):
         target = known[0]
     elif owners:
         target = owners[0]
     else:
-        return "", f"no field of {' or '.join(objects)}"
-    if target in fields and key not in fields[target]:
-        return target, f"no field of this {type(objects[target]).__name__}"
-    hint = fields[target][key] if target in fields else known[1] if known else Any
+        return "", key, f"no field of {' or '.join(objects)}"
+    if target not in fields:  # the object is not given: the doctor's own table decides
+        hint = known[1] if known else Any
+    else:
+        key = _name_in(key, fields[target])
+        if key not in fields[target]:
+            return target, key, f"no field of this {type(objects[target]).__name__}"
+        hint = fields[target][key]
     if not fits(value, hint):
-        return target, f"{type(value).__name__} where {target} wants {_hint_name(hint)}"
-    return target, None
+        return target, key, f"{type(value).__name__} where {target} wants {_hint_name(hint)}"
+    return target, key, None
 
 
 def _hint_name(hint: Any) -> str:
@@ -322,6 +350,72 @@ def _copy(obj: Any, changes: Sequence[Change]) -> tuple[Any, str | None]:
     except Exception as err:  # the class's own validation: any exception type, one line kept
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         return obj, f"{type(obj).__name__} refused it: {type(err).__name__}: {first}"[:300]
+
+
+def _merge(
+    findings: Iterable[Finding], objects: Mapping[str, Any]
+) -> tuple[
+    dict[str, Change], list[Skipped], list[Skipped], list[tuple[Recommendation, list[Change]]]
+]:
+    """The changes to make by field, those dropped and unrouted, and the findings followed with
+    the changes each brings, by the rules of the module docstring."""
+    chosen: dict[str, Change] = {}
+    dropped: list[Skipped] = []
+    unrouted: list[Skipped] = []
+    followed: list[tuple[Recommendation, list[Change]]] = []
+    for f, rec in _ranked(findings):
+        routed: list[Change] = []
+        for key, value in rec.config_changes.items():
+            target, name, problem = _route(str(key), value, objects)
+            change = Change(target, name, value, f.code, f.slug, f.severity)
+            if problem is None:
+                routed.append(change)
+            else:
+                unrouted.append(Skipped(change, problem))
+        if f.severity < Severity.WARNING:
+            dropped += [Skipped(c, "information only: a suggestion, not a fix") for c in routed]
+            continue
+        clash = next(
+            (c for c in routed if c.field in chosen and chosen[c.field].value != c.value), None
+        )
+        if clash is not None:
+            winner = chosen[clash.field]
+            reason = (
+                f"{winner.code} {winner.slug} ({winner.severity.value}) sets "
+                f"{winner.assignment()}; this finding's changes go together"
+            )
+            dropped += [Skipped(c, reason) for c in routed]
+            continue
+        new = [c for c in routed if c.field not in chosen]
+        chosen.update((c.field, c) for c in new)
+        followed.append((rec, new))
+    return chosen, dropped, unrouted, followed
+
+
+def _set(obj: Any, changes: Sequence[Change]) -> tuple[Any, list[Change], list[Skipped]]:
+    """``obj`` with ``changes`` set through its class; the changes it holds afterwards, and
+    those it refused or did not keep, with why (then ``obj`` keeps the changes it did keep)."""
+    copy, refused = _copy(obj, changes)
+    if refused is not None:
+        return obj, [], [Skipped(c, refused) for c in changes]
+    lost = [
+        Skipped(c, f"{type(obj).__name__} did not keep it: it reads {now!r} after the copy")
+        for c in changes
+        if not _kept(now := getattr(copy, c.field, None), c.value)
+    ]
+    return copy, [c for c in changes if all(c is not s.change for s in lost)], lost
+
+
+def _kept(got: Any, value: Any) -> bool:
+    """Whether a field read back after the copy holds ``value`` (a class may store a list as a
+    set, a name as its enum member)."""
+    if got == value:
+        return True
+    return (
+        isinstance(got, set | frozenset)
+        and isinstance(value, list | tuple)
+        and (set(got) == set(value))
+    )
 
 
 def apply_findings(
@@ -361,37 +455,7 @@ def apply_findings(
                 f"{name} must be a dataclass instance such as peft's LoraConfig or "
                 f"transformers' TrainingArguments, got {type(obj).__name__}"
             )
-    chosen: dict[str, Change] = {}
-    dropped: list[Skipped] = []
-    unrouted: list[Skipped] = []
-    followed: list[tuple[Recommendation, list[Change]]] = []
-    for f, rec in _ranked(findings):
-        routed: list[Change] = []
-        for key, value in rec.config_changes.items():
-            target, problem = _route(str(key), value, objects)
-            change = Change(target, str(key), value, f.code, f.slug, f.severity)
-            if problem is None:
-                routed.append(change)
-            else:
-                unrouted.append(Skipped(change, problem))
-        if f.severity < Severity.WARNING:
-            if routed:
-                dropped += [Skipped(c, "information only: a suggestion, not a fix") for c in routed]
-            continue
-        clash = next(
-            (c for c in routed if c.field in chosen and chosen[c.field].value != c.value), None
-        )
-        if clash is not None:
-            winner = chosen[clash.field]
-            reason = (
-                f"{winner.code} {winner.slug} ({winner.severity.value}) sets "
-                f"{winner.assignment()}; this finding's changes go together"
-            )
-            dropped += [Skipped(c, reason) for c in routed]
-            continue
-        new = [c for c in routed if c.field not in chosen]
-        chosen.update((c.field, c) for c in new)
-        followed.append((rec, new))
+    chosen, dropped, unrouted, followed = _merge(findings, objects)
     copies = {k: None if v is None else _copy(v, ())[0] for k, v in objects.items()}
     applied: list[Change] = []
     for _, new in followed:
@@ -399,13 +463,11 @@ def apply_findings(
             mine = [c for c in new if c.target == target]
             if not mine or obj is None:
                 continue
-            copies[target], refused = _copy(copies[target], mine)
-            if refused is None:
-                applied += mine
-                continue
-            unrouted += [Skipped(c, refused) for c in mine]
-            for c in mine:
-                del chosen[c.field]
+            copies[target], kept, skipped = _set(copies[target], mine)
+            applied += kept
+            unrouted += skipped
+            for s in skipped:
+                del chosen[s.change.field]
     steps = [step for rec, _ in followed for step in rec.steps if not _is_config_step(step, chosen)]
     return AppliedFix(
         lora_config=copies[LORA_CONFIG],

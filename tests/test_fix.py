@@ -138,6 +138,63 @@ def test_a_field_the_installed_class_lacks_is_not_applied() -> None:
     assert [s.reason for s in fix.unrouted] == ["no field of this Args"]
 
 
+@dataclass
+class Args5:
+    """transformers 5's TrainingArguments: ``gradient_checkpointing`` mirrors
+    ``activation_checkpointing``, so the old name set on a copy is reset from the new one."""
+
+    activation_checkpointing: bool | None = None
+    gradient_checkpointing: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.activation_checkpointing is None:
+            self.activation_checkpointing = bool(self.gradient_checkpointing)
+        self.gradient_checkpointing = self.activation_checkpointing
+
+
+@dataclass
+class Args4:
+    """An older TrainingArguments: only the old name."""
+
+    gradient_checkpointing: bool = False
+
+
+@pytest.mark.parametrize(
+    ("args", "key", "field_set"),
+    [
+        (Args5(), "gradient_checkpointing", "activation_checkpointing"),
+        (Args5(), "activation_checkpointing", "activation_checkpointing"),
+        (Args4(), "activation_checkpointing", "gradient_checkpointing"),
+        (Args4(), "gradient_checkpointing", "gradient_checkpointing"),
+    ],
+    ids=["old-name-new-class", "new-name-new-class", "new-name-old-class", "old-name-old-class"],
+)
+def test_renamed_fields_are_set_under_the_name_that_counts(
+    args: Any, key: str, field_set: str
+) -> None:
+    fix = apply_findings([_f("x", {key: True})], None, args)
+    assert [c.field for c in fix.applied] == [field_set] and not fix.unrouted
+    assert fix.training_args.gradient_checkpointing is True
+
+
+def test_a_change_the_class_does_not_keep_is_reported() -> None:
+    """Had the old name been set on transformers 5's class, the copy would read False: such a
+    change is reported, not claimed."""
+
+    @dataclass
+    class Mirror:
+        flag: bool = False
+
+        def __post_init__(self) -> None:
+            self.flag = False  # resets whatever it was given, as a mirror field does
+
+    fix = apply_findings([_f("x", {"flag": True})], None, Mirror())
+    assert fix.applied == () and fix.changes == ()
+    assert [s.reason for s in fix.unrouted] == [
+        "Mirror did not keep it: it reads False after the copy"
+    ]
+
+
 def test_without_objects_the_known_fields_route() -> None:
     """The CLI's case: nothing to apply to, the changes routed by the doctor's own table."""
     fix = apply_findings([_f("x", {"lora_alpha": 32, "learning_rate": 2e-4, "nope": 1})])
