@@ -24,7 +24,7 @@ from transformers import LlamaForCausalLM, TrainerCallback
 
 from benchmarks import planted_rank
 from benchmarks.faults import tasks
-from benchmarks.faults.runner import Outcome, Spec, train
+from benchmarks.faults.runner import Outcome, Spec, lora_config, train
 from benchmarks.faults.score import ANY
 
 __all__ = ["ANY", "SCENARIOS", "Scenario", "Skip"]
@@ -46,6 +46,8 @@ class Scenario:
         must_not: findings that would be wrong here (``ANY`` on controls).
         build: runs the training and returns its outcome.
         quick: part of the quick subset that runs in the test suite.
+        config_fix: a change of ``LoraConfig`` or ``TrainingArguments`` undoes the mistake: the
+            fix loop (``--fix-loop``) applies the doctor's fix and trains again.
     """
 
     name: str
@@ -55,6 +57,7 @@ class Scenario:
     must_not: tuple[str, ...]
     build: Callable[[Spec], Outcome]
     quick: bool = False
+    config_fix: bool = False
 
     @property
     def healthy(self) -> bool:
@@ -64,7 +67,7 @@ class Scenario:
 # --- building blocks --------------------------------------------------------------------------------
 def _lora(spec: Spec, r: int = 8, alpha: float = 16, **kwargs: Any) -> LoraConfig:
     kwargs.setdefault("target_modules", tasks.lora_targets(spec.arch))
-    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, **kwargs)
+    return lora_config(spec, r=r, lora_alpha=alpha, lora_dropout=0.0, **kwargs)
 
 
 def _peft(spec: Spec, head: str = "lm", **lora: Any) -> Any:
@@ -280,10 +283,10 @@ def _planted(spec: Spec, r: int) -> Outcome:
     config, state, teacher = planted_rank.build_models(setup, spec.device, seed=spec.seed)
     student = LlamaForCausalLM(config)
     student.load_state_dict(state)
-    model = get_peft_model(
-        student,
-        LoraConfig(r=r, lora_alpha=2 * r, target_modules=planted_rank.TARGETS, lora_dropout=0.0),
+    lora = lora_config(
+        spec, r=r, lora_alpha=2 * r, target_modules=planted_rank.TARGETS, lora_dropout=0.0
     )
+    model = get_peft_model(student, lora)
     return train(
         spec,
         model,
@@ -344,6 +347,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         ("adapter-shape", *_WRONG_CAUSE),
         alpha_not_scaled,
         quick=True,
+        config_fix=True,
     ),
     Scenario(
         "rank-too-low",
@@ -352,6 +356,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         ("rank-saturated",),
         ("rank-underused", *_WRONG_CAUSE),
         rank_too_low,
+        config_fix=True,
     ),
     Scenario(
         "lr-too-low",
@@ -360,6 +365,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         ("loss-plateau",),
         ("rank-saturated", *_WRONG_CAUSE),
         lr_too_low,
+        config_fix=True,
     ),
     Scenario(
         "lr-too-high",
@@ -368,6 +374,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         ("loss-divergence|non-finite-values",),
         ("adapter-not-learning", "zero-loss", "overfit"),
         lr_too_high,
+        config_fix=True,
     ),
     Scenario(
         "adapters-frozen",
@@ -385,6 +392,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         ("adapter-not-learning",),
         ("non-finite-values", "loss-divergence", "zero-loss"),
         checkpointing_without_input_grads,
+        config_fix=True,
     ),
     Scenario(
         "attention-only",
@@ -393,6 +401,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         ("attention-only-targets",),
         _WRONG_CAUSE,
         attention_only,
+        config_fix=True,
     ),
     Scenario(
         "overfit",
@@ -401,6 +410,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         ("overfit",),
         ("loss-plateau", *_WRONG_CAUSE),
         overfit,
+        config_fix=True,
     ),
     Scenario(
         "labels-masked",
