@@ -54,7 +54,7 @@ __all__ = [
 
 FIXED_LOSS_RATIO = 0.85
 #: The quick form (a test): three faults and one control, one seed, Llama.
-QUICK = ("healthy", "alpha-not-scaled", "lr-too-low", "attention-only")
+QUICK = ("healthy", "alpha-not-scaled", "rank-too-low", "gc-no-input-grads")
 _ALARM = ("warning", "error")
 
 
