@@ -376,3 +376,12 @@ def test_cli_fix_json_writes_the_merged_changes_and_steps(tmp_path: Any, capsys:
     assert all(c["slug"] and c["severity"] in ("warning", "error") for c in written["changes"])
     assert written["unrouted"] == []
     assert all(not s.startswith("Set lora_alpha") for s in written["steps"])
+
+
+def test_cli_fix_json_to_a_folder_is_one_line_and_exit_2(tmp_path: Any, capsys: Any) -> None:
+    folder = tmp_path / "out"
+    folder.mkdir()
+    status = main(["diagnose", str(_run_dir(tmp_path)), "--fix-json", str(folder)])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert err.count("\n") == 1 and err.startswith("lora-doctor: error: cannot write")
