@@ -261,6 +261,48 @@ def test_fix_loop_results_round_trip_and_table(tmp_path: Path) -> None:
     assert "| `healthy` | 1 | 1 |" in table
 
 
+#: The fix loop's saved results (python -m benchmarks.faults --fix-loop --seeds 3 --out ...).
+FIXLOOP_RESULTS = (
+    Path(__file__).resolve().parents[1] / "benchmarks" / "faults" / "fixloop_results.json"
+)
+
+
+def test_every_change_the_benchmark_recommended_builds_both_objects(tmp_path: Path) -> None:
+    """Each finding's config_changes in the saved fix-loop runs, applied to a real LoraConfig and
+    TrainingArguments, is taken whole; each run's applied changes build both objects."""
+    from peft import LoraConfig
+    from transformers import TrainingArguments
+
+    from benchmarks.faults.fixloop import load
+    from lora_doctor.findings import Finding as Found
+    from lora_doctor.findings import Recommendation, Severity
+    from lora_doctor.fix import apply_findings
+
+    results = load([FIXLOOP_RESULTS])
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+    args = TrainingArguments(
+        output_dir=str(tmp_path), eval_strategy="steps", eval_steps=5, report_to="none"
+    )
+    recommended = [rec for r in results for rec in r.recommended]
+    assert recommended, "the saved results hold no recommendation"
+    for rec in recommended:
+        fix = Recommendation("fix", (), rec["config_changes"])
+        finding = Found(rec["code"], rec["slug"], Severity.WARNING, 1, "t", "m", {}, fix)
+        applied = apply_findings([finding], lora, args)
+        assert not applied.unrouted, (rec, applied.unrouted)
+        assert len(applied.applied) == len(rec["config_changes"]), rec
+    for r in results:
+        LoraConfig(
+            **{
+                "r": 8,
+                "lora_alpha": 16,
+                "target_modules": ["q_proj"],
+                **r.applied.get("LoraConfig", {}),
+            }
+        )
+        TrainingArguments(**{"output_dir": str(tmp_path), "eval_strategy": "steps", "eval_steps": 5, "report_to": "none", **r.applied.get("TrainingArguments", {})})  # fmt: skip
+
+
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
 def test_quick_fix_loop_removes_the_faults(tmp_path: Path) -> None:
