@@ -13,23 +13,24 @@ Rules (:func:`apply_findings`, behind :meth:`lora_doctor.report.Diagnosis.apply`
   each with the winning finding named. A field two findings set to the same value is no conflict.
 - **Routing.** Each key goes to the object whose class has a field of that name, and its value
   must have the type the class annotates (an ``int`` is a ``float``; a ``bool`` is not an
-  ``int``; an enum field takes its values' strings). With an object given, its own class decides
-  (a ``TrainingArguments`` subclass such as TRL's ``SFTConfig`` brings its fields; a field
-  transformers renamed, :data:`RENAMED`, is set under the name the class has, the new one when it
-  has both). Without one, :data:`KNOWN_FIELDS` decides: the
-  fields the doctor's fixes set, with the types peft's ``LoraConfig`` and transformers'
-  ``TrainingArguments`` declare (``tests/test_fix.py`` holds the table to the installed classes).
-  A key neither object has, or a value of the wrong type, is reported in ``unrouted``, not applied.
+  ``int``; an enum field takes its values' strings). With an object given, its own class decides:
+  a ``TrainingArguments`` subclass such as TRL's ``SFTConfig`` brings its fields, and a field
+  transformers renamed (:data:`RENAMED`) is set under the name the class has, the new one when it
+  has both. Without one, :data:`KNOWN_FIELDS` decides: the fields the doctor's fixes set, with the
+  types peft's ``LoraConfig`` and transformers' ``TrainingArguments`` declare
+  (``tests/test_fix_fields.py`` holds the table to the installed classes). A key neither object
+  has, or a value of the wrong type, is reported in ``unrouted``, not applied.
 - **Copies.** Each object is copied with :func:`dataclasses.replace`, one finding's changes at a
   time, so the class validates them (its ``__post_init__`` runs); changes the class refuses, or
   does not keep (a field read back with another value), are reported in ``unrouted`` with the
-  reason, and the copy keeps the changes before them. The
-  objects passed in are never modified; the result holds new objects even when nothing changed.
+  reason, and the copy keeps the changes before them. The objects passed in are never modified;
+  the result holds new objects even when nothing changed.
 - **Steps.** The steps of the findings followed, in order, without those that only set a field
   this result sets ("Set lora_alpha=32 in LoraConfig"): what is left is what configuration cannot
   do (restart from the base model, fix the data, add a callback).
 
-Needs neither torch nor peft nor transformers: it works on any dataclass.
+Needs neither torch nor peft nor transformers: it works on any dataclass. Source: DESIGN.md, "A fix
+must work"; the fix loop of ``benchmarks/faults`` (``--fix-loop``) applies these rules to real runs.
 
 Example:
     >>> from lora_doctor.findings import Finding, Recommendation, Severity
@@ -57,6 +58,7 @@ from lora_doctor.findings import Finding, Recommendation, Severity, to_jsonable
 __all__ = [
     "KNOWN_FIELDS",
     "LORA_CONFIG",
+    "RENAMED",
     "TRAINING_ARGUMENTS",
     "AppliedFix",
     "Change",

@@ -391,7 +391,11 @@ def rollback(
     changes: dict[str, object] = {"r": new_r}
     if alpha is not None:  # an int, as peft's LoraConfig declares it; lora_alpha/r kept
         changes["lora_alpha"] = max(1, round(alpha * new_r / r))
-    target = f"r={new_r}, lora_alpha={changes.get('lora_alpha', f'{new_r // r}x')}"
+    target = (
+        f"r={new_r}, lora_alpha={changes['lora_alpha']}"
+        if "lora_alpha" in changes
+        else f"r={new_r} with lora_alpha {new_r // r}x as large"
+    )
     return Recommendation(
         summary=f"Rank {r} looks too small: restart with {target}",
         steps=(
