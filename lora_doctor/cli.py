@@ -1,7 +1,7 @@
 """The ``lora-doctor`` command.
 
     lora-doctor --version
-    lora-doctor diagnose PATH [--json OUT] [--plot OUT.png] [--fail-on warning|error]
+    lora-doctor diagnose PATH [--json OUT] [--fix-json FILE] [--plot OUT.png] [--fail-on warning|error]
     lora-doctor sweep MODULE:FUNCTION [--ranks 4 8 16] [--metric eval_loss] [--out DIR]
 
 PATH is a run folder, a checkpoint folder or a ``trainer_state.json``. Exit status: 0 when nothing
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -26,6 +27,7 @@ from lora_doctor._version import __version__
 from lora_doctor.findings import Severity
 from lora_doctor.offline import RunReadError, diagnose
 from lora_doctor.plot import check_plot_path
+from lora_doctor.report import write_json_atomic
 
 __all__ = ["main"]
 
@@ -64,6 +66,12 @@ def _parser() -> argparse.ArgumentParser:
         "--json",
         metavar="OUT",
         help="write the diagnosis JSON to OUT (atomically; a symbolic link is followed)",
+    )
+    diag.add_argument(
+        "--fix-json",
+        metavar="FILE",
+        help="write the fix to FILE: the LoraConfig and TrainingArguments changes the findings "
+        "recommend, merged (errors before warnings), and the steps that are not configuration",
     )
     diag.add_argument(
         "--plot",
@@ -119,6 +127,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.json:
             diagnosis.to_json(args.json)
             written.append(f"diagnosis written to {args.json}")
+        if args.fix_json:
+            fix = json.dumps(diagnosis.apply().to_dict(), indent=2, allow_nan=False)
+            write_json_atomic(args.fix_json, fix)
+            written.append(f"fix written to {args.fix_json}")
         if args.plot:
             diagnosis.plot(args.plot)
             written.append(f"plot written to {args.plot}")

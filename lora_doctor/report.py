@@ -16,6 +16,7 @@ from typing import Any
 from lora_doctor._version import __version__
 from lora_doctor.facts import RunFacts
 from lora_doctor.findings import Finding, Severity, to_jsonable
+from lora_doctor.fix import AppliedFix, apply_findings
 from lora_doctor.history import History
 
 __all__ = ["SCHEMA_VERSION", "Diagnosis", "load_schema", "write_json_atomic"]
@@ -110,6 +111,35 @@ class Diagnosis:
             if isinstance(tool, Mapping)
             else __version__,
         )
+
+    def apply(self, lora_config: Any = None, training_args: Any = None) -> AppliedFix:
+        """Copies of ``lora_config`` and ``training_args`` with the recommended changes applied,
+        and the steps that are not configuration (restart from the base model, fix the data ...).
+
+        Errors come before warnings; when two findings set the same field to different values the
+        more severe wins (the first found at equal severity) and the other finding's changes are
+        dropped together; information findings are suggestions and are not applied. Each key goes
+        to the object whose class has that field, and a value must have the field's annotated
+        type: anything else is reported in ``unrouted``, not applied. The objects passed in are
+        not modified. The full rules are in :mod:`lora_doctor.fix`.
+
+        Args:
+            lora_config: the run's ``peft.LoraConfig`` (or None).
+            training_args: the run's ``transformers.TrainingArguments`` or a subclass (or None).
+
+        Returns:
+            :class:`~lora_doctor.fix.AppliedFix`: ``lora_config``, ``training_args``, ``applied``,
+            ``dropped``, ``unrouted``, ``steps``, and ``summary()``.
+
+        Raises:
+            TypeError: when an object given is not a dataclass instance.
+
+        Example:
+            >>> fix = diagnosis.apply(lora_config, training_args)  # doctest: +SKIP
+            >>> print(fix.summary())  # doctest: +SKIP
+            >>> model = get_peft_model(fresh_base_model, fix.lora_config)  # doctest: +SKIP
+        """
+        return apply_findings(self.findings, lora_config, training_args)
 
     def plot(self, path: str | os.PathLike[str]) -> Path:
         """Draws loss, eval loss and grad norm with each finding marked at its step, to ``path``.

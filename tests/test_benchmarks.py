@@ -219,3 +219,145 @@ def test_overhead_parts_and_extrapolation() -> None:
     assert with_spectrum.share_step_clock == pytest.approx(0.163 / 2.5)
     assert without.share_step_clock == pytest.approx(0.093 / 2.5)
     assert with_spectrum.readings == "2 of 2, 40-112 of 112 layers" and without.readings == "-"
+
+
+# --- the fix loop ------------------------------------------------------------------------------------
+def _outcome(
+    findings: tuple[Finding, ...] = (),
+    loss: float = 2.0,
+    eval_loss: float | None = None,
+    error: str | None = None,
+):
+    from benchmarks.faults.runner import Outcome
+
+    return Outcome(
+        findings=list(findings),
+        log_history=[{"loss": 9.0, "step": 5}, {"loss": loss, "step": 10}],
+        eval_loss=eval_loss,
+        error=error,
+    )
+
+
+PLATEAU = F("loss-plateau", "warning", 40)
+JUDGE_CASES = [
+    ("fixed", _outcome((PLATEAU,)), _outcome(loss=1.0), True, ""),
+    ("still-reported", _outcome((PLATEAU,)), _outcome((PLATEAU,), 1.0), False, "still reports loss-plateau"),
+    ("info-is-not-reported", _outcome((PLATEAU,)), _outcome((F("loss-plateau", "info"),), 1.0), True, ""),
+    ("loss-not-low-enough", _outcome((PLATEAU,)), _outcome(loss=1.8), False, "loss above 0.85 x the faulty run's"),
+    ("new-error", _outcome((PLATEAU,)), _outcome((F("non-finite-values", "error"),), 1.0), False, "new error non-finite-values"),
+    ("old-error-is-not-new", _outcome((F("zero-loss", "error"),)), _outcome((F("zero-loss", "error"),), 1.0), True, ""),
+    ("died", _outcome((PLATEAU,)), _outcome(loss=1.0, error="RuntimeError: x"), False, "died: RuntimeError: x"),
+    ("nan-before", _outcome((PLATEAU,), float("nan")), _outcome(loss=3.0), True, ""),
+    ("nan-after", _outcome((PLATEAU,)), _outcome(loss=float("nan")), False, "loss above 0.85 x the faulty run's"),
+    ("eval-loss-decides", _outcome((PLATEAU,), 0.1, 3.0), _outcome(loss=0.5, eval_loss=2.0), True, ""),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("faulty", "fixed", "verdict", "reason"),
+    [c[1:] for c in JUDGE_CASES],
+    ids=[c[0] for c in JUDGE_CASES],
+)
+def test_fix_loop_verdict(faulty, fixed, verdict: bool, reason: str) -> None:
+    from benchmarks.faults.fixloop import FixResult, final_loss, judge
+    from benchmarks.faults.scenarios import SCENARIOS
+
+    scenario = next(s for s in SCENARIOS if s.name == "lr-too-low")  # must: loss-plateau
+    record = FixResult(scenario.name, scenario.fault, "llama", 0)
+    record.loss_key, record.loss_before = final_loss(faulty)
+    judge(record, scenario, faulty, fixed)
+    assert (record.fixed, record.reason) == (verdict, reason)
+
+
+def test_fix_loop_selects_configuration_faults_and_controls() -> None:
+    from benchmarks.faults.fixloop import QUICK, select
+    from benchmarks.faults.scenarios import SCENARIOS
+
+    every = select(quick=False)
+    assert {s.name for s in every} == {s.name for s in SCENARIOS if s.config_fix or s.healthy}
+    assert [s.name for s in select(quick=True)] == [
+        n for n in (s.name for s in every) if n in QUICK
+    ]
+    with pytest.raises(ValueError, match=r"not in the fix loop: \['labels-masked'\]"):
+        select(quick=False, only=["labels-masked"])
+
+
+def test_fix_loop_results_round_trip_and_table(tmp_path: Path) -> None:
+    from benchmarks.faults.fixloop import FixResult, format_table, load, save
+
+    runs = [
+        FixResult("alpha-not-scaled", "r changed without alpha", "llama", s, applied={"LoraConfig": {"lora_alpha": 32}},
+                  loss_before=1.4, loss_after=0.8 + s, fixed=s == 0, reason="" if s == 0 else "loss above 0.85 x the faulty run's")
+        for s in (0, 1)
+    ] + [FixResult("healthy", "healthy", "llama", 0, unchanged=True)]  # fmt: skip
+    save(runs, tmp_path / "fixloop.json")
+    back = load([tmp_path / "fixloop.json"])
+    assert [r.scenario for r in back] == ["healthy", "alpha-not-scaled", "alpha-not-scaled"]
+    table = format_table(back)
+    assert (
+        "| `alpha-not-scaled` (r changed without alpha) | **1/2** | loss | 1.4 -> 1.3 | `lora_alpha=32` | loss above 0.85 x the faulty run's (llama s1) |"
+        in table
+    )
+    assert "| `healthy` | 1 | 1 |" in table
+
+
+#: The fix loop's saved results (python -m benchmarks.faults --fix-loop --seeds 3 --out ...).
+FIXLOOP_RESULTS = (
+    Path(__file__).resolve().parents[1] / "benchmarks" / "faults" / "fixloop_results.json"
+)
+
+
+def test_every_change_the_benchmark_recommended_builds_both_objects(tmp_path: Path) -> None:
+    """Each finding's config_changes in the saved fix-loop runs, applied to a real LoraConfig and
+    TrainingArguments, is taken whole; each run's applied changes build both objects."""
+    from peft import LoraConfig
+    from transformers import TrainingArguments
+
+    from benchmarks.faults.fixloop import load
+    from lora_doctor.findings import Finding as Found
+    from lora_doctor.findings import Recommendation, Severity
+    from lora_doctor.fix import apply_findings
+
+    results = load([FIXLOOP_RESULTS])
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+    args = TrainingArguments(
+        output_dir=str(tmp_path), eval_strategy="steps", eval_steps=5, report_to="none"
+    )
+    recommended = [rec for r in results for rec in r.recommended]
+    assert recommended, "the saved results hold no recommendation"
+    for rec in recommended:
+        fix = Recommendation("fix", (), rec["config_changes"])
+        finding = Found(rec["code"], rec["slug"], Severity.WARNING, 1, "t", "m", {}, fix)
+        applied = apply_findings([finding], lora, args)
+        assert not applied.unrouted, (rec, applied.unrouted)
+        assert len(applied.applied) == len(rec["config_changes"]), rec
+    for r in results:
+        LoraConfig(
+            **{
+                "r": 8,
+                "lora_alpha": 16,
+                "target_modules": ["q_proj"],
+                **r.applied.get("LoraConfig", {}),
+            }
+        )
+        TrainingArguments(**{"output_dir": str(tmp_path), "eval_strategy": "steps", "eval_steps": 5, "report_to": "none", **r.applied.get("TrainingArguments", {})})  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_quick_fix_loop_removes_the_faults(tmp_path: Path) -> None:
+    """Three faults trained, diagnosed, fixed by ``Diagnosis.apply`` and trained again; the
+    control's diagnosis changes nothing."""
+    from benchmarks.faults.fixloop import FIXED_LOSS_RATIO, QUICK, collect, format_table, select
+
+    results = collect(select(quick=True), ["llama"], [0], tmp_path, progress=False)
+    assert {r.scenario for r in results} == set(QUICK)
+    for r in results:
+        if r.healthy:
+            assert r.unchanged and r.applied == {}, r
+            continue
+        assert r.applied and not r.unrouted, r
+        assert r.loss_after is not None and r.loss_before is not None
+        assert r.fixed, r
+        assert r.loss_after <= FIXED_LOSS_RATIO * r.loss_before and not r.still_found
+    assert "**1/1**" in format_table(results)

@@ -123,7 +123,9 @@ def test_rank_saturated(kwargs: dict, fires: bool) -> None:
     assert bool(found) is fires
     if fires:
         f = found[0]
-        assert f.recommendation is not None and f.recommendation.config_changes == {"r": 8}
+        # the rollback from r 4: to the usual default, not one doubling (causes.ROLLBACK_MIN_RANK)
+        assert f.recommendation is not None and f.recommendation.config_changes == {"r": 16}
+        assert "r=16 with lora_alpha 4x as large" in f.recommendation.summary
         assert f.recommendation.restart_from_scratch
         assert f.evidence["r"] == 4 and set(f.evidence["by_kind"]) == set(KINDS)
         assert f.evidence["layers_full"] == 8

@@ -111,7 +111,7 @@ def _saturated(config: DoctorConfig) -> Finding:
 
 
 @pytest.mark.parametrize(
-    ("share", "says"), [(0.9, "Memory: r=8 fits"), (0.3, "Memory: r=8 does not fit")]
+    ("share", "says"), [(0.9, "Memory: r=16 fits"), (0.3, "Memory: r=16 does not fit")]
 )
 def test_rollback_memory_advice_uses_the_users_threshold(share: float, says: str) -> None:
     saturated = _saturated(DoctorConfig(oom_peak_share=share))

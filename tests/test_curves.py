@@ -198,11 +198,25 @@ def test_rank_inconclusive_is_named_in_the_rank_check() -> None:
     assert "could not tell whether r binds" in rank.check
 
 
-def test_rollback_recommendation() -> None:
-    rec = rollback(8, 16, RunFacts(), DoctorConfig())
-    assert rec.config_changes == {"r": 16, "lora_alpha": 32}
+ROLLBACKS = [
+    ("r8-doubles", 8, 16, {"r": 16, "lora_alpha": 32}),
+    ("r32-doubles", 32, 32, {"r": 64, "lora_alpha": 64}),
+    ("r2-to-the-default", 2, 4, {"r": 16, "lora_alpha": 32}),  # r 4 still bound a rank-8 task
+    ("r4-alpha-kept-in-proportion", 4, 4, {"r": 16, "lora_alpha": 16}),
+    ("fractional-alpha-an-int", 8, 12.5, {"r": 16, "lora_alpha": 25}),
+    ("no-alpha", 8, None, {"r": 16}),
+]
+
+
+@pytest.mark.parametrize(
+    ("r", "alpha", "changes"), [c[1:] for c in ROLLBACKS], ids=[c[0] for c in ROLLBACKS]
+)
+def test_rollback_recommendation(r: int, alpha: float | None, changes: dict) -> None:
+    rec = rollback(r, alpha, RunFacts(), DoctorConfig())
+    assert rec.config_changes == changes
     assert rec.restart_from_scratch
     assert rec.steps[0] == "Stop training now"
+    assert rec.steps[2].startswith(f"Set r={changes['r']}") and "lora_alpha" in rec.steps[2]
     assert any("never resume a checkpoint with a new rank" in s for s in rec.steps)
 
 
@@ -300,7 +314,8 @@ def test_overfit_fix_for_a_small_dataset_and_large_rank() -> None:
         train_examples=200,
         adapters={"default": AdapterFacts(r=32, lora_alpha=64, lora_dropout=0.0)},
     )
-    changes = _one(doctor, "overfit").recommendation.config_changes
+    finding = _one(doctor, "overfit")
+    changes = finding.recommendation.config_changes
     assert changes["r"] == 8 and changes["lora_dropout"] == 0.1 and "weight_decay" in changes
     assert changes["max_steps"] == 200  # the best eval (epoch 4): max_steps applies either way
 

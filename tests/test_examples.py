@@ -41,6 +41,22 @@ def test_readme_custom_loop_runs_as_written(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_readme_apply_fix_runs_as_written(tmp_path: Path) -> None:
+    """The README's fix loop: the diagnosis applied, the run from scratch clearly better."""
+    script = tmp_path / "apply.py"
+    script.write_text(_readme_block("apply-fix"), encoding="utf-8")
+    done = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "LoraConfig.lora_alpha=32  [LD110 alpha-rank-ratio]" in done.stdout
+    found = re.search(r"final loss ([\d.]+) with the mistake, ([\d.]+) with the fix", done.stdout)
+    assert found, done.stdout[-2000:]
+    before, after = float(found.group(1)), float(found.group(2))
+    assert after <= 0.85 * before, (before, after)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("lr", "stuck"), [("2e-5", True), ("2e-3", False)], ids=["mistake", "fixed"]
 )

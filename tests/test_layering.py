@@ -17,6 +17,7 @@ ENGINE = [
     "lora_doctor.checks",
     "lora_doctor.engine",
     "lora_doctor.report",
+    "lora_doctor.fix",
     "lora_doctor.sweep",
     "lora_doctor.cli",
     "lora_doctor.offline",
@@ -57,6 +58,7 @@ ENGINE_SCRIPT = BLOCKER + textwrap.dedent(
     doctor = Doctor(facts=facts, emit=False)
     slugs = [f.slug for f in doctor.run_phase(Phase.SETUP)]
     doctor.diagnosis("offline").to_dict()
+    print("FIX", doctor.diagnosis("offline").apply().config_changes())
     print("SLUGS", slugs)
     print("LOADED", sorted(m for m in sys.modules if m.split(".")[0] in {BLOCKED!r}))
     """
@@ -84,6 +86,7 @@ def test_engine_imports_and_runs_with_frameworks_blocked() -> None:
     result = run_script(ENGINE_SCRIPT)
     assert result.returncode == 0, result.stderr
     assert "SLUGS ['alpha-rank-ratio']" in result.stdout
+    assert "FIX {'LoraConfig': {'lora_alpha': 32}}" in result.stdout
     assert "LOADED []" in result.stdout
 
 

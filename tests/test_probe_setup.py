@@ -56,6 +56,24 @@ def test_llama_setup_from_arguments(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("on_model", "in_args", "expected"),
+    [(True, False, True), (False, True, True), (False, False, False)],
+    ids=["model-only", "arguments-only", "neither"],
+)
+def test_checkpointing_on_when_the_model_or_the_arguments_say_so(
+    on_model: bool, in_args: bool, expected: bool
+) -> None:
+    """A model checkpointed by hand (model.gradient_checkpointing_enable) with the Trainer's
+    gradient_checkpointing=False still checkpoints: the causes must see it."""
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    if on_model:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    args = SimpleNamespace(gradient_checkpointing=in_args)
+    setup = read_setup(SetupFacts(), ModelView.build(model), args, max_steps=10)
+    assert setup.gradient_checkpointing is expected
+
+
+@pytest.mark.parametrize(
     ("args", "steps"),
     [
         ({"warmup_steps": 30}, 30),

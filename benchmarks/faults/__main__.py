@@ -1,4 +1,4 @@
-"""``python -m benchmarks.faults --seeds 3 [--quick]``: the LoRA fault benchmark."""
+"""``python -m benchmarks.faults --seeds 3 [--quick] [--fix-loop]``: the LoRA fault benchmark."""
 
 import sys
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as hf_logging
 
+from benchmarks.faults import fixloop
 from benchmarks.faults.runner import Spec
 from benchmarks.faults.scenarios import SCENARIOS, Scenario, Skip
 from benchmarks.faults.score import Finding, RunResult, format_table, summarize
@@ -117,6 +118,30 @@ def _report(results: Sequence[RunResult], scenarios: Sequence[Scenario]) -> str:
     return "\n".join(lines)
 
 
+def _fix_loop(
+    scenarios: Sequence[Scenario],
+    archs: Sequence[str],
+    seeds: Sequence[int],
+    device: str,
+    out: Path | None,
+    start: float,
+) -> int:
+    """``--fix-loop``: runs :mod:`benchmarks.faults.fixloop`, prints (and saves) its table."""
+    with tempfile.TemporaryDirectory(prefix="lora-doctor-fixloop-") as tmp:
+        results = fixloop.collect(scenarios, archs, seeds, Path(tmp), device)
+    table = fixloop.format_table(results)
+    print(table)
+    print(
+        f"\n{len(results)} fix loops ({', '.join(archs)}; seeds {list(seeds)}; {device}) in "
+        f"{time.perf_counter() - start:.0f} s"
+    )
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        fixloop.save(results, out / "fixloop.json")
+        (out / "fixloop.md").write_text(table + "\n", encoding="utf-8")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m benchmarks.faults``: runs the benchmark and prints the table."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.faults", description=__doc__)
@@ -134,16 +159,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=Path,
         nargs="+",
         default=None,
-        help="train nothing: score the results.json files of earlier runs together",
+        help="train nothing: score the results.json (with --fix-loop: fixloop.json) files of "
+        "earlier runs together",
+    )
+    parser.add_argument(
+        "--fix-loop",
+        action="store_true",
+        help="apply each configuration fault's diagnosis and train again (with --quick: three "
+        "faults and a control)",
     )
     args = parser.parse_args(argv)
     if args.score is not None:
-        print(_report(load_results(args.score), SCENARIOS))
+        scored = (
+            fixloop.format_table(fixloop.load(args.score))
+            if args.fix_loop
+            else _report(load_results(args.score), SCENARIOS)
+        )
+        print(scored)
         return 0
     if args.seeds < 1:
         parser.error(f"--seeds must be >= 1, got {args.seeds}")
     try:
-        scenarios = select(args.quick, args.only)
+        scenarios = (fixloop.select if args.fix_loop else select)(args.quick, args.only)
     except ValueError as err:
         parser.error(str(err))
     archs = args.arch or (QUICK_ARCHS if args.quick else ARCHS)
@@ -151,6 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_error()
     start = time.perf_counter()
+    if args.fix_loop:
+        return _fix_loop(scenarios, archs, seeds, args.device, args.out, start)
     with tempfile.TemporaryDirectory(prefix="lora-doctor-faults-") as tmp:
         results = collect(scenarios, archs, seeds, Path(tmp), args.device)
     table = _report(results, scenarios)

@@ -11,18 +11,19 @@ from __future__ import annotations
 import json
 import logging
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from peft import LoraConfig
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from benchmarks.faults.score import Finding
 from lora_doctor import DoctorConfig, LoraDoctorCallback
 
-__all__ = ["Outcome", "Spec", "quiet_doctor", "train", "training_args"]
+__all__ = ["Outcome", "Spec", "lora_config", "quiet_doctor", "train", "training_args"]
 
 REPORT_NAME = "lora_doctor.json"
 
@@ -36,12 +37,19 @@ class Spec:
         seed: seeds the weights, the data and the Trainer.
         workdir: an empty folder for this run's outputs.
         device: ``"cpu"`` or ``"cuda"``.
+        lora_changes: ``LoraConfig`` fields to set over the scenario's own (the fix loop's
+            re-run: the changes ``Diagnosis.apply`` made); every LoraConfig the run builds
+            through :func:`lora_config` gets them.
+        training_changes: ``TrainingArguments`` fields to set over the scenario's own, likewise
+            through :func:`training_args`.
     """
 
     arch: str
     seed: int
     workdir: Path
     device: str = "cpu"
+    lora_changes: Mapping[str, Any] = field(default_factory=dict)
+    training_changes: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -56,6 +64,12 @@ class Outcome:
         report_written: whether ``lora_doctor.json`` was there after the run.
         internal_errors: the doctor's own internal-error log lines (should be none).
         log_history: the Trainer's log history (the overfit run reads its best evaluation).
+        report: the diagnosis file's content (None when it was not written).
+        lora_config: the run's ``LoraConfig`` (None when the model has no peft config).
+        training_args: the run's ``TrainingArguments``.
+        eval_loss: the loss of the model the run ended with on its evaluation set (with
+            ``load_best_model_at_end``, the best checkpoint's), measured after training with the
+            doctor detached; None without an evaluation set or when the run died.
     """
 
     findings: list[Finding] = field(default_factory=list)
@@ -65,6 +79,10 @@ class Outcome:
     report_written: bool = False
     internal_errors: list[str] = field(default_factory=list)
     log_history: list[dict[str, Any]] = field(default_factory=list)
+    report: dict[str, Any] | None = None
+    lora_config: Any = None
+    training_args: Any = None
+    eval_loss: float | None = None
 
 
 class _Collect(logging.Handler):
@@ -105,29 +123,38 @@ def quiet_doctor(verbose: bool = False) -> Iterator[_Collect]:
         logger.propagate, logger.level = old_propagate, old_level
 
 
-def _read_findings(
-    path: Path, callback: LoraDoctorCallback, start: int
-) -> tuple[list[Finding], bool]:
-    """The findings from the report file, or from the callback when the file is missing.
+def _read_report(path: Path, callback: LoraDoctorCallback) -> tuple[dict[str, Any], bool]:
+    """The report file's content, or the callback's findings when the file is missing."""
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8")), True
+    doctor = callback.doctor
+    return {"findings": [f.to_dict() for f in doctor.findings] if doctor is not None else []}, False
+
+
+def _findings(report: Mapping[str, Any], start: int) -> list[Finding]:
+    """The report's findings as the scorer sees them.
 
     A finding without a step (made before the first step) counts at ``start``, the step this
     training job began at (0, or the step of the checkpoint it resumed).
     """
-    if path.is_file():
-        raw = json.loads(path.read_text(encoding="utf-8")).get("findings", [])
-        written = True
-    else:
-        doctor = callback.doctor
-        raw = [f.to_dict() for f in doctor.findings] if doctor is not None else []
-        written = False
     return [
         Finding(
             slug=str(f["slug"]),
             severity=str(f["severity"]),
             step=start if f.get("step") is None else int(f["step"]),
         )
-        for f in raw
-    ], written
+        for f in report.get("findings", [])
+    ]
+
+
+def lora_config(spec: Spec, **kwargs: Any) -> LoraConfig:
+    """``LoraConfig(**kwargs)`` with ``spec.lora_changes`` set over ``kwargs``.
+
+    Example:
+        >>> lora_config(Spec("llama", 0, Path("/tmp/x"), lora_changes={"r": 4}), r=8).r
+        4
+    """
+    return LoraConfig(**{**kwargs, **spec.lora_changes})
 
 
 def training_args(
@@ -137,7 +164,8 @@ def training_args(
     **overrides: Any,
 ) -> TrainingArguments:
     """The benchmark's usual Trainer arguments; ``overrides`` replace any of them; ``args_cls``
-    builds them (a subclass such as TRL's ``GRPOConfig``).
+    builds them (a subclass such as TRL's ``GRPOConfig``), and ``spec.training_changes`` replace
+    those.
 
     100 steps of 16 sequences at learning rate 2e-3 (a tiny model with a LoRA adapter wants a
     higher rate than the 1e-4 to 5e-4 of a 7B model), logged every 5 steps, nothing saved.
@@ -158,6 +186,7 @@ def training_args(
         "dataloader_num_workers": 0,
     }
     kwargs.update(overrides)
+    kwargs.update(spec.training_changes)
     return args_cls(**kwargs)
 
 
@@ -227,10 +256,16 @@ def train(
     if resume_from is not None:
         saved = json.loads((Path(resume_from) / "trainer_state.json").read_text(encoding="utf-8"))
         start = int(saved.get("global_step", 0))
-    outcome.findings, outcome.report_written = _read_findings(
-        output_dir / REPORT_NAME, doctor, start
-    )
+    outcome.report, outcome.report_written = _read_report(output_dir / REPORT_NAME, doctor)
+    outcome.findings = _findings(outcome.report, start)
     outcome.internal_errors = collected.lines
     outcome.steps = int(trainer.state.global_step)
     outcome.log_history = list(trainer.state.log_history)
+    outcome.training_args = args
+    peft_config = getattr(model, "peft_config", None)
+    if isinstance(peft_config, Mapping) and peft_config:
+        outcome.lora_config = next(iter(peft_config.values()))
+    if eval_data is not None and outcome.error is None:
+        trainer.remove_callback(doctor)  # the measurement is not part of the diagnosed run
+        outcome.eval_loss = float(trainer.evaluate()["eval_loss"])
     return outcome

@@ -24,7 +24,7 @@ from transformers import LlamaForCausalLM, TrainerCallback
 
 from benchmarks import planted_rank
 from benchmarks.faults import tasks
-from benchmarks.faults.runner import Outcome, Spec, train
+from benchmarks.faults.runner import Outcome, Spec, lora_config, train
 from benchmarks.faults.score import ANY
 
 __all__ = ["ANY", "SCENARIOS", "Scenario", "Skip"]
@@ -49,6 +49,8 @@ class Scenario:
         cause: the fault's true cause, as the stable id of the diagnosis pass's causes
             (``Cause.cause``, e.g. ``"learning-rate-too-high"``); ``""`` for a healthy control
             and for faults not labelled yet.
+        config_fix: a change of ``LoraConfig`` or ``TrainingArguments`` undoes the mistake: the
+            fix loop (``--fix-loop``) applies the doctor's fix and trains again.
     """
 
     name: str
@@ -59,6 +61,7 @@ class Scenario:
     build: Callable[[Spec], Outcome]
     quick: bool = False
     cause: str = ""
+    config_fix: bool = False
 
     @property
     def healthy(self) -> bool:
@@ -68,7 +71,7 @@ class Scenario:
 # --- building blocks --------------------------------------------------------------------------------
 def _lora(spec: Spec, r: int = 8, alpha: float = 16, **kwargs: Any) -> LoraConfig:
     kwargs.setdefault("target_modules", tasks.lora_targets(spec.arch))
-    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, **kwargs)
+    return lora_config(spec, r=r, lora_alpha=alpha, lora_dropout=0.0, **kwargs)
 
 
 def _peft(spec: Spec, head: str = "lm", **lora: Any) -> Any:
@@ -411,10 +414,10 @@ def _planted(spec: Spec, r: int) -> Outcome:
     config, state, teacher = planted_rank.build_models(setup, spec.device, seed=spec.seed)
     student = LlamaForCausalLM(config)
     student.load_state_dict(state)
-    model = get_peft_model(
-        student,
-        LoraConfig(r=r, lora_alpha=2 * r, target_modules=planted_rank.TARGETS, lora_dropout=0.0),
+    lora = lora_config(
+        spec, r=r, lora_alpha=2 * r, target_modules=planted_rank.TARGETS, lora_dropout=0.0
     )
+    model = get_peft_model(student, lora)
     return train(
         spec,
         model,
@@ -491,6 +494,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         ("adapter-shape", *_WRONG_CAUSE),
         alpha_not_scaled,
         quick=True,
+        config_fix=True,
     ),
     Scenario(
         "rank-too-low",
@@ -499,6 +503,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         ("rank-saturated",),
         ("rank-underused", *_WRONG_CAUSE),
         rank_too_low,
+        config_fix=True,
     ),
     Scenario(
         "lr-too-low",
@@ -508,6 +513,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         ("rank-saturated", *_WRONG_CAUSE),
         lr_too_low,
         cause="learning-rate-too-low",
+        config_fix=True,
     ),
     Scenario(
         "lr-too-high",
@@ -517,6 +523,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         ("adapter-not-learning", "zero-loss", "overfit"),
         lr_too_high,
         cause="learning-rate-too-high",
+        config_fix=True,
     ),
     Scenario(
         "lr-far-too-high",
@@ -552,6 +559,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         ("adapter-not-learning",),
         ("non-finite-values", "loss-divergence", "zero-loss"),
         checkpointing_without_input_grads,
+        config_fix=True,
     ),
     Scenario(
         "attention-only",
@@ -560,6 +568,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         ("attention-only-targets",),
         _WRONG_CAUSE,
         attention_only,
+        config_fix=True,
     ),
     Scenario(
         "overfit",
@@ -568,6 +577,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         ("overfit",),
         ("loss-plateau", *_WRONG_CAUSE),
         overfit,
+        config_fix=True,
     ),
     Scenario(
         "full-ft-overfit",

@@ -53,18 +53,14 @@ def _layer_scaling(lf: LayerFacts) -> float:
     return lf.scaling or _scaling(lf.r, lf.lora_alpha, lf.use_rslora)
 
 
-def _alpha_for(scale: float, r: int, rslora: bool) -> float:
-    """The lora_alpha that gives effective scaling ``scale`` at rank ``r``."""
-    return scale * (math.sqrt(r) if rslora else r)
+def _alpha_for(scale: float, r: int, rslora: bool) -> int:
+    """The lora_alpha that gives effective scaling ``scale`` at rank ``r``, to the nearest integer
+    (peft's ``LoraConfig`` declares ``lora_alpha: int``; with rsLoRA, sqrt(r) is seldom whole)."""
+    return max(1, round(scale * (math.sqrt(r) if rslora else r)))
 
 
 def _fmt(x: float) -> str:
     return f"{x:.3g}"
-
-
-def _num(x: float) -> int | float:
-    """An integral float as an int (for config_changes a user pastes into LoraConfig)."""
-    return int(x) if float(x).is_integer() else round(x, 4)
 
 
 class AlphaRankRatio(Check):
@@ -192,7 +188,7 @@ class AlphaRankRatio(Check):
                     "If the scaling is deliberate, silence this with "
                     "DoctorConfig(ignore={'alpha-rank-ratio'})",
                 ),
-                config_changes={"lora_alpha": _num(a2)},
+                config_changes={"lora_alpha": a2},
             ),
         )
 
@@ -271,7 +267,6 @@ class NoTrainableParams(Check):
                     "Do not set requires_grad=False on parameters after get_peft_model; check with "
                     "model.print_trainable_parameters()",
                 ),
-                config_changes={"is_trainable": True},
             ),
         )
 

@@ -818,7 +818,14 @@ def _overfit_fixes(
     """The overfit fixes in order, with their config changes and the summary: back to the best
     checkpoint, keep the best checkpoint and stop early, a shorter run; then for LoRA a smaller r,
     dropout and (small datasets) weight decay; for a full fine-tune weight decay and a lower
-    learning rate (DESIGN.md section 3, "Overfit")."""
+    learning rate (DESIGN.md section 3, "Overfit").
+
+    ``save_strategy='best'`` saves a checkpoint at each new best evaluation, which is what
+    ``load_best_model_at_end`` needs whatever the run's evaluation schedule (transformers otherwise
+    requires the save and evaluation strategies to match). The run stops at the step of the best
+    evaluation through ``max_steps``, which binds both a run bounded by steps and one bounded by
+    epochs (``num_train_epochs`` is ignored once ``max_steps`` is set).
+    """
     cfg, facts = ctx.config, ctx.facts
     back = go_back(facts, best_step, "the best evaluation")
     # the metric the best checkpoint is chosen by: the run's own, else the loss that rose (the
@@ -827,12 +834,13 @@ def _overfit_fixes(
     steps = [
         back.text,
         "Keep the best checkpoint: load_best_model_at_end=True, "
-        f"metric_for_best_model='{metric}', save_strategy equal to eval_strategy, and add "
-        f"EarlyStoppingCallback(early_stopping_patience={cfg.overfit_patience})",
+        f"metric_for_best_model='{metric}', save_strategy='best' (a checkpoint at each new best "
+        f"evaluation), and add EarlyStoppingCallback(early_stopping_patience={cfg.overfit_patience})",
     ]
     changes: dict[str, object] = {
         "load_best_model_at_end": True,
         "metric_for_best_model": metric,
+        "save_strategy": "best",
     }
     summary = (
         f"Go back to checkpoint-{back.step} and stop earlier (early stopping)"

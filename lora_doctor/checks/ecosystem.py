@@ -98,7 +98,8 @@ class RankChangedOnResume(Check):
                 "you resume"
             )
         alpha_old = f", lora_alpha={saved.lora_alpha:g}" if saved.lora_alpha is not None else ""
-        alpha_new = live.lora_alpha if live.lora_alpha is not None else 2 * live.r  # type: ignore[operator]
+        # an int, as peft's LoraConfig declares lora_alpha
+        alpha_new = round(live.lora_alpha) if live.lora_alpha is not None else 2 * live.r  # type: ignore[operator]
         return self.finding(
             ctx,
             f"Resumed adapter '{name}' with another rank than its checkpoint "
@@ -226,7 +227,6 @@ class VllmLoraRankTooSmall(Check):
                         f"FastLanguageModel.from_pretrained(max_lora_rank={fit}))",
                         f"Or build the adapter with r<={limit} (a new run from the base model)",
                     ),
-                    config_changes={"max_lora_rank": fit},
                 ),
                 step=None,
             )

@@ -388,38 +388,57 @@ def attention_only(look: Look) -> Cause | None:
     )
 
 
+#: The rank a rollback restarts at, at least: the usual default (DESIGN.md section 3: r = 8 or 16,
+#: 16 in Unsloth's ``get_peft_model``). A rank that binds below it says the task needs at least the
+#: default, and one doubling from r = 2 or 4 binds again (the fix loop measured it: r 2 -> 4 on a
+#: planted rank-8 task still saturated in 2 of 3 runs).
+ROLLBACK_MIN_RANK = 16
+
+
 def rollback(
     r: int | None, alpha: float | None, facts: RunFacts, config: DoctorConfig
 ) -> Recommendation:
-    """The rank rollback: stop, reload the base model, double r and alpha, restart from step 0.
+    """The rank rollback: stop, reload the base model, double r (to at least
+    :data:`ROLLBACK_MIN_RANK`) with lora_alpha in proportion, restart from step 0.
 
-    A step says whether the doubled rank fits in memory, from the run's memory estimate against
+    A step says whether the new rank fits in memory, from the run's memory estimate against
     ``config.oom_peak_share`` ("if memory allows" when the run has no reading). Source: DESIGN.md
     section 3, "Rollback": adapter shapes are fixed at initialisation, so a new rank is a new run.
 
     Example:
         >>> rollback(8, 16, RunFacts(), DoctorConfig()).config_changes
         {'r': 16, 'lora_alpha': 32}
+        >>> rollback(2, 4, RunFacts(), DoctorConfig()).config_changes
+        {'r': 16, 'lora_alpha': 32}
     """
-    changes: dict[str, object] = {}
-    if r:
-        changes["r"] = 2 * r
-        if alpha is not None:
-            changes["lora_alpha"] = int(2 * alpha) if float(alpha).is_integer() else 2 * alpha
+    if not r:
+        return Recommendation(
+            summary="Restart with r and lora_alpha doubled",
+            steps=(
+                "Stop training now",
+                "Reload the base model fresh (not the PeftModel you trained)",
+                "Set r and lora_alpha doubled in LoraConfig",
+                "Restart from step 0; never resume a checkpoint with a new rank: adapter shapes "
+                "are fixed at initialisation",
+            ),
+            restart_from_scratch=True,
+        )
+    new_r = max(2 * r, ROLLBACK_MIN_RANK)
+    changes: dict[str, object] = {"r": new_r}
+    if alpha is not None:  # an int, as peft's LoraConfig declares it; lora_alpha/r kept
+        changes["lora_alpha"] = max(1, round(alpha * new_r / r))
     target = (
-        f"r={2 * r}, lora_alpha={changes.get('lora_alpha', '2x')}"
-        if r
-        else "r and lora_alpha doubled"
+        f"r={new_r}, lora_alpha={changes['lora_alpha']}"
+        if "lora_alpha" in changes
+        else f"r={new_r} with lora_alpha {new_r // r}x as large"
     )
     return Recommendation(
-        summary=f"Rank {r} looks too small: restart with {target}"
-        if r
-        else "Restart with r and lora_alpha doubled",
+        summary=f"Rank {r} looks too small: restart with {target}",
         steps=(
             "Stop training now",
             "Reload the base model fresh (not the PeftModel you trained)",
             f"Set {target} in LoraConfig",
-            *([rank_memory_step(facts, 2 * r, config.oom_peak_share)] if r else []),
+            rank_memory_step(facts, new_r, config.oom_peak_share),
             "Restart from step 0; never resume a checkpoint with a new rank: adapter shapes are "
             "fixed at initialisation",
         ),
@@ -597,11 +616,17 @@ def checkpointing_without_input_grads(look: Look) -> Cause | None:
             summary="Let gradients reach the adapters: gradient_checkpointing_kwargs="
             "{'use_reentrant': False} or model.enable_input_require_grads()",
             steps=(
-                "Set gradient_checkpointing_kwargs={'use_reentrant': False} in TrainingArguments, "
-                "or call model.enable_input_require_grads() before training",
+                "Set gradient_checkpointing=True with gradient_checkpointing_kwargs="
+                "{'use_reentrant': False} in TrainingArguments (the Trainer then turns "
+                "checkpointing on itself, non-reentrant), or call "
+                "model.enable_input_require_grads() before training",
                 "Restart from step 0",
             ),
-            config_changes={"gradient_checkpointing_kwargs": {"use_reentrant": False}},
+            # both: the kwargs do nothing unless the Trainer itself turns checkpointing on
+            config_changes={
+                "gradient_checkpointing": True,
+                "gradient_checkpointing_kwargs": {"use_reentrant": False},
+            },
             restart_from_scratch=True,
         ),
         "with gradient checkpointing, use use_reentrant=False",

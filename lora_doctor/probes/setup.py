@@ -165,8 +165,9 @@ def _read_model(setup: SetupFacts, view: ModelView) -> None:
         (trainable if p.trainable else frozen).add(name)
     setup.trainable_dtypes = sorted(trainable)
     setup.base_dtypes = sorted(frozen)
-    if setup.gradient_checkpointing is None:
-        with warnings.catch_warnings():  # transformers 5 deprecates the name; reading it is no harm
-            warnings.simplefilter("ignore")
-            on = getattr(model, "is_gradient_checkpointing", None)
-        setup.gradient_checkpointing = on if isinstance(on, bool) else None
+    with warnings.catch_warnings():  # transformers 5 deprecates the name; reading it is no harm
+        warnings.simplefilter("ignore")
+        on = getattr(model, "is_gradient_checkpointing", None)
+    if isinstance(on, bool):  # on when the arguments or the model say so: the Trainer turns it on
+        # from the arguments, a user (or an older release, a custom loop) on the model itself
+        setup.gradient_checkpointing = on or bool(setup.gradient_checkpointing)
