@@ -41,25 +41,18 @@ from lora_doctor.findings import Severity, to_jsonable
 from lora_doctor.history import is_eval_entry
 from lora_doctor.integrations import guard
 from lora_doctor.integrations.console import hide_from_printers
+from lora_doctor.integrations.loop import default_probes
 from lora_doctor.integrations.resume import (
     checkpoint_adapters,
     ranks_from_error,
     resolve_checkpoint,
 )
-from lora_doctor.probes.base import Event, Probe
+from lora_doctor.probes.base import Event, Probe, call_probes
 from lora_doctor.probes.crash import rank_report_path, record_crash
 from lora_doctor.probes.dist import RankReadings
 from lora_doctor.probes.ecosystem import vllm_max_lora_rank
-from lora_doctor.probes.memory import (
-    MemoryProbe,
-    MemoryReader,
-    is_out_of_memory,
-    record_out_of_memory,
-)
-from lora_doctor.probes.model import AdapterProbe
-from lora_doctor.probes.setup import SetupProbe, read_setup
-from lora_doctor.probes.spectrum import SpectrumProbe
-from lora_doctor.probes.step_time import StepTimeProbe
+from lora_doctor.probes.memory import MemoryReader, is_out_of_memory, record_out_of_memory
+from lora_doctor.probes.setup import read_setup
 from lora_doctor.probes.view import ModelView
 
 __all__ = ["LoraDoctorCallback"]
@@ -225,17 +218,6 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
         self._eval_logged = False
 
     # --- plumbing ---------------------------------------------------------------------------------
-    def _make_probes(self) -> list[Probe]:
-        probes: list[Probe] = [
-            AdapterProbe(),
-            SetupProbe(),
-            StepTimeProbe(),
-            MemoryProbe(self.memory_reader),
-        ]
-        if self.config.spectrum:
-            probes.append(SpectrumProbe(self.config))
-        return probes
-
     def _event(
         self, args: Any, state: Any, kwargs: dict[str, Any], logs: Any = None, control: Any = None
     ) -> Event:
@@ -254,18 +236,7 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
 
     def _call(self, hook: str, event: Event) -> None:
         """Calls ``hook`` on every live probe; a probe that raises is logged once and dropped."""
-        for probe in list(self._probes):
-            try:
-                getattr(probe, hook)(event)
-            except Exception:
-                self._probes.remove(probe)
-                logger.warning(
-                    "lora-doctor: internal error in the %s probe (%s); it is switched off for the "
-                    "rest of the run, training is not affected.",
-                    probe.name,
-                    hook,
-                    exc_info=True,
-                )
+        call_probes(self._probes, hook, event)
 
     def _run(self, phase: Phase, state: Any, control: Any, doctor: Doctor | None = None) -> None:
         """Runs ``phase`` on ``doctor`` (the current run's when None); acts on ``stop_on``."""
@@ -318,7 +289,7 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
             self.doctor.restore_state(saved, getattr(state, "log_history", None) or ())
         _facts_from_trainer(self.doctor.facts, args, state, kwargs, self._trainer_name)
         self._apply_resume(self.doctor.facts, trainer)
-        self._probes = self._make_probes()
+        self._probes = default_probes(self.config, self.memory_reader)
         self._stopped = False
         self._call("train_begin", self._event(args, state, kwargs))
         self._run(Phase.SETUP, state, control)
