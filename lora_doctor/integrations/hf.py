@@ -131,9 +131,11 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
         print_metrics: also print the doctor's ``lora_doctor/...`` metrics in the log lines the
             Trainer prints (default False: they go to the trackers and the JSON only, and the
             printed lines look as they do without the doctor).
+        alerts: also send each warning or error finding, once, as a W&B alert (``run.alert``,
+            with the title, the fix and the level) while a W&B run is active (default False).
         config: every other threshold, as a :class:`~lora_doctor.DoctorConfig` (or a dict of its
-            fields); ``ignore``, ``stop_on``, ``check_after_steps`` and ``print_metrics`` given
-            here take precedence over its fields.
+            fields); ``ignore``, ``stop_on``, ``check_after_steps``, ``print_metrics`` and
+            ``alerts`` given here take precedence over its fields.
         memory_reader: reads device memory (a :class:`~lora_doctor.probes.memory.MemoryReader`);
             the CUDA caching allocator's counters when None. Pass your own for another accelerator
             or to script readings in tests.
@@ -167,6 +169,7 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
         stop_on: Iterable[str] | None = None,
         check_after_steps: int | None = None,
         print_metrics: bool | None = None,
+        alerts: bool | None = None,
         config: DoctorConfig | dict[str, Any] | None = None,
         memory_reader: MemoryReader | None = None,
         extra_checks: Iterable[type[Check]] = (),
@@ -192,6 +195,8 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
             overrides["check_after_steps"] = check_after_steps
         if print_metrics is not None:
             overrides["print_metrics"] = print_metrics
+        if alerts is not None:
+            overrides["alerts"] = alerts
         base = config or DoctorConfig()
         self.config = dataclasses.replace(base, **overrides) if overrides else base
         self.extra_checks = tuple(extra_checks)

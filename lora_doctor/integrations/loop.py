@@ -41,7 +41,7 @@ from lora_doctor.probes.step_time import StepTimeProbe
 from lora_doctor.probes.view import ModelView
 from lora_doctor.report import Diagnosis
 
-__all__ = ["LoopDoctor", "default_probes", "read_model"]
+__all__ = ["LoopDoctor", "default_probes", "guarded_hook", "read_model"]
 
 logger = logging.getLogger("lora_doctor")
 
@@ -109,15 +109,19 @@ def read_model(model: Any, optimizer: Any = None, **run: Any) -> RunFacts:
     return facts
 
 
-def _guarded(hook: _F) -> _F:
-    """Runs a hook so that no error of the doctor's reaches the training loop: a hook that raises
-    is said once (with the traceback, for a bug report) and switched off for the rest of the run;
-    when ``on_train_start`` fails, every hook but the end's is off (the findings so far are still
-    written). numpy's floating-point warnings stay inside the doctor."""
+def guarded_hook(hook: _F) -> _F:
+    """Runs an adapter's hook so that no error of the doctor's reaches the training loop.
+
+    A hook that raises is said once (with the traceback, for a bug report) and switched off for
+    the rest of the run; when ``on_train_start`` fails, every hook but the end's is off (the
+    findings so far are still written). numpy's floating-point warnings stay inside the doctor.
+    The adapter keeps the switched-off hooks' names in ``self._off`` and the failed start in
+    ``self._broken``.
+    """
     name = hook.__name__
 
     @functools.wraps(hook)
-    def wrapper(self: LoopDoctor, *args: Any, **kwargs: Any) -> Any:
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
         if name in self._off or (self._broken and name not in _ALWAYS):
             return None
         try:
@@ -139,8 +143,8 @@ def _guarded(hook: _F) -> _F:
     return wrapper  # type: ignore[return-value]
 
 
-#: The parts of the end that still run after ``on_train_start`` failed.
-_ALWAYS = frozenset({"_end_checks", "_record_error"})
+#: The hooks (and parts of them) that still run after ``on_train_start`` failed: the end's.
+_ALWAYS = frozenset({"_end_checks", "_record_error", "on_train_end", "on_exception"})
 
 
 class LoopDoctor:
@@ -241,7 +245,7 @@ class LoopDoctor:
         self._off: set[str] = set()
 
     # --- hooks ------------------------------------------------------------------------------------
-    @_guarded
+    @guarded_hook
     def on_train_start(self) -> list[Finding]:
         """Reads the model, the optimizer and the set-up, and runs the set-up checks."""
         doctor = self.doctor
@@ -261,14 +265,14 @@ class LoopDoctor:
         call_probes(self._probes, "train_begin", self._event(doctor.step))
         return doctor.run_phase(Phase.SETUP, doctor.step)
 
-    @_guarded
+    @guarded_hook
     def on_before_optimizer_step(self) -> None:
         """Gradients exist and the optimizer is about to apply them: call once per optimizer step
         (with gradient accumulation, only before the step that applies them)."""
         self._optimizer_steps += 1
         call_probes(self._probes, "pre_optimizer_step", self._event(self._optimizer_steps))
 
-    @_guarded
+    @guarded_hook
     def on_train_batch_end(
         self, metrics: Mapping[str, Any] | None = None, *, step: int | None = None
     ) -> list[Finding]:
@@ -302,7 +306,7 @@ class LoopDoctor:
             found += self.doctor.observe(step, logs)
         return found
 
-    @_guarded
+    @guarded_hook
     def on_validation_end(
         self, metrics: Mapping[str, Any], *, step: int | None = None
     ) -> list[Finding]:
@@ -335,13 +339,13 @@ class LoopDoctor:
         self._record_error(error)
         return self._finish(rank=None if self.is_main else dist.rank())
 
-    @_guarded
+    @guarded_hook
     def _end_checks(self) -> None:
         if not self._broken:
             call_probes(self._probes, "train_end", self._event(self._stepped))
         self.doctor.run_phase(Phase.END, self._stepped)
 
-    @_guarded
+    @guarded_hook
     def _record_error(self, error: BaseException) -> None:
         if not self._broken:
             event = self._event(self._stepped)
