@@ -127,7 +127,7 @@ class LoraDoctor(Callback):
                 f"to None to drop a default), got {metrics!r}"
             )
         self.metrics = {k: v for k, v in names.items() if v is not None}
-        overrides = {
+        overrides: dict[str, Any] = {
             k: v
             for k, v in (
                 ("ignore", ignore),
