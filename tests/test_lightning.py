@@ -27,10 +27,14 @@ class LitLoRA(L.LightningModule):
     """A peft model in a LightningModule; ``only`` filters the optimizer's parameters by name."""
 
     def __init__(
-        self, only: str | None = None, die_at: int | None = None, name: str = "train_loss"
+        self,
+        only: str | None = None,
+        die_at: int | None = None,
+        name: str = "train_loss",
+        lora_alpha: float = 8,
     ):
         super().__init__()
-        self.model = tiny_peft(seed=1)
+        self.model = tiny_peft(4, lora_alpha, seed=1)
         self.only, self.die_at, self.name = only, die_at, name
         self.losses: list[float] = []
 
@@ -91,17 +95,19 @@ def _report(tmp_path: Path) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(
-    ("only", "fires", "quiet"),
+    ("module", "fires", "quiet"),
     [
-        (None, set(), {"adapter-not-learning", "adapter-not-in-optimizer"}),
-        ("lora_A", {"adapter-not-in-optimizer", "adapter-not-learning"}, set()),
+        ({}, set(), {"adapter-not-learning", "adapter-not-in-optimizer", "alpha-rank-ratio"}),
+        ({"only": "lora_A"}, {"adapter-not-in-optimizer", "adapter-not-learning"}, set()),
+        ({"lora_alpha": 32}, {"alpha-rank-ratio"}, {"adapter-not-learning"}),
     ],
-    ids=["healthy", "lora-B-not-in-optimizer"],
+    ids=["healthy", "lora-B-not-in-optimizer", "alpha-8x-rank"],
 )
 def test_lightning_finds_the_mistake_and_writes_the_json(
-    tmp_path: Path, only: str | None, fires: set[str], quiet: set[str]
+    tmp_path: Path, module: dict[str, Any], fires: set[str], quiet: set[str]
 ) -> None:
-    _fit(tmp_path, LitLoRA(only=only), [LoraDoctor(ignore=QUIET)])
+    """The peft model sits inside the LightningModule: its configuration is read from there."""
+    _fit(tmp_path, LitLoRA(**module), [LoraDoctor(ignore=QUIET)])
     report = _report(tmp_path)
     slugs = {f["slug"] for f in report["findings"]}
     assert fires <= slugs

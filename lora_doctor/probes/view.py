@@ -234,7 +234,9 @@ class ModelView:
 
 # --- wrappers ---------------------------------------------------------------------------------------
 def unwrap_model(model: Any) -> Any:
-    """The model under DDP, FSDP, DeepSpeed and ``torch.compile`` wrappers.
+    """The model under DDP, FSDP, DeepSpeed and ``torch.compile`` wrappers; when that is no peft
+    model, the first peft model inside it (a LightningModule or a user's ``nn.Module`` holding
+    one), else the model itself.
 
     Example:
         >>> class Wrapper(nn.Module):
@@ -253,6 +255,8 @@ def unwrap_model(model: Any) -> Any:
         if not isinstance(inner, nn.Module):
             break
         model, seen = inner, seen + 1
+    if isinstance(model, nn.Module) and not hasattr(model, "peft_config"):
+        return next((m for m in model.modules() if hasattr(m, "peft_config")), model)
     return model
 
 
