@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 from collections.abc import Callable
@@ -242,3 +243,24 @@ def test_phases_follow_the_hooks(monkeypatch: pytest.MonkeyPatch) -> None:
     with doctor:
         _train(model, optimizer, doctor, log_every=10)
     assert phases == [Phase.SETUP, Phase.FIRST_STEPS, Phase.END]
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("lightning") is None, reason="the lightning extra is not installed"
+)
+def test_a_fabric_loop_gets_the_same_checks() -> None:
+    from lightning.fabric import Fabric
+
+    fabric = Fabric(accelerator="cpu", devices=1)
+    model = tiny_peft()
+    model, optimizer = fabric.setup(model, _optimizer(model, only="lora_A"))
+    with LoopDoctor(model, optimizer, max_steps=3, config={"ignore": QUIET}) as doctor:
+        for batch in list(torch.utils.data.DataLoader(Rows(), batch_size=2))[:3]:
+            fabric.backward(model(**batch).loss)
+            doctor.on_before_optimizer_step()
+            optimizer.step()
+            optimizer.zero_grad()
+            doctor.on_train_batch_end()
+    assert {"adapter-not-in-optimizer", "adapter-not-learning"} <= _slugs(doctor)
+    layers = doctor.doctor.facts.b_still_zero_layers
+    assert layers[0] == "model.layers.0.self_attn.q_proj"  # no wrapper parts in the names

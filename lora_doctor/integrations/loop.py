@@ -166,8 +166,8 @@ class LoopDoctor:
     and at spectrum readings (sharded adapters are gathered there: a collective, so every process
     must call the hooks at the same steps).
 
-    The hooks have Lightning's names, so a Fabric loop can also hand the doctor to
-    ``Fabric(callbacks=[doctor])`` and call them with ``fabric.call("on_train_batch_end", ...)``.
+    In a Lightning Fabric loop, build the doctor from the model and optimizer that
+    ``fabric.setup`` returns and call the hooks as in any loop.
 
     Args:
         model: the model being trained: a ``peft.PeftModel``, possibly wrapped (DDP, FSDP,

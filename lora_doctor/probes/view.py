@@ -47,7 +47,13 @@ except Exception:  # pragma: no cover - peft is installed with the [hf] extra
     pass
 
 #: Wrapper prefixes that distributed/compile wrappers add to parameter names.
-_WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+#: Parts of a name that wrappers add: FSDP1, activation checkpointing, torch.compile, Fabric.
+_WRAPPER_PARTS = (
+    "_fsdp_wrapped_module.",
+    "_checkpoint_wrapped_module.",
+    "_orig_mod.",
+    "_forward_module.",
+)
 #: The prefix peft puts before the base model's own module names.
 _PEFT_PREFIX = "base_model.model."
 #: Names of peft's trainable-but-not-base parameters besides LoRA's own.
