@@ -46,8 +46,8 @@ try:  # peft is optional at import time: duck typing covers its absence and patc
 except Exception:  # pragma: no cover - peft is installed with the [hf] extra
     pass
 
-#: Wrapper prefixes that distributed/compile wrappers add to parameter names.
-#: Parts of a name that wrappers add: FSDP1, activation checkpointing, torch.compile, Fabric.
+#: Wrapper prefixes that distributed/compile wrappers add to parameter names (FSDP1, activation
+#: checkpointing, torch.compile, Lightning Fabric).
 _WRAPPER_PARTS = (
     "_fsdp_wrapped_module.",
     "_checkpoint_wrapped_module.",
