@@ -15,6 +15,9 @@ from tiny import Rows, tiny_peft
 
 from lora_doctor import DoctorConfig, LoopDoctor
 from lora_doctor.checks import Phase
+from lora_doctor.checks.memory import KEY_PEAK_ALLOC
+from lora_doctor.memory_estimate import GIB
+from lora_doctor.probes.memory import MemoryReading
 
 #: The tiny model's own findings (its adapter is a large share of a tiny base; q/v targets).
 QUIET = {"lora-param-budget", "attention-only-targets"}
@@ -264,3 +267,51 @@ def test_a_fabric_loop_gets_the_same_checks() -> None:
     assert {"adapter-not-in-optimizer", "adapter-not-learning"} <= _slugs(doctor)
     layers = doctor.doctor.facts.b_still_zero_layers
     assert layers[0] == "model.layers.0.self_attn.q_proj"  # no wrapper parts in the names
+
+
+class _Reader:
+    """A scripted device-memory reader for the CPU (the memory probe reads any device type)."""
+
+    device_type = "cpu"
+
+    def available(self) -> bool:
+        return True
+
+    def read(self, device: Any = None) -> MemoryReading:
+        return MemoryReading("cpu", 3 * GIB, 4 * GIB, GIB, 4 * GIB, 8 * GIB, 4 * GIB)
+
+
+def test_the_memory_probe_reads_at_the_logged_steps() -> None:
+    model = tiny_peft()
+    optimizer = _optimizer(model)
+    with LoopDoctor(model, optimizer, max_steps=4, memory_reader=_Reader()) as doctor:
+        _train(model, optimizer, doctor, log_every=2)
+    peaks = doctor.doctor.history.series(KEY_PEAK_ALLOC)
+    assert peaks.steps.tolist() == [2.0, 4.0]
+    assert peaks.values.tolist() == [3.0, 3.0]
+    memory = doctor.doctor.facts.memory
+    assert memory is not None
+    assert memory.static_bytes == GIB  # measured once, after check_after_steps
+    assert memory.optimizer_state_bytes  # AdamW's states exist by then
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_loop_reads_memory_and_leaves_the_peak_alone() -> None:
+    model = tiny_peft().cuda()
+    optimizer = _optimizer(model)
+    torch.cuda.reset_peak_memory_stats()
+    loader = torch.utils.data.DataLoader(Rows(), batch_size=2)
+    with LoopDoctor(model, optimizer, max_steps=4) as doctor:
+        for step, batch in enumerate(loader, 1):
+            loss = model(**{k: v.cuda() for k, v in batch.items()}).loss
+            loss.backward()
+            doctor.on_before_optimizer_step()
+            optimizer.step()
+            optimizer.zero_grad()
+            doctor.on_train_batch_end({"loss": loss})
+            if step == 4:
+                break
+    peaks = doctor.doctor.history.series(KEY_PEAK_ALLOC).values.tolist()
+    assert len(peaks) == 4
+    assert torch.cuda.max_memory_allocated() / GIB >= max(peaks) > 0  # the user's peak, untouched
+    assert "adapter-not-learning" not in _slugs(doctor)
