@@ -8,15 +8,20 @@ The mistake: a learning rate of 2e-5, a full fine-tuning rate. LoRA trains a few
 and wants about ten times more (this tiny task learns at 2e-3). The loss stays near ln(64), the
 loss of a uniform guess over the vocabulary; the doctor reports that it sits at chance and names
 the learning rate as its most likely cause, with the fix, and writes
-``out/custom_loop/lora_doctor.json``.
+``out/custom_loop/lora_doctor.json``. With ``--only-lora-a`` the optimizer gets only the
+``lora_A`` matrices (a parameter-name filter gone wrong): the set-up checks report the ``lora_B``
+matrices missing from the optimizer, and the first-steps checks that B is still zero after two
+steps.
 
-The loop drives a :class:`lora_doctor.Doctor` by hand: ``read_model`` reads the adapter,
-``start`` runs the set-up checks, ``observe`` hands over each logged step's metrics (and runs the
-curve checks), ``end`` runs the last checks and writes the diagnosis; ``watch`` writes it too if
-the loop dies of an error.
+The loop drives a :class:`lora_doctor.LoopDoctor`, with hooks named after Lightning's: ``with
+doctor:`` reads the model and runs the set-up checks, then the end checks and writes the JSON (or
+records the error if the loop dies); ``on_before_optimizer_step`` lets the first-steps checks see
+the gradients; ``on_train_batch_end`` hands over the metrics of the steps that log (and runs the
+curve checks).
 
 Usage:
     python examples/custom_loop.py [--output-dir out/custom_loop] [--lr 2e-5] [--steps 200]
+        [--only-lora-a]
 """
 
 from __future__ import annotations
@@ -52,6 +57,9 @@ def main() -> None:
     parser.add_argument("--output-dir", default="out/custom_loop")
     parser.add_argument("--lr", type=float, default=2e-5, help="the mistake; 2e-3 trains well")
     parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument(
+        "--only-lora-a", action="store_true", help="a second mistake: lora_B not in the optimizer"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -68,28 +76,29 @@ def main() -> None:
     )
     lora = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
     model = get_peft_model(LlamaForCausalLM(config), lora)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [
+        p
+        for name, p in model.named_parameters()
+        if p.requires_grad and (not args.only_lora_a or "lora_A" in name)
+    ]
     optimizer = torch.optim.AdamW(params, lr=args.lr)
 
     report = Path(args.output_dir) / "lora_doctor.json"
-    facts = lora_doctor.read_model(model, optimizer, max_steps=args.steps, learning_rate=args.lr)
-    doctor = lora_doctor.Doctor(facts=facts)
+    doctor = lora_doctor.LoopDoctor(model, optimizer, max_steps=args.steps, report_path=report)
     g = torch.Generator().manual_seed(0)
     successor = torch.randperm(VOCAB, generator=g)
-    with lora_doctor.watch(doctor, report_path=report):
-        doctor.start()
+    with doctor:  # the set-up checks; at the end, the last checks and the JSON
         for step in range(1, args.steps + 1):
             loss = model(**chain_batch(g, successor)).loss
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+            doctor.on_before_optimizer_step()  # the first steps' checks read the gradients
             optimizer.step()
             optimizer.zero_grad()
-            if step % 5 == 0:
-                doctor.observe(
-                    step,
-                    {"loss": loss.item(), "grad_norm": grad_norm.item(), "learning_rate": args.lr},
-                )
-        diagnosis = doctor.end(report)
+            logs = {"loss": loss.item(), "grad_norm": grad_norm.item()} if step % 5 == 0 else None
+            doctor.on_train_batch_end(logs)  # the curve checks, at the steps that log
+    diagnosis = doctor.diagnosis
+    assert diagnosis is not None
 
     print(f"\nThe diagnosis is in {report}: {len(diagnosis.findings)} finding(s)")
     for f in diagnosis.findings:

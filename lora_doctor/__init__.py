@@ -18,7 +18,7 @@ from lora_doctor.report import Diagnosis
 
 if TYPE_CHECKING:
     from lora_doctor.integrations.hf import LoraDoctorCallback
-    from lora_doctor.integrations.loop import read_model
+    from lora_doctor.integrations.loop import LoopDoctor, read_model
     from lora_doctor.integrations.watch import watch
     from lora_doctor.sweep import SweepResult, SweepRow, rank_sweep
 
@@ -27,6 +27,7 @@ __all__ = [
     "Doctor",
     "DoctorConfig",
     "Finding",
+    "LoopDoctor",
     "LoraDoctorCallback",
     "Recommendation",
     "Severity",
@@ -43,6 +44,7 @@ _LAZY = {
     "LoraDoctorCallback": "lora_doctor.integrations.hf",
     "watch": "lora_doctor.integrations.watch",
     "read_model": "lora_doctor.integrations.loop",
+    "LoopDoctor": "lora_doctor.integrations.loop",
     # imported when first used: `lora-doctor diagnose` starts without them
     "SweepResult": "lora_doctor.sweep",
     "SweepRow": "lora_doctor.sweep",

@@ -76,6 +76,16 @@ class DoctorConfig:
         "True or False",
     )
 
+    alerts: bool = _opt(
+        False,
+        "Also send each warning or error finding, once, as an alert to the tracker the run "
+        "reports to, when it has an alert API and an active run: W&B's run.alert (its Slack or "
+        "e-mail alerts, at level WARN or ERROR). Trackers without an alert API get the "
+        "lora_doctor/... metrics only.",
+        lambda v: isinstance(v, bool),
+        "True or False",
+    )
+
     # --- adapter ----------------------------------------------------------------------------------
     scaling_low: float = _opt(
         1.0,

@@ -13,6 +13,7 @@ import os
 from collections.abc import Hashable, Iterable, Mapping
 from typing import Any
 
+from lora_doctor.alerts import Alerts
 from lora_doctor.checks import Check, Context, Phase, Points, Read, Reads, Registry
 from lora_doctor.config import DoctorConfig
 from lora_doctor.diagnosis import reasoning
@@ -44,8 +45,9 @@ class Doctor:
         facts: what is known about the run (``lora_doctor.read_model(model)`` reads a live PEFT
             model; ``RunFacts(max_steps=..., learning_rate=...)`` by hand); empty when None.
         checks: the check classes to run; the built-in ones when None.
-        emit: log each new finding through the ``lora_doctor`` logger (False on non-main processes
-            and where the caller prints its own report).
+        emit: log each new finding through the ``lora_doctor`` logger, and send it as an alert
+            when ``config.alerts`` (False on non-main processes and where the caller prints its
+            own report).
         extra_checks: your own check classes, run after ``checks``; their slugs and codes can be
             silenced (``ignore``) and stopped on (``stop_on``) like built-in ones.
 
@@ -81,6 +83,7 @@ class Doctor:
         self.facts = facts or RunFacts()
         self.history = History()
         self.emit = emit
+        self.alerts = Alerts() if emit and self.config.alerts else None
         self.findings: list[Finding] = []
         self.step = 0
         # per phase, the checks the user did not silence
@@ -125,6 +128,8 @@ class Doctor:
         Returns:
             The findings not reported before (each also logged once when ``emit``).
         """
+        if self.alerts is not None and self.alerts.pending:  # a tracker's run may have started
+            self.alerts.flush()
         history = self.history
         history.add(step, logs)
         if history.last_step > self.step:
@@ -280,6 +285,8 @@ class Doctor:
         self._seen.add(key)
         self.findings.append(finding)
         self._log(finding)
+        if self.alerts is not None:
+            self.alerts.add(finding)
         if self._stop_reason is None and self.config.stops(finding.slug, finding.code):
             self._stop_reason = finding
         return True

@@ -58,26 +58,37 @@ def test_readme_apply_fix_runs_as_written(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("lr", "stuck"), [("2e-5", True), ("2e-3", False)], ids=["mistake", "fixed"]
+    ("args", "fires", "quiet"),
+    [
+        (["--lr", "2e-5"], {"loss-at-chance"}, {"loss-plateau", "adapter-not-learning"}),
+        (["--lr", "2e-3"], set(), {"loss-at-chance", "loss-plateau", "adapter-not-learning"}),
+        (
+            ["--lr", "2e-3", "--steps", "20", "--only-lora-a"],
+            {"adapter-not-in-optimizer", "adapter-not-learning"},
+            set(),
+        ),
+    ],
+    ids=["mistake", "fixed", "optimizer-without-lora-B"],
 )
-def test_custom_loop_example(tmp_path: Path, lr: str, stuck: bool) -> None:
+def test_custom_loop_example(
+    tmp_path: Path, args: list[str], fires: set[str], quiet: set[str]
+) -> None:
     done = subprocess.run(
         [
             sys.executable,
             str(ROOT / "examples" / "custom_loop.py"),
             "--output-dir",
             str(tmp_path),
-            "--lr",
-            lr,
+            *args,
         ],
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    found = _findings(tmp_path / "lora_doctor.json")
-    assert ("loss-at-chance" in found) is stuck
-    assert "loss-plateau" not in found
+    found = set(_findings(tmp_path / "lora_doctor.json"))
+    assert fires <= found
+    assert not quiet & found
     assert "The diagnosis is in" in done.stdout
 
 

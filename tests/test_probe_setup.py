@@ -9,13 +9,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from tiny import tiny_llama
 from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
 
 from lora_doctor.facts import RunFacts, SetupFacts, derive_facts
 from lora_doctor.offline import diagnose
 from lora_doctor.probes.setup import checkpoint_steps, read_setup
 from lora_doctor.probes.view import ModelView
-from tests.tiny import tiny_llama
 
 
 def test_llama_setup_from_arguments(tmp_path: Path) -> None:

@@ -41,26 +41,19 @@ from lora_doctor.findings import Severity, to_jsonable
 from lora_doctor.history import is_eval_entry
 from lora_doctor.integrations import guard
 from lora_doctor.integrations.console import hide_from_printers
+from lora_doctor.integrations.loop import default_probes
 from lora_doctor.integrations.resume import (
     checkpoint_adapters,
     ranks_from_error,
     resolve_checkpoint,
 )
-from lora_doctor.probes.base import Event, Probe
+from lora_doctor.probes.base import Event, Probe, call_probes
 from lora_doctor.probes.budget import TimeBudget
 from lora_doctor.probes.crash import rank_report_path, record_crash
 from lora_doctor.probes.dist import RankReadings
 from lora_doctor.probes.ecosystem import vllm_max_lora_rank
-from lora_doctor.probes.memory import (
-    MemoryProbe,
-    MemoryReader,
-    is_out_of_memory,
-    record_out_of_memory,
-)
-from lora_doctor.probes.model import AdapterProbe
-from lora_doctor.probes.setup import SetupProbe, read_setup
-from lora_doctor.probes.spectrum import SpectrumProbe
-from lora_doctor.probes.step_time import StepTimeProbe
+from lora_doctor.probes.memory import MemoryReader, is_out_of_memory, record_out_of_memory
+from lora_doctor.probes.setup import read_setup
 from lora_doctor.probes.view import ModelView
 
 __all__ = ["LoraDoctorCallback"]
@@ -147,9 +140,11 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
         print_metrics: also print the doctor's ``lora_doctor/...`` metrics in the log lines the
             Trainer prints (default False: they go to the trackers and the JSON only, and the
             printed lines look as they do without the doctor).
+        alerts: also send each warning or error finding, once, as a W&B alert (``run.alert``,
+            with the title, the fix and the level) while a W&B run is active (default False).
         config: every other threshold, as a :class:`~lora_doctor.DoctorConfig` (or a dict of its
-            fields); ``ignore``, ``stop_on``, ``check_after_steps`` and ``print_metrics`` given
-            here take precedence over its fields.
+            fields); ``ignore``, ``stop_on``, ``check_after_steps``, ``print_metrics`` and
+            ``alerts`` given here take precedence over its fields.
         memory_reader: reads device memory (a :class:`~lora_doctor.probes.memory.MemoryReader`);
             the CUDA caching allocator's counters when None. Pass your own for another accelerator
             or to script readings in tests.
@@ -183,6 +178,7 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
         stop_on: Iterable[str] | None = None,
         check_after_steps: int | None = None,
         print_metrics: bool | None = None,
+        alerts: bool | None = None,
         config: DoctorConfig | dict[str, Any] | None = None,
         memory_reader: MemoryReader | None = None,
         extra_checks: Iterable[type[Check]] = (),
@@ -208,6 +204,8 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
             overrides["check_after_steps"] = check_after_steps
         if print_metrics is not None:
             overrides["print_metrics"] = print_metrics
+        if alerts is not None:
+            overrides["alerts"] = alerts
         base = config or DoctorConfig()
         self.config = dataclasses.replace(base, **overrides) if overrides else base
         self.extra_checks = tuple(extra_checks)
@@ -236,17 +234,6 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
         self._budget: TimeBudget | None = None
 
     # --- plumbing ---------------------------------------------------------------------------------
-    def _make_probes(self) -> list[Probe]:
-        probes: list[Probe] = [
-            AdapterProbe(),
-            SetupProbe(),
-            StepTimeProbe(),
-            MemoryProbe(self.memory_reader),
-        ]
-        if self.config.spectrum:
-            probes.append(SpectrumProbe(self.config))
-        return probes
-
     def _event(
         self, args: Any, state: Any, kwargs: dict[str, Any], logs: Any = None, control: Any = None
     ) -> Event:
@@ -266,18 +253,7 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
 
     def _call(self, hook: str, event: Event) -> None:
         """Calls ``hook`` on every live probe; a probe that raises is logged once and dropped."""
-        for probe in list(self._probes):
-            try:
-                getattr(probe, hook)(event)
-            except Exception:
-                self._probes.remove(probe)
-                logger.warning(
-                    "lora-doctor: internal error in the %s probe (%s); it is switched off for the "
-                    "rest of the run, training is not affected.",
-                    probe.name,
-                    hook,
-                    exc_info=True,
-                )
+        call_probes(self._probes, hook, event)
 
     def _run(self, phase: Phase, state: Any, control: Any, doctor: Doctor | None = None) -> None:
         """Runs ``phase`` on ``doctor`` (the current run's when None); acts on ``stop_on``."""
@@ -336,7 +312,7 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
         _facts_from_trainer(self.doctor.facts, args, state, kwargs, self._trainer_name)
         self.doctor.facts.overhead = self._budget.facts
         self._apply_resume(self.doctor.facts, trainer)
-        self._probes = self._make_probes()
+        self._probes = default_probes(self.config, self.memory_reader)
         self._stopped = False
         self._call("train_begin", self._event(args, state, kwargs))
         self._run(Phase.SETUP, state, control)

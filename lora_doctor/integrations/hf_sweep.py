@@ -15,7 +15,10 @@ from typing import Any
 
 import torch
 from transformers import Trainer
-from transformers.integrations import get_reporting_integration_callbacks
+from transformers.integrations import (
+    get_available_reporting_integrations,
+    get_reporting_integration_callbacks,
+)
 
 from lora_doctor.integrations.hf import LoraDoctorCallback
 from lora_doctor.sweep.row import SweepRow
@@ -39,14 +42,23 @@ class Reporter:
     callbacks: list[Any]
 
 
+def _integrations(report_to: str | Sequence[str] | None) -> list[str]:
+    """``report_to`` as a list of integration names, as ``TrainingArguments`` reads it: ``"none"``
+    is none, ``"all"`` every installed one (transformers 4.x iterates over a plain string's
+    letters)."""
+    if isinstance(report_to, str):
+        if report_to == "none":
+            return []
+        return list(get_available_reporting_integrations()) if report_to == "all" else [report_to]
+    return [name for name in report_to or [] if name != "none"]
+
+
 def check_report_to(report_to: str | Sequence[str] | None) -> None:
     """Raises a ValueError naming the supported integrations when ``report_to`` names another."""
     if report_to is None:
         return
     try:
-        get_reporting_integration_callbacks(
-            report_to if isinstance(report_to, str) else list(report_to)
-        )
+        get_reporting_integration_callbacks(_integrations(report_to))
     except ValueError as exc:
         raise ValueError(f"rank_sweep(report_to={report_to!r}): {exc}") from None
 
@@ -197,9 +209,7 @@ def _free_memory() -> None:
 
 def _reporter(trainer: Any, report_to: str | Sequence[str] | None) -> Reporter | None:
     names = trainer.args.report_to if report_to is None else report_to
-    classes = tuple(
-        get_reporting_integration_callbacks(names if isinstance(names, str) else list(names or []))
-    )
+    classes = tuple(get_reporting_integration_callbacks(_integrations(names)))
     callbacks = [
         c for c in trainer.callback_handler.callbacks if classes and isinstance(c, classes)
     ]

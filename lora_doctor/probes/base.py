@@ -6,6 +6,7 @@ that asks (:meth:`Event.model_view`).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +16,9 @@ if TYPE_CHECKING:
     from lora_doctor.probes.dist import RankReadings
     from lora_doctor.probes.view import ModelView
 
-__all__ = ["Event", "Probe"]
+__all__ = ["Event", "Probe", "call_probes"]
+
+logger = logging.getLogger("lora_doctor")
 
 
 @dataclass
@@ -113,3 +116,20 @@ class Probe:
         """``trainer.train`` is dying of ``error`` (e.g. CUDA out of memory); a probe may record a
         finding with ``event.doctor.add_finding`` before the diagnosis is written. ``event.model``
         and ``event.optimizer`` are the Trainer's; the error propagates after the hooks."""
+
+
+def call_probes(probes: list[Probe], hook: str, event: Event, *args: Any) -> None:
+    """Calls ``hook`` on every probe of ``probes``, in order; a probe that raises is logged once
+    and removed from ``probes`` (switched off for the rest of the run), and the others go on."""
+    for probe in list(probes):
+        try:
+            getattr(probe, hook)(event, *args)
+        except Exception:
+            probes.remove(probe)
+            logger.warning(
+                "lora-doctor: internal error in the %s probe (%s); it is switched off for the "
+                "rest of the run, training is not affected.",
+                probe.name,
+                hook,
+                exc_info=True,
+            )

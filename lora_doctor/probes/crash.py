@@ -293,6 +293,7 @@ def record_crash(
     completed_steps: int,
     trainer: Any = None,
     *,
+    model: Any = None,
     report: Path | None = None,
     since: float | None = None,
 ) -> bool:
@@ -305,6 +306,7 @@ def record_crash(
         error: the exception escaping training; the caller re-raises it unchanged.
         completed_steps: optimizer steps finished before it.
         trainer: the Trainer, when there is one.
+        model: the model, when there is no Trainer (a custom loop).
         report: this process's report path (for other ranks' reports beside it).
         since: when training began (``time.time()``).
 
@@ -313,7 +315,7 @@ def record_crash(
     """
     if not isinstance(error, Exception):
         return False
-    facts = gather_crash_facts(trainer, report=report, since=since)
+    facts = gather_crash_facts(trainer, model=model, report=report, since=since)
     doctor.facts.crash = Crash.from_exception(error, completed_steps, facts)
     return True
 

@@ -26,7 +26,7 @@ from lora_doctor.probes.view import (
     weight_of,
 )
 
-__all__ = ["AdapterProbe", "facts_from_view", "read_facts"]
+__all__ = ["AdapterProbe", "facts_from_view", "peak_learning_rate", "read_facts"]
 
 
 # --- LoRA layers --------------------------------------------------------------------------------------
@@ -253,8 +253,8 @@ def _grad(t: torch.Tensor) -> torch.Tensor | None:
     return ds.safe_get_full_grad(t) if ds is not None else t.grad
 
 
-def _lr(optimizer: Any) -> float | None:
-    """The largest learning rate of the optimizer's param groups; None when unknown."""
+def peak_learning_rate(optimizer: Any) -> float | None:
+    """The largest learning rate of the optimizer's param groups (now); None when unknown."""
     groups = getattr(optimizer, "param_groups", None)
     if not groups:
         return None
@@ -390,7 +390,7 @@ class AdapterProbe(Probe):
         for (w, _), peak in zip(grads, peaks, strict=True):
             if peak != 0:
                 w.got_grad = True
-        lr = _lr(event.optimizer)
+        lr = peak_learning_rate(event.optimizer)
         if all(math.isfinite(p) for p in peaks) and (lr is None or lr > 0):
             self._moving_steps += 1
 

@@ -46,8 +46,14 @@ try:  # peft is optional at import time: duck typing covers its absence and patc
 except Exception:  # pragma: no cover - peft is installed with the [hf] extra
     pass
 
-#: Wrapper prefixes that distributed/compile wrappers add to parameter names.
-_WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+#: Wrapper prefixes that distributed/compile wrappers add to parameter names (FSDP1, activation
+#: checkpointing, torch.compile, Lightning Fabric).
+_WRAPPER_PARTS = (
+    "_fsdp_wrapped_module.",
+    "_checkpoint_wrapped_module.",
+    "_orig_mod.",
+    "_forward_module.",
+)
 #: The prefix peft puts before the base model's own module names.
 _PEFT_PREFIX = "base_model.model."
 #: Names of peft's trainable-but-not-base parameters besides LoRA's own.
@@ -234,7 +240,9 @@ class ModelView:
 
 # --- wrappers ---------------------------------------------------------------------------------------
 def unwrap_model(model: Any) -> Any:
-    """The model under DDP, FSDP, DeepSpeed and ``torch.compile`` wrappers.
+    """The model under DDP, FSDP, DeepSpeed and ``torch.compile`` wrappers; when that is no peft
+    model, the first peft model inside it (a LightningModule or a user's ``nn.Module`` holding
+    one), else the model itself.
 
     Example:
         >>> class Wrapper(nn.Module):
@@ -253,6 +261,8 @@ def unwrap_model(model: Any) -> Any:
         if not isinstance(inner, nn.Module):
             break
         model, seen = inner, seen + 1
+    if isinstance(model, nn.Module) and not hasattr(model, "peft_config"):
+        return next((m for m in model.modules() if hasattr(m, "peft_config")), model)
     return model
 
 
