@@ -166,6 +166,12 @@ class LoopDoctor:
     and at spectrum readings (sharded adapters are gathered there: a collective, so every process
     must call the hooks at the same steps).
 
+    The time budget (``DoctorConfig.time_budget``) is the Trainer callback's: it exchanges each
+    process's timings at every log so that all of them take the same reading decision. A loop
+    doctor has no such exchange, so it reads every planned spectrum reading in full (about
+    ``spectrum_every_fraction`` of the run, and at the end; 60-90 ms for 112 layers on an H200,
+    BENCHMARKS.md); ``DoctorConfig(spectrum=False)`` switches the readings off.
+
     In a Lightning Fabric loop, build the doctor from the model and optimizer that
     ``fabric.setup`` returns and call the hooks as in any loop.
 
