@@ -1,4 +1,4 @@
-"""The examples and the README's code run as written, and say what they claim."""
+"""The examples and the docs' code run as written, and say what they claim."""
 
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _readme_block(marker: str) -> str:
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
+def _docs_block(page: str, marker: str) -> str:
+    """The python block after ``<!-- marker -->`` in ``page`` (a path from the repository root)."""
+    text = (ROOT / page).read_text(encoding="utf-8")
     found = re.search(rf"<!-- {marker} -->\n```python\n(.*?)```", text, re.S)
-    assert found, f"README has no python block after <!-- {marker} -->"
+    assert found, f"{page} has no python block after <!-- {marker} -->"
     return found.group(1)
 
 
@@ -26,9 +27,9 @@ def _findings(report: Path) -> dict[str, dict]:
 
 
 @pytest.mark.slow
-def test_readme_custom_loop_runs_as_written(tmp_path: Path) -> None:
+def test_docs_custom_loop_runs_as_written(tmp_path: Path) -> None:
     script = tmp_path / "loop.py"
-    script.write_text(_readme_block("custom-loop"), encoding="utf-8")
+    script.write_text(_docs_block("docs/custom-loops.md", "custom-loop"), encoding="utf-8")
     done = subprocess.run(
         [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600
     )
@@ -41,10 +42,10 @@ def test_readme_custom_loop_runs_as_written(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_readme_apply_fix_runs_as_written(tmp_path: Path) -> None:
-    """The README's fix loop: the diagnosis applied, the run from scratch clearly better."""
+def test_docs_apply_fix_runs_as_written(tmp_path: Path) -> None:
+    """docs/apply-fix.md's fix loop: the diagnosis applied, the run from scratch clearly better."""
     script = tmp_path / "apply.py"
-    script.write_text(_readme_block("apply-fix"), encoding="utf-8")
+    script.write_text(_docs_block("docs/apply-fix.md", "apply-fix"), encoding="utf-8")
     done = subprocess.run(
         [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600
     )
