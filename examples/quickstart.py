@@ -9,9 +9,9 @@ the LoRA adapter has to learn them.
 The mistake: ``lora_alpha=1`` (the default of loralib, LoRA's first implementation) with ``r=16``.
 peft scales the update by lora_alpha / r = 1/16, sixteen to thirty-two times less than the usual
 lora_alpha = r or 2r, so the adapter barely moves and the loss stays flat near where it started.
-The doctor warns before the first step (``alpha-rank-ratio``), then reports the plateau with that
-scaling as its most likely cause and the fix, ``lora_alpha=32``, in ``config_changes``. Apply it
-and the loss falls:
+The doctor warns before the first step (``alpha-rank-ratio``), then reports that the loss never
+fell (``loss-at-chance``) with that scaling as its most likely cause and the fix,
+``lora_alpha=32``, in ``config_changes``. Apply it and the loss falls:
 
     python examples/quickstart.py                       # the mistake: the loss stays near 2.6
     python examples/quickstart.py --set lora_alpha=32   # the doctor's fix: it falls to about 1.1

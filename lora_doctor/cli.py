@@ -19,7 +19,6 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -34,21 +33,12 @@ __all__ = ["main"]
 EXIT_OK, EXIT_FOUND, EXIT_UNREADABLE = 0, 1, 2
 
 
-def _version() -> str:
-    """The installed distribution's version (``importlib.metadata``); the package's own
-    ``__version__`` when it runs from a source tree that is not installed."""
-    try:
-        return metadata.version("lora-doctor")
-    except metadata.PackageNotFoundError:
-        return __version__
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lora-doctor", description="Diagnoses LoRA fine-tuning runs."
     )
     parser.add_argument(
-        "--version", action="version", version=f"%(prog)s {_version()}", help="print the version"
+        "--version", action="version", version=f"%(prog)s {__version__}", help="print the version"
     )
     sub = parser.add_subparsers(dest="command", required=True)
     diag = sub.add_parser(

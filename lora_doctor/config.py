@@ -615,6 +615,17 @@ class DoctorConfig:
             out[f.name] = (default, f.metadata.get("help", ""))
         return out
 
+    @classmethod
+    def rules(cls) -> dict[str, str]:
+        """Each field's rule for a valid value (``"a number > 0"``), by name; ``""`` for the fields
+        that take any set of finding names (``ignore``, ``stop_on``).
+
+        Example:
+            >>> DoctorConfig.rules()["check_after_steps"]
+            'an integer >= 1'
+        """
+        return {f.name: f.metadata.get("rule", "") for f in fields(cls)}
+
     def silenced(self, slug: str, code: str = "") -> bool:
         """True when the user asked never to report this finding."""
         return slug in self.ignore or (bool(code) and code in self.ignore)

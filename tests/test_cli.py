@@ -219,6 +219,24 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().out == f"lora-doctor {metadata.version('lora-doctor')}\n"
 
 
+def test_one_version_everywhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI, ``lora_doctor.__version__`` and the report's ``tool.version`` are the installed
+    distribution's version; a source tree that is not installed says ``0+unknown``."""
+    import lora_doctor
+    from lora_doctor import _version
+    from lora_doctor.report import Diagnosis
+
+    installed = metadata.version("lora-doctor")
+    assert lora_doctor.__version__ == installed
+    assert Diagnosis(findings=[]).to_dict()["tool"] == {"name": "lora-doctor", "version": installed}
+
+    def not_installed(name: str) -> str:
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(_version.metadata, "version", not_installed)
+    assert _version.version() == _version.UNKNOWN == "0+unknown"
+
+
 def test_every_diagnose_option_has_help() -> None:
     sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
     diagnose = sub.choices["diagnose"]

@@ -1,4 +1,4 @@
-"""The examples and the README's code run as written, and say what they claim."""
+"""The examples and the docs' code run as written, and say what they claim."""
 
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _readme_block(marker: str) -> str:
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
+def _docs_block(page: str, marker: str) -> str:
+    """The python block after ``<!-- marker -->`` in ``page`` (a path from the repository root)."""
+    text = (ROOT / page).read_text(encoding="utf-8")
     found = re.search(rf"<!-- {marker} -->\n```python\n(.*?)```", text, re.S)
-    assert found, f"README has no python block after <!-- {marker} -->"
+    assert found, f"{page} has no python block after <!-- {marker} -->"
     return found.group(1)
 
 
@@ -26,9 +27,9 @@ def _findings(report: Path) -> dict[str, dict]:
 
 
 @pytest.mark.slow
-def test_readme_custom_loop_runs_as_written(tmp_path: Path) -> None:
+def test_docs_custom_loop_runs_as_written(tmp_path: Path) -> None:
     script = tmp_path / "loop.py"
-    script.write_text(_readme_block("custom-loop"), encoding="utf-8")
+    script.write_text(_docs_block("docs/custom-loops.md", "custom-loop"), encoding="utf-8")
     done = subprocess.run(
         [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600
     )
@@ -41,10 +42,10 @@ def test_readme_custom_loop_runs_as_written(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_readme_apply_fix_runs_as_written(tmp_path: Path) -> None:
-    """The README's fix loop: the diagnosis applied, the run from scratch clearly better."""
+def test_docs_apply_fix_runs_as_written(tmp_path: Path) -> None:
+    """docs/apply-fix.md's fix loop: the diagnosis applied, the run from scratch clearly better."""
     script = tmp_path / "apply.py"
-    script.write_text(_readme_block("apply-fix"), encoding="utf-8")
+    script.write_text(_docs_block("docs/apply-fix.md", "apply-fix"), encoding="utf-8")
     done = subprocess.run(
         [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600
     )
@@ -110,15 +111,17 @@ def _quickstart(out: Path, *changes: str) -> tuple[dict[str, dict], float]:
 
 @pytest.mark.slow
 def test_quickstart_mistake_is_named_and_the_doctors_fix_removes_it(tmp_path: Path) -> None:
-    """The quickstart's mistake (lora_alpha=1 at r=16) stalls its loss; the doctor names it as the
-    plateau's most likely cause, and its config_changes, applied as they are, make the loss fall."""
+    """The quickstart's mistake (lora_alpha=1 at r=16) keeps its loss where it started (it never
+    falls 5%: loss-at-chance's "never fell", and no plateau beside it); the doctor names the alpha
+    as the most likely cause, and its config_changes, applied as they are, make the loss fall."""
     found, stalled = _quickstart(tmp_path / "mistake")
     assert found["alpha-rank-ratio"]["severity"] == "warning"
-    plateau = found["loss-plateau"]
-    top = plateau["evidence"]["causes"][0]
+    assert "loss-plateau" not in found
+    stuck = found["loss-at-chance"]
+    top = stuck["evidence"]["causes"][0]
     assert (top["cause"], top["verdict"]) == ("alpha-too-small", "supported")
-    assert "Most likely cause: alpha scales the update down" in plateau["message"]
-    changes = plateau["recommendation"]["config_changes"]
+    assert "Most likely cause: alpha scales the update down" in stuck["message"]
+    changes = stuck["recommendation"]["config_changes"]
     assert changes == {"lora_alpha": 32}
     fixed_found, fixed = _quickstart(
         tmp_path / "fixed", *(f"{k}={json.dumps(v)}" for k, v in changes.items())

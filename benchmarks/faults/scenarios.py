@@ -591,7 +591,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         "alpha-far-too-small",
         "lora_alpha far below r (pre-trained base)",
         alpha_far_too_small.__doc__ or "",
-        ("alpha-rank-ratio", "loss-plateau"),
+        ("alpha-rank-ratio", "loss-plateau|loss-at-chance"),
         ("rank-saturated", *_WRONG_CAUSE),
         alpha_far_too_small,
         cause="alpha-too-small",

@@ -123,9 +123,10 @@ class LossAtChance(Check):
     while learning, so the loss must also not be falling: its recent median no more than
     ``stuck_min_drop`` below that of the span before. A
     loss that started far below chance and rose to it is an error of a destroyed model; one that
-    started there and never fell, of a set-up that does not train. Without the vocabulary (offline)
-    the rule is the plateau's on a loss that never fell: flat, less than ``stuck_min_drop`` below
-    its first value (a warning: a model that already fits its data also stays where it started).
+    started there and never fell, of a set-up that does not train. Away from chance, or without the
+    vocabulary (offline), the rule is the plateau's on a loss that never fell: flat, less than
+    ``stuck_min_drop`` below its first value (a warning: a model that already fits its data also
+    stays where it started; an alpha far below r, whose update is scaled almost to nothing, too).
     Judged at the plateau's looks, from the same moment, so that the plateau is never reported
     first; the diagnosis pass stands the plateau down for it.
     """

@@ -828,6 +828,7 @@ CANDIDATES: dict[str, tuple[Candidate, ...]] = {
         lr_too_high,
         alpha_too_large,
         lr_too_low,
+        alpha_too_small,
         data_or_task,
     ),
 }
