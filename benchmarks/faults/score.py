@@ -12,7 +12,7 @@ Pure Python on plain records, so that the scoring is tested without training any
   fault began (set-up findings count at the step their training job began: 0, or the step of the
   checkpoint a run resumed).
 - Top-1 cause accuracy of a fault = runs whose first-ranked cause is the fault's true cause (its
-  label, ``Scenario.cause``; ``"a|b"``: the one cause, under either of its names) / runs.
+  label, ``Scenario.cause``; ``"a|b"``: the one cause, under either of its names) / labelled runs.
 
 How a run's first-ranked cause is read (:attr:`RunResult.named_cause`): from the findings that match
 the fault's ``must`` (any severity, as for recall: a finding that names the fault at info, such as
@@ -29,8 +29,9 @@ the fault's ``must`` (any severity, as for recall: a finding that names the faul
    when the run's facts cannot decide; the accuracy shows how often that happens.
 3. When none of them ranks causes, the first of them names the fault itself, and its slug is the
    cause (``rank-changed-on-resume``, ``no-trainable-params``, ``overfit``): the doctor names the
-   fault directly. A label lists the cause's id in the diagnosis's vocabulary and, after ``|``, the
-   slug of a finding that names it directly (``alpha-too-small|alpha-rank-ratio``).
+   fault directly. A label may give the one cause under several names joined by ``|``: its id in
+   the diagnosis's vocabulary and the slug of a finding that names it directly
+   (``alpha-too-small|alpha-rank-ratio``), or two findings that name it (``oom-risk|out-of-memory``).
 4. No matching finding (a missed fault): no cause, wrong.
 
 Results files written before the causes were kept carry no labels; their runs get no accuracy
