@@ -95,6 +95,168 @@ def test_summary_recall_delays_and_rate() -> None:
     assert "no lora_doctor.json in 1" in table and "died: RuntimeError" in table
 
 
+def C(slug: str, cause: str, verdict: str = "supported", step: int = 10) -> Finding:
+    """A finding that ranks causes, its first-ranked one ``cause``."""
+    return Finding(slug, "warning", step, cause, verdict)
+
+
+_LR = "learning-rate-too-high"
+
+
+@pytest.mark.parametrize(
+    ("run", "named", "right"),
+    [
+        (_run(findings=[C("non-finite-values", _LR)], cause=_LR), _LR, True),
+        (_run(findings=[C("non-finite-values", "bad-batch")], cause=_LR), "bad-batch", False),
+        (_run(findings=[C("non-finite-values", _LR, "open")], cause=_LR), None, False),
+        (_run(findings=[C("non-finite-values", _LR, "ruled-out")], cause=_LR), None, False),
+        (_run(findings=[F("zero-loss", "error", 5)], cause="forward-numerics"), "zero-loss", False),
+        (
+            _run(findings=[F("zero-loss", "info", 5)], cause="data-or-task|zero-loss"),
+            "zero-loss",
+            True,
+        ),
+        (_run(findings=[F("loss-plateau")], cause=_LR), None, False),
+        (
+            _run(findings=[C("loss-divergence", _LR)], cause=_LR),
+            None,
+            False,
+        ),
+        (
+            _run(findings=[F("zero-loss", step=5), C("non-finite-values", _LR, step=9)], cause=_LR),
+            _LR,
+            True,
+        ),
+        (
+            _run(
+                findings=[C("non-finite-values", _LR, step=9), C("zero-loss", "x", step=5)],
+                cause="x",
+            ),
+            "x",
+            True,
+        ),
+        (
+            _run(
+                must=("alpha-rank-ratio", "loss-plateau"),
+                findings=[
+                    F("alpha-rank-ratio", step=0),
+                    C("loss-plateau", "alpha-too-small", step=50),
+                ],
+                cause="alpha-too-small",
+            ),
+            "alpha-too-small",
+            True,
+        ),
+        (
+            _run(
+                must=("alpha-rank-ratio", "loss-plateau"),
+                findings=[F("alpha-rank-ratio", step=0), C("loss-at-chance", "alpha-too-small")],
+                cause="alpha-too-small",
+            ),
+            "alpha-rank-ratio",
+            False,
+        ),
+        (
+            _run(must=("a|b",), findings=[F("b", step=3), F("a", step=7)], cause="a|b"),
+            "b",
+            True,
+        ),
+        (_run(findings=[C("non-finite-values", _LR)]), _LR, None),
+        (_run("healthy", findings=[C("loss-plateau", _LR)]), None, None),
+    ],
+    ids=[
+        "ranked-supported-right",
+        "ranked-supported-wrong",
+        "ranked-open-names-none",
+        "ranked-ruled-out-names-none",
+        "self-named-wrong",
+        "self-named-at-info-right",
+        "finding-outside-must-not-read",
+        "ranked-outside-must-not-read",
+        "ranked-read-before-earlier-self-named",
+        "first-ranked-by-step",
+        "symptom-over-setup-finding",
+        "symptom-missed-setup-finding-read",
+        "multi-slug-group-first-by-step",
+        "unlabelled-no-verdict",
+        "healthy-no-verdict",
+    ],
+)
+def test_named_cause(run: RunResult, named: str | None, right: bool | None) -> None:
+    assert run.named_cause == named
+    assert run.cause_right is right
+
+
+def test_summary_cause_accuracy_and_table() -> None:
+    label = "learning-rate-too-high"
+    results = [
+        _run(scenario="lr", findings=[C("non-finite-values", label)], cause=label),
+        _run(scenario="lr", findings=[C("non-finite-values", label)], cause=label),
+        _run(scenario="lr", findings=[C("non-finite-values", label, "open")], cause=label),
+        _run(scenario="lr", findings=[], cause=label),
+        _run(
+            scenario="rs",
+            must=("rank-changed-on-resume",),
+            cause="rank-changed-on-resume",
+            findings=[F("rank-changed-on-resume", "error", 20)],
+        ),
+        _run(scenario="old", findings=[F("non-finite-values", "error", 41)]),
+        _run("healthy", scenario="ok"),
+        _run(scenario="gpu", skipped="needs a CUDA GPU", cause="oom-risk"),
+    ]
+    lr, rs, old, ok, gpu = summarize(results)
+    assert (lr.labelled, lr.cause_right, lr.cause_accuracy) == (4, 2, 0.5)
+    assert lr.wrong_causes == ["none"]
+    assert (rs.cause_accuracy, old.cause_accuracy, ok.cause_accuracy) == (1.0, None, None)
+    assert (gpu.labelled, gpu.cause_accuracy) == (0, None)
+    table = format_table([lr, rs, old, ok, gpu])
+    row = next(line for line in table.splitlines() if line.startswith("lr "))
+    assert "0.75 (3/4)" in row and "0.50 (2/4)" in row  # recall, then cause accuracy
+    assert "cause named instead: none" in row
+    old_row = next(line for line in table.splitlines() if line.startswith("old ")).split()
+    assert old_row[2:5] == ["1.00", "(1/1)", "-"]  # no labels (an old results file): no accuracy
+    assert "top-1 cause accuracy over all labelled fault runs: 0.60 (3/5)" in table
+    assert "lowest per fault: 0.50  (target >= 0.9: NOT met)" in table
+
+
+def _echo_after(delay: float, value: str) -> str:
+    """A stand-in run for the worker pool: ``value`` after ``delay`` seconds; a negative delay
+    fails."""
+    import time
+
+    if delay < 0:
+        raise RuntimeError(f"run {value} failed")
+    time.sleep(delay)
+    return value
+
+
+@pytest.mark.parametrize(
+    "jobs",
+    [1, pytest.param(2, marks=pytest.mark.slow)],  # each worker imports torch: 15-50 s
+    ids=["in-process", "two-workers"],
+)
+def test_map_runs_keeps_the_order_of_the_runs(jobs: int) -> None:
+    """Results come back in the order of the runs whatever order they finish in (with two
+    workers the first run finishes last), so ``--jobs`` never changes the table."""
+    from benchmarks.faults.runner import map_runs
+
+    finished: list[str] = []
+    runs = [(1.5, "a"), (0.0, "b"), (0.0, "c")]
+    results = map_runs(_echo_after, runs, jobs, done=lambda args, r, s: finished.append(r))
+    assert results == ["a", "b", "c"]
+    assert sorted(finished) == ["a", "b", "c"]
+    assert (finished[0] == "a") is (jobs == 1)
+    with pytest.raises(RuntimeError, match="run x failed"):
+        map_runs(_echo_after, [(0.0, "b"), (-1.0, "x")], jobs)
+
+
+def test_map_runs_needs_a_job() -> None:
+    from benchmarks.faults.runner import map_runs
+
+    with pytest.raises(ValueError, match="jobs must be >= 1, got 0"):
+        map_runs(_echo_after, [(0.0, "a")], 0)
+
+
 def test_saved_results_score_the_same(tmp_path: Path) -> None:
     """Results split over two processes and saved can be scored together (``--score``)."""
     import json
@@ -102,14 +264,31 @@ def test_saved_results_score_the_same(tmp_path: Path) -> None:
 
     from benchmarks.faults.bench import load_results
 
-    a = [_run(scenario="nan-injected", findings=[F("zero-loss", "warning", 45)], onset=40)]
+    nan = C("non-finite-values", "bad-batch", "open", step=40)
+    a = [_run(scenario="nan-injected", findings=[nan], onset=40, cause="forward-numerics")]
     b = [_run("healthy", scenario="healthy", findings=[F("overfit", step=60)])]
     for name, part in (("a", a), ("b", b)):
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.json").write_text(json.dumps([asdict(r) for r in part]))
     loaded = load_results([tmp_path / "a" / "results.json", tmp_path / "b" / "results.json"])
     assert [r.scenario for r in loaded] == ["healthy", "nan-injected"]  # the benchmark's order
+    assert loaded[1].findings == [nan]
     assert format_table(summarize(loaded)) == format_table(summarize(b + a))
+
+
+def test_results_saved_before_the_labels_load_without_accuracy(tmp_path: Path) -> None:
+    import json
+    from dataclasses import asdict
+
+    from benchmarks.faults.bench import load_results
+
+    raw = asdict(_run(scenario="nan-injected", findings=[F("zero-loss", "error", 45)], onset=40))
+    del raw["cause"]
+    for f in raw["findings"]:
+        del f["cause"], f["verdict"]
+    (tmp_path / "results.json").write_text(json.dumps([raw]))
+    (summary,) = summarize(load_results([tmp_path / "results.json"]))
+    assert (summary.recall, summary.labelled, summary.cause_accuracy) == (1.0, 0, None)
 
 
 def test_unknown_scenario_is_named() -> None:

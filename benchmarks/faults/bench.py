@@ -10,18 +10,16 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-
-import torch
-from transformers.utils import logging as hf_logging
+from typing import Any
 
 from benchmarks.faults import fixloop
-from benchmarks.faults.runner import Spec
+from benchmarks.faults.runner import Spec, map_runs, set_up_process
 from benchmarks.faults.scenarios import SCENARIOS, Scenario, Skip
 from benchmarks.faults.score import Finding, RunResult, format_table, summarize
 from benchmarks.faults.tasks import ARCHS
 from lora_doctor.checks import Registry
 
-__all__ = ["collect", "load_results", "main", "select"]
+__all__ = ["collect", "load_results", "main", "run_one", "select"]
 
 QUICK_ARCHS = ("llama",)
 
@@ -41,6 +39,50 @@ def select(quick: bool, only: Sequence[str] = ()) -> list[Scenario]:
     return [s for s in SCENARIOS if s.quick or not quick]
 
 
+def run_one(scenario: Scenario, spec: Spec) -> RunResult:
+    """One run of ``scenario`` as the scorer sees it (a skipped one says why).
+
+    Example:
+        >>> record = run_one(SCENARIOS[0], Spec("llama", 0, Path("/tmp/x")))  # doctest: +SKIP
+    """
+    spec.workdir.mkdir(parents=True, exist_ok=True)
+    record = RunResult(
+        scenario.name,
+        scenario.fault,
+        spec.arch,
+        spec.seed,
+        scenario.must,
+        scenario.must_not,
+        scenario.cause,
+    )
+    try:
+        outcome = scenario.build(spec)
+    except Skip as why:
+        record.skipped = str(why)
+    else:
+        record.findings = outcome.findings
+        record.onset = outcome.onset
+        record.error = outcome.error
+        record.report_written = outcome.report_written
+        record.internal_errors = outcome.internal_errors
+    return record
+
+
+def _progress(args: tuple[Any, ...], record: RunResult, seconds: float) -> None:
+    found = ", ".join(sorted({f.slug for f in record.findings})) or "-"
+    state = record.skipped or ("detected" if record.detected or record.healthy else "MISSED")
+    if record.cause:
+        state += f", cause {record.named_cause or 'none'}" + (
+            "" if record.cause_right else " (WRONG)"
+        )
+    print(
+        f"  {record.scenario:<20} {record.arch:<6} seed {record.seed}: {state}; found: {found} "
+        f"({seconds:.1f} s)",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def collect(
     scenarios: Sequence[Scenario],
     archs: Sequence[str],
@@ -48,45 +90,30 @@ def collect(
     workdir: Path,
     device: str = "cpu",
     progress: bool = True,
+    jobs: int = 1,
+    threads: int = 1,
 ) -> list[RunResult]:
-    """Runs every scenario for every architecture and seed; returns the scored records.
+    """Runs every scenario for every architecture and seed; returns the scored records, in that
+    order whatever ``jobs`` is.
+
+    Args:
+        scenarios, archs, seeds: what to run.
+        workdir: an empty folder; each run gets ``<scenario>/<arch>-s<seed>`` in it.
+        device: ``"cpu"`` or ``"cuda"``.
+        progress: print a line on stderr as each run finishes.
+        jobs: worker processes (:func:`~benchmarks.faults.runner.map_runs`).
+        threads: torch CPU threads of each worker.
 
     Example:
         >>> results = collect(select(quick=True), ["llama"], [0], Path("/tmp/x"))  # doctest: +SKIP
     """
-    results = []
-    for scenario in scenarios:
-        for arch in archs:
-            for seed in seeds:
-                spec = Spec(arch, seed, workdir / scenario.name / f"{arch}-s{seed}", device)
-                spec.workdir.mkdir(parents=True, exist_ok=True)
-                record = RunResult(
-                    scenario.name, scenario.fault, arch, seed, scenario.must, scenario.must_not
-                )
-                start = time.perf_counter()
-                try:
-                    outcome = scenario.build(spec)
-                except Skip as why:
-                    record.skipped = str(why)
-                else:
-                    record.findings = outcome.findings
-                    record.onset = outcome.onset
-                    record.error = outcome.error
-                    record.report_written = outcome.report_written
-                    record.internal_errors = outcome.internal_errors
-                results.append(record)
-                if progress:
-                    found = ", ".join(sorted({f.slug for f in record.findings})) or "-"
-                    state = record.skipped or (
-                        "detected" if record.detected or record.healthy else "MISSED"
-                    )
-                    print(
-                        f"  {scenario.name:<20} {arch:<6} seed {seed}: {state}; found: {found} "
-                        f"({time.perf_counter() - start:.1f} s)",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-    return results
+    runs = [
+        (scenario, Spec(arch, seed, workdir / scenario.name / f"{arch}-s{seed}", device))
+        for scenario in scenarios
+        for arch in archs
+        for seed in seeds
+    ]
+    return map_runs(run_one, runs, jobs, threads, _progress if progress else None)
 
 
 def load_results(paths: Sequence[Path]) -> list[RunResult]:
@@ -125,10 +152,14 @@ def _fix_loop(
     device: str,
     out: Path | None,
     start: float,
+    jobs: int,
+    threads: int,
 ) -> int:
     """``--fix-loop``: runs :mod:`benchmarks.faults.fixloop`, prints (and saves) its table."""
     with tempfile.TemporaryDirectory(prefix="lora-doctor-fixloop-") as tmp:
-        results = fixloop.collect(scenarios, archs, seeds, Path(tmp), device)
+        results = fixloop.collect(
+            scenarios, archs, seeds, Path(tmp), device, jobs=jobs, threads=threads
+        )
     table = fixloop.format_table(results)
     print(table)
     print(
@@ -150,7 +181,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--arch", nargs="+", choices=ARCHS, default=None)
     parser.add_argument("--only", nargs="+", default=(), help="scenario names to run")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads of each process (default 1)"
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs trained at once, each in its own process (default 1); jobs x threads should "
+        "not exceed the CPU cores",
+    )
     parser.add_argument(
         "--out", type=Path, default=None, help="write results.json and table.txt here"
     )
@@ -177,26 +217,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         print(scored)
         return 0
-    if args.seeds < 1:
-        parser.error(f"--seeds must be >= 1, got {args.seeds}")
+    for name in ("seeds", "jobs", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     try:
         scenarios = (fixloop.select if args.fix_loop else select)(args.quick, args.only)
     except ValueError as err:
         parser.error(str(err))
     archs = args.arch or (QUICK_ARCHS if args.quick else ARCHS)
     seeds = range(1 if args.quick else args.seeds)
-    torch.set_num_threads(args.threads)
-    hf_logging.set_verbosity_error()
+    set_up_process(args.threads)
     start = time.perf_counter()
     if args.fix_loop:
-        return _fix_loop(scenarios, archs, seeds, args.device, args.out, start)
+        return _fix_loop(
+            scenarios, archs, seeds, args.device, args.out, start, args.jobs, args.threads
+        )
     with tempfile.TemporaryDirectory(prefix="lora-doctor-faults-") as tmp:
-        results = collect(scenarios, archs, seeds, Path(tmp), args.device)
+        results = collect(
+            scenarios, archs, seeds, Path(tmp), args.device, jobs=args.jobs, threads=args.threads
+        )
     table = _report(results, scenarios)
     print(table)
     print(
-        f"\n{len(results)} runs ({', '.join(archs)}; seeds {list(seeds)}; {args.device}) in "
-        f"{time.perf_counter() - start:.0f} s"
+        f"\n{len(results)} runs ({', '.join(archs)}; seeds {list(seeds)}; {args.device}; "
+        f"{args.jobs} jobs x {args.threads} threads) in {time.perf_counter() - start:.0f} s"
     )
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)

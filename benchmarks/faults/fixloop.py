@@ -27,13 +27,12 @@ import json
 import math
 import statistics
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.faults.runner import Outcome, Spec
+from benchmarks.faults.runner import Outcome, Spec, map_runs
 from benchmarks.faults.scenarios import SCENARIOS, Scenario, Skip
 from lora_doctor.fix import LORA_CONFIG, TRAINING_ARGUMENTS, AppliedFix
 from lora_doctor.report import Diagnosis
@@ -230,6 +229,24 @@ def run_one(scenario: Scenario, spec: Spec) -> FixResult:
     return record
 
 
+def _run_or_skip(scenario: Scenario, spec: Spec) -> FixResult:
+    """:func:`run_one`, or the record of a run that cannot run here."""
+    spec.workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        return run_one(scenario, spec)
+    except Skip as why:
+        return FixResult(scenario.name, scenario.fault, spec.arch, spec.seed, skipped=str(why))
+
+
+def _progress(args: tuple[Any, ...], record: FixResult, seconds: float) -> None:
+    print(
+        f"  {record.scenario:<20} {record.arch:<6} seed {record.seed}: {_state(record)} "
+        f"({seconds:.1f} s)",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def collect(
     scenarios: Sequence[Scenario],
     archs: Sequence[str],
@@ -237,32 +254,22 @@ def collect(
     workdir: Path,
     device: str = "cpu",
     progress: bool = True,
+    jobs: int = 1,
+    threads: int = 1,
 ) -> list[FixResult]:
-    """Runs the fix loop for every scenario, architecture and seed.
+    """Runs the fix loop for every scenario, architecture and seed, in that order; ``jobs`` and
+    ``threads`` as for :func:`~benchmarks.faults.runner.map_runs`.
 
     Example:
         >>> results = collect(select(quick=True), ["llama"], [0], Path("/tmp/x"))  # doctest: +SKIP
     """
-    results = []
-    for scenario in scenarios:
-        for arch in archs:
-            for seed in seeds:
-                spec = Spec(arch, seed, workdir / scenario.name / f"{arch}-s{seed}", device)
-                spec.workdir.mkdir(parents=True, exist_ok=True)
-                start = time.perf_counter()
-                try:
-                    record = run_one(scenario, spec)
-                except Skip as why:
-                    record = FixResult(scenario.name, scenario.fault, arch, seed, skipped=str(why))
-                results.append(record)
-                if progress:
-                    print(
-                        f"  {scenario.name:<20} {arch:<6} seed {seed}: {_state(record)} "
-                        f"({time.perf_counter() - start:.1f} s)",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-    return results
+    runs = [
+        (scenario, Spec(arch, seed, workdir / scenario.name / f"{arch}-s{seed}", device))
+        for scenario in scenarios
+        for arch in archs
+        for seed in seeds
+    ]
+    return map_runs(_run_or_skip, runs, jobs, threads, _progress if progress else None)
 
 
 def _state(r: FixResult) -> str:

@@ -10,22 +10,37 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
+import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import torch
 from peft import LoraConfig
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers.utils import logging as hf_logging
 
 from benchmarks.faults.score import Finding
 from lora_doctor import DoctorConfig, LoraDoctorCallback
 
-__all__ = ["Outcome", "Spec", "lora_config", "quiet_doctor", "train", "training_args"]
+__all__ = [
+    "Outcome",
+    "Spec",
+    "lora_config",
+    "map_runs",
+    "quiet_doctor",
+    "set_up_process",
+    "train",
+    "training_args",
+]
 
 REPORT_NAME = "lora_doctor.json"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -132,19 +147,33 @@ def _read_report(path: Path, callback: LoraDoctorCallback) -> tuple[dict[str, An
 
 
 def _findings(report: Mapping[str, Any], start: int) -> list[Finding]:
-    """The report's findings as the scorer sees them.
+    """The report's findings as the scorer sees them, each with its first-ranked cause and that
+    cause's verdict (``evidence.causes[0]``) when it ranks causes.
 
     A finding without a step (made before the first step) counts at ``start``, the step this
     training job began at (0, or the step of the checkpoint it resumed).
+
+    Example:
+        >>> causes = [{"cause": "learning-rate-too-low", "verdict": "supported"}]
+        >>> flat = {"slug": "loss-plateau", "severity": "warning", "step": 50,
+        ...         "evidence": {"causes": causes}}
+        >>> _findings({"findings": [flat]}, 0)[0].cause
+        'learning-rate-too-low'
     """
-    return [
-        Finding(
-            slug=str(f["slug"]),
-            severity=str(f["severity"]),
-            step=start if f.get("step") is None else int(f["step"]),
+    out = []
+    for f in report.get("findings", []):
+        causes = (f.get("evidence") or {}).get("causes") or [{}]
+        top = causes[0]
+        out.append(
+            Finding(
+                slug=str(f["slug"]),
+                severity=str(f["severity"]),
+                step=start if f.get("step") is None else int(f["step"]),
+                cause=None if top.get("cause") is None else str(top["cause"]),
+                verdict=None if top.get("verdict") is None else str(top["verdict"]),
+            )
         )
-        for f in report.get("findings", [])
-    ]
+    return out
 
 
 def lora_config(spec: Spec, **kwargs: Any) -> LoraConfig:
@@ -269,3 +298,78 @@ def train(
         trainer.remove_callback(doctor)  # the measurement is not part of the diagnosed run
         outcome.eval_loss = float(trainer.evaluate()["eval_loss"])
     return outcome
+
+
+def set_up_process(threads: int) -> None:
+    """What every process that trains benchmark runs sets first: ``threads`` torch CPU threads
+    (on a machine shared by several runs, more threads than cores spin against each other) and
+    transformers' warnings off."""
+    torch.set_num_threads(threads)
+    hf_logging.set_verbosity_error()
+
+
+def _timed(fn: Callable[..., T], *args: Any) -> tuple[T, float]:
+    start = time.perf_counter()
+    result = fn(*args)
+    return result, time.perf_counter() - start
+
+
+def map_runs(
+    fn: Callable[..., T],
+    runs: Sequence[tuple[Any, ...]],
+    jobs: int = 1,
+    threads: int = 1,
+    done: Callable[[tuple[Any, ...], T, float], None] | None = None,
+) -> list[T]:
+    """``[fn(*args) for args in runs]``, in ``jobs`` worker processes when ``jobs`` > 1.
+
+    The workers are started with the ``"spawn"`` method (a fork of a process that has run torch
+    can deadlock in its thread pools) and each calls :func:`set_up_process` with ``threads``. The
+    results come back in the order of ``runs`` whatever order the runs finish in, so a table built
+    from them does not depend on ``jobs``.
+
+    Args:
+        fn: one run; with ``jobs`` > 1, a module-level function (the workers import it by name),
+            whose arguments and result pickle.
+        runs: the arguments of each call.
+        jobs: worker processes; 1 runs everything in this process, one after the other.
+        threads: torch CPU threads per worker (this process's own setting is left alone).
+        done: called in this process as each run finishes (in finishing order) with its
+            arguments, its result and the seconds it took: progress lines.
+
+    Raises:
+        ValueError: ``jobs`` below 1.
+        Exception: whatever ``fn`` raised, for the first failed run in the order of ``runs``.
+
+    Example:
+        >>> map_runs(pow, [(2, 3), (3, 2)])
+        [8, 9]
+    """
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    results: dict[int, T] = {}
+
+    def finished(i: int, result: T, seconds: float) -> None:
+        results[i] = result
+        if done is not None:
+            done(runs[i], result, seconds)
+
+    if jobs == 1:
+        for i, args in enumerate(runs):
+            finished(i, *_timed(fn, *args))
+        return [results[i] for i in range(len(runs))]
+    context = multiprocessing.get_context("spawn")
+    failed: dict[int, BaseException] = {}
+    with ProcessPoolExecutor(
+        jobs, context, initializer=set_up_process, initargs=(threads,)
+    ) as pool:
+        futures = {pool.submit(_timed, fn, *args): i for i, args in enumerate(runs)}
+        for future in as_completed(futures):
+            error = future.exception()
+            if error is not None:
+                failed[futures[future]] = error
+            else:
+                finished(futures[future], *future.result())
+    if failed:
+        raise failed[min(failed)]
+    return [results[i] for i in range(len(runs))]

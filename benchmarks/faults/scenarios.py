@@ -46,9 +46,13 @@ class Scenario:
         must_not: findings that would be wrong here (``ANY`` on controls).
         build: runs the training and returns its outcome.
         quick: part of the quick subset that runs in the test suite.
-        cause: the fault's true cause, as the stable id of the diagnosis pass's causes
-            (``Cause.cause``, e.g. ``"learning-rate-too-high"``); ``""`` for a healthy control
-            and for faults not labelled yet.
+        cause: the fault's true cause, the label of the top-1 cause accuracy
+            (:mod:`benchmarks.faults.score` says how a run's first-ranked cause is read): the
+            stable id of the diagnosis pass's causes (``Cause.cause``, e.g.
+            ``"learning-rate-too-high"``) where a symptom of the fault ranks causes, else the slug
+            of the finding that names the fault itself (``"rank-changed-on-resume"``); ``"a|b"``:
+            the one cause under either name (``"alpha-too-small|alpha-rank-ratio"``). ``""`` for
+            a healthy control.
         config_fix: a change of ``LoraConfig`` or ``TrainingArguments`` undoes the mistake: the
             fix loop (``--fix-loop``) applies the doctor's fix and trains again.
     """
@@ -494,6 +498,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         ("adapter-shape", *_WRONG_CAUSE),
         alpha_not_scaled,
         quick=True,
+        cause="alpha-too-small|alpha-rank-ratio",
         config_fix=True,
     ),
     Scenario(
@@ -503,6 +508,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         ("rank-saturated",),
         ("rank-underused", *_WRONG_CAUSE),
         rank_too_low,
+        cause="rank-too-small|rank-saturated",
         config_fix=True,
     ),
     Scenario(
@@ -551,6 +557,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         ("loss-divergence", "overfit"),
         adapters_frozen,
         quick=True,
+        cause="lora-not-trainable|no-trainable-params",
     ),
     Scenario(
         "gc-no-input-grads",
@@ -559,6 +566,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         ("adapter-not-learning",),
         ("non-finite-values", "loss-divergence", "zero-loss"),
         checkpointing_without_input_grads,
+        cause="checkpointing-without-input-grads",
         config_fix=True,
     ),
     Scenario(
@@ -568,6 +576,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         ("attention-only-targets",),
         _WRONG_CAUSE,
         attention_only,
+        cause="attention-only-targets",
         config_fix=True,
     ),
     Scenario(
@@ -577,6 +586,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         ("overfit",),
         ("loss-plateau", *_WRONG_CAUSE),
         overfit,
+        cause="overfit",
         config_fix=True,
     ),
     Scenario(
@@ -586,6 +596,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         ("overfit",),
         ("loss-plateau", *_WRONG_CAUSE),
         full_fine_tune_overfit,
+        cause="overfit",
     ),
     Scenario(
         "alpha-far-too-small",
@@ -604,6 +615,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         ("overfit", "loss-plateau"),
         labels_masked,
         quick=True,
+        cause="data-or-task|zero-loss",
     ),
     Scenario(
         "nan-injected",
@@ -613,6 +625,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         ("overfit",),
         nan_injected,
         quick=True,
+        cause="forward-numerics",
     ),
     Scenario(
         "resume-other-rank",
@@ -621,6 +634,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         ("rank-changed-on-resume",),
         ("non-finite-values", "loss-divergence"),
         resume_other_rank,
+        cause="rank-changed-on-resume",
     ),
     Scenario(
         "weights-not-updating",
@@ -656,5 +670,6 @@ SCENARIOS: tuple[Scenario, ...] = (
         ("oom-risk|out-of-memory",),
         ("non-finite-values", "loss-divergence"),
         memory_pressure,
+        cause="oom-risk|out-of-memory",
     ),
 )
