@@ -167,7 +167,8 @@ def lr_too_low(spec: Spec) -> Outcome:
 def lr_too_high(spec: Spec) -> Outcome:
     """A warm-up to a peak learning rate of 0.3 (150x the healthy rate) over 100 of 120 steps: the
     loss falls while the rate is small, then climbs back as the rate passes what the adapter
-    tolerates (about 0.05 here) and stays up. The divergence begins after the lowest loss."""
+    tolerates (about 0.05 here) and stays up. The divergence begins after the lowest loss; where
+    the climb ends at ln(128), a model its updates destroyed, ``loss-at-chance`` is the symptom."""
     outcome = train(
         spec,
         _peft(spec),
@@ -525,7 +526,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         "lr-too-high",
         "learning rate too high",
         lr_too_high.__doc__ or "",
-        ("loss-divergence|non-finite-values",),
+        ("loss-divergence|non-finite-values|loss-at-chance",),
         ("adapter-not-learning", "zero-loss", "overfit"),
         lr_too_high,
         cause="learning-rate-too-high",
