@@ -25,6 +25,11 @@ Rules (:func:`apply_findings`, behind :meth:`lora_doctor.report.Diagnosis.apply`
   does not keep (a field read back with another value), are reported in ``unrouted`` with the
   reason, and the copy keeps the changes before them. The objects passed in are never modified;
   the result holds new objects even when nothing changed.
+- **Step counts follow the learning rate.** A ``max_steps`` a finding measured on this run's
+  trajectory (``overfit``: the step of the best evaluation) holds at this run's learning rate
+  only: when another finding changes ``learning_rate``, the new run reaches that point at another
+  step, so ``max_steps`` is dropped (with the finding that changes the rate named) and the rest
+  of its finding's changes, such as keeping the best checkpoint, still apply.
 - **Steps.** The steps of the findings followed, in order, without those that only set a field
   this result sets ("Set lora_alpha=32 in LoraConfig"): what is left is what configuration cannot
   do (restart from the base model, fix the data, add a callback).
@@ -354,6 +359,10 @@ def _copy(obj: Any, changes: Sequence[Change]) -> tuple[Any, str | None]:
         return obj, f"{type(obj).__name__} refused it: {type(err).__name__}: {first}"[:300]
 
 
+#: A field a finding measures on the run's trajectory, valid at its learning rate only.
+_RATE_BOUND = "max_steps"
+
+
 def _merge(
     findings: Iterable[Finding], objects: Mapping[str, Any]
 ) -> tuple[
@@ -391,6 +400,17 @@ def _merge(
         new = [c for c in routed if c.field not in chosen]
         chosen.update((c.field, c) for c in new)
         followed.append((rec, new))
+    steps, rate = chosen.get(_RATE_BOUND), chosen.get("learning_rate")
+    if steps is not None and rate is not None and steps.slug != rate.slug:
+        del chosen[_RATE_BOUND]
+        dropped.append(
+            Skipped(
+                steps,
+                f"measured at this run's learning rate; {rate.code} {rate.slug} sets "
+                f"{rate.assignment()}, at which the run reaches that point at another step",
+            )
+        )
+        followed = [(r, [c for c in new if c is not steps]) for r, new in followed]
     return chosen, dropped, unrouted, followed
 
 
@@ -470,7 +490,14 @@ def apply_findings(
             unrouted += skipped
             for s in skipped:
                 del chosen[s.change.field]
-    steps = [step for rec, _ in followed for step in rec.steps if not _is_config_step(step, chosen)]
+    # a step that names a field dropped for the new learning rate ("max_steps=40") is stale too
+    stale = [f"{s.change.field}=" for s in dropped if s.change.field == _RATE_BOUND]
+    steps = [
+        step
+        for rec, _ in followed
+        for step in rec.steps
+        if not _is_config_step(step, chosen) and not any(name in step for name in stale)
+    ]
     return AppliedFix(
         lora_config=copies[LORA_CONFIG],
         training_args=copies[TRAINING_ARGUMENTS],

@@ -32,6 +32,7 @@ class Args:
 
     output_dir: str = "out"
     learning_rate: float = 5e-5
+    max_steps: int = -1
     max_grad_norm: float = 1.0
     fp16: bool = False
     bf16: bool = False
@@ -246,6 +247,29 @@ def test_the_same_value_twice_is_no_conflict() -> None:
         ("lora_alpha", "alpha-rank-ratio"),
         ("learning_rate", "loss-plateau"),
     ]
+
+
+@pytest.mark.parametrize("overfit_first", [True, False], ids=["overfit-first", "rate-first"])
+def test_a_step_count_does_not_outlive_a_new_learning_rate(overfit_first: bool) -> None:
+    """The overfit fix's max_steps (the step of the best evaluation) was measured at the run's
+    rate: with another finding lowering the rate it is dropped, the rest of its fix kept."""
+    overfit = _f(
+        "overfit",
+        {"max_steps": 10, "lora_dropout": 0.1},
+        steps=("Keep the best checkpoint", "Train fewer steps: max_steps=10 (the best evaluation)"),
+    )
+    rate = _f("learning-rate-too-high", {"learning_rate": 2e-4})
+    found = [overfit, rate] if overfit_first else [rate, overfit]
+    fix = apply_findings(found, Lora(), Args())
+    assert fix.training_args.learning_rate == 2e-4 and fix.training_args.max_steps == -1
+    assert fix.lora_config.lora_dropout == 0.1
+    (skipped,) = fix.dropped
+    assert skipped.change.field == "max_steps"
+    assert "learning-rate-too-high sets learning_rate=0.0002" in skipped.reason
+    assert fix.steps == ("Keep the best checkpoint",)  # the step count's own step goes with it
+    # one finding that sets both meant them together: kept
+    both = apply_findings([_f("overfit", {"max_steps": 10, "learning_rate": 1e-4})], Lora(), Args())
+    assert (both.training_args.max_steps, both.dropped) == (10, ())
 
 
 def test_information_is_not_applied() -> None:
