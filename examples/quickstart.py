@@ -11,21 +11,24 @@ peft scales the update by lora_alpha / r = 1/16, sixteen to thirty-two times les
 lora_alpha = r or 2r, so the adapter barely moves and the loss stays flat near where it started.
 The doctor warns before the first step (``alpha-rank-ratio``), then reports that the loss never
 fell (``loss-at-chance``) with that scaling as its most likely cause and the fix,
-``lora_alpha=32``, in ``config_changes``. Apply it and the loss falls:
-
-    python examples/quickstart.py                       # the mistake: the loss stays near 2.6
-    python examples/quickstart.py --set lora_alpha=32   # the doctor's fix: it falls to about 1.1
+``lora_alpha=32``, in ``config_changes``. The script then closes the loop: it applies the
+diagnosis to its own ``LoraConfig`` and ``TrainingArguments`` (``Diagnosis.apply``), trains again
+from step 0 on the same base, and prints both final losses (about 2.6 with the mistake, about 1.1
+with the fix).
 
 Usage:
     python examples/quickstart.py [--output-dir out/quickstart] [--seed 0] [--set FIELD=VALUE ...]
+        [--no-fix]
 
 ``--set`` changes a field of ``LoraConfig`` or ``TrainingArguments`` (a finding's
 ``config_changes``, applied by hand); the value is read as JSON when it parses, else as a string.
+``--no-fix`` trains once, without the loop.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import logging
@@ -37,7 +40,7 @@ from peft import LoraConfig, get_peft_model
 from torch.utils.data import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
-from lora_doctor import LoraDoctorCallback
+from lora_doctor import Diagnosis, LoraDoctorCallback
 
 VOCAB, SEQ_LEN, ALPHABET = 128, 32, 16
 
@@ -127,17 +130,52 @@ def _split(changes: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     return lora, {k: v for k, v in changes.items() if k not in lora}
 
 
+def train(
+    base: LlamaForCausalLM, lora: LoraConfig, training_args: TrainingArguments, seed: int
+) -> tuple[float, float, Diagnosis]:
+    """Fine-tunes a copy of ``base`` with ``lora`` from step 0, with the doctor; returns the first
+    and last logged training loss and the diagnosis it wrote."""
+    torch.manual_seed(seed)  # the same adapter initialisation in every run
+    model = get_peft_model(copy.deepcopy(base), lora)
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=Sentences(sentences(1024, seed, dialect=True)),
+        callbacks=[LoraDoctorCallback()],
+    )
+    trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    report = Path(training_args.output_dir) / "lora_doctor.json"
+    return losses[0], losses[-1], Diagnosis.from_dict(json.loads(report.read_text()))
+
+
+def show(diagnosis: Diagnosis, output_dir: str) -> None:
+    """Each finding of the diagnosis with its fix and, for a configuration change, its ``--set``."""
+    print(
+        f"The diagnosis is in {output_dir}/lora_doctor.json: {len(diagnosis.findings)} finding(s)"
+    )
+    for f in diagnosis.findings:
+        print(f"  {f.severity.value:7} {f.code} {f.slug}: {f.title}")
+        rec = f.recommendation
+        if rec:
+            changes = " ".join(f"{k}={json.dumps(v)}" for k, v in rec.config_changes.items())
+            print(f"          fix: {rec.summary}" + (f"  (--set {changes})" if changes else ""))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--output-dir", default="out/quickstart")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE")
+    parser.add_argument(
+        "--no-fix", action="store_true", help="train once; do not apply the diagnosis and retrain"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("transformers").setLevel(logging.ERROR)
     lora_changes, args_changes = _split(_changes(args.set))
 
-    model = base_model(args.seed)
+    base = base_model(args.seed)
     lora = LoraConfig(
         r=16,
         lora_alpha=1,  # the mistake: lora_alpha / r = 1/16; the usual is lora_alpha = r or 2r
@@ -145,7 +183,7 @@ def main() -> None:
         lora_dropout=0.0,
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(model, dataclasses.replace(lora, **lora_changes))
+    lora = dataclasses.replace(lora, **lora_changes)
     training_args = TrainingArguments(
         **{
             "output_dir": args.output_dir,
@@ -161,25 +199,23 @@ def main() -> None:
             **args_changes,
         }
     )
-    trainer = Trainer(
-        model=model,
-        args=training_args,
-        train_dataset=Sentences(sentences(1024, args.seed, dialect=True)),
-        callbacks=[LoraDoctorCallback()],
-    )
-    trainer.train()
+    first, last, diagnosis = train(base, lora, training_args, args.seed)
+    print(f"\nFinal training loss: {last:.3f} (first logged: {first:.3f})")
+    show(diagnosis, args.output_dir)
+    if args.no_fix:
+        return
 
-    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    report = Path(args.output_dir) / "lora_doctor.json"
-    data = json.loads(report.read_text())
-    print(f"\nFinal training loss: {losses[-1]:.3f} (first logged: {losses[0]:.3f})")
-    print(f"The diagnosis is in {report}: {len(data['findings'])} finding(s)")
-    for f in data["findings"]:
-        rec = f["recommendation"]
-        print(f"  {f['severity']:7} {f['code']} {f['slug']}: {f['title']}")
-        if rec:
-            changes = " ".join(f"{k}={json.dumps(v)}" for k, v in rec["config_changes"].items())
-            print(f"          fix: {rec['summary']}" + (f"  (--set {changes})" if changes else ""))
+    # the loop: the doctor's config_changes applied to this run's own objects, then from scratch
+    fix = diagnosis.apply(lora, training_args)
+    if not fix.applied:
+        print("\nNothing to apply: the diagnosis holds no configuration change.")
+        return
+    print("\nApplying the diagnosis:\n" + fix.summary())
+    fixed_dir = str(Path(args.output_dir) / "fixed")
+    fixed_args = dataclasses.replace(fix.training_args, output_dir=fixed_dir)
+    _, fixed_last, fixed = train(base, fix.lora_config, fixed_args, args.seed)
+    print(f"\nFinal training loss: {last:.3f} with the mistake, {fixed_last:.3f} with the fix")
+    show(fixed, fixed_dir)
 
 
 if __name__ == "__main__":

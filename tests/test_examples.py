@@ -93,38 +93,54 @@ def test_custom_loop_example(
     assert "The diagnosis is in" in done.stdout
 
 
-def _quickstart(out: Path, *changes: str) -> tuple[dict[str, dict], float]:
-    """Runs examples/quickstart.py; returns its findings by slug and its final training loss."""
+def _quickstart(out: Path, *options: str) -> str:
+    """Runs examples/quickstart.py into ``out``; returns its standard output."""
     done = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "quickstart.py"), "--output-dir", str(out)]
-        + (["--set", *changes] if changes else []),
+        [
+            sys.executable,
+            str(ROOT / "examples" / "quickstart.py"),
+            "--output-dir",
+            str(out),
+            *options,
+        ],
         capture_output=True,
         text=True,
         timeout=600,
         env={**os.environ, "OMP_NUM_THREADS": "1"},  # a tiny model: threads only contend
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    final = re.search(r"Final training loss: ([\d.]+)", done.stdout)
-    assert final, done.stdout
-    return _findings(out / "lora_doctor.json"), float(final.group(1))
+    return done.stdout
 
 
 @pytest.mark.slow
 def test_quickstart_mistake_is_named_and_the_doctors_fix_removes_it(tmp_path: Path) -> None:
     """The quickstart's mistake (lora_alpha=1 at r=16) keeps its loss where it started (it never
     falls 5%: loss-at-chance's "never fell", and no plateau beside it); the doctor names the alpha
-    as the most likely cause, and its config_changes, applied as they are, make the loss fall."""
-    found, stalled = _quickstart(tmp_path / "mistake")
+    as the most likely cause; the script applies the diagnosis (Diagnosis.apply), trains again from
+    step 0 and the loss falls, with nothing left above information."""
+    out = _quickstart(tmp_path)
+    found = _findings(tmp_path / "lora_doctor.json")
     assert found["alpha-rank-ratio"]["severity"] == "warning"
     assert "loss-plateau" not in found
     stuck = found["loss-at-chance"]
     top = stuck["evidence"]["causes"][0]
     assert (top["cause"], top["verdict"]) == ("alpha-too-small", "supported")
     assert "Most likely cause: alpha scales the update down" in stuck["message"]
-    changes = stuck["recommendation"]["config_changes"]
-    assert changes == {"lora_alpha": 32}
-    fixed_found, fixed = _quickstart(
-        tmp_path / "fixed", *(f"{k}={json.dumps(v)}" for k, v in changes.items())
-    )
+    assert stuck["recommendation"]["config_changes"] == {"lora_alpha": 32}
+    assert "LoraConfig.lora_alpha=32  [LD110 alpha-rank-ratio]" in out
+    both = re.search(r"Final training loss: ([\d.]+) with the mistake, ([\d.]+) with the fix", out)
+    assert both, out
+    stalled, fixed = float(both.group(1)), float(both.group(2))
     assert fixed < 0.6 * stalled, (fixed, stalled)
+    fixed_found = _findings(tmp_path / "fixed" / "lora_doctor.json")
     assert not {f for f, v in fixed_found.items() if v["severity"] != "info"}, fixed_found
+
+
+@pytest.mark.slow
+def test_quickstart_set_and_no_fix(tmp_path: Path) -> None:
+    """``--set`` applies a change by hand; ``--no-fix`` trains once."""
+    out = _quickstart(tmp_path, "--set", "lora_alpha=32", "--no-fix")
+    assert "with the fix" not in out and not (tmp_path / "fixed").exists()
+    assert not {
+        f for f, v in _findings(tmp_path / "lora_doctor.json").items() if v["severity"] != "info"
+    }
