@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from tiny import tiny_llama
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from lora_doctor import DoctorConfig, LoraDoctorCallback
@@ -22,7 +23,6 @@ from lora_doctor.probes.base import Event
 from lora_doctor.probes.budget import Ledger, TimeBudget, layers_to_read
 from lora_doctor.probes.dist import RankReadings, RankSpread
 from lora_doctor.probes.spectrum import SpectrumProbe
-from tests.tiny import tiny_llama
 
 SHARE = 0.005
 
@@ -363,9 +363,8 @@ def test_a_real_run_records_what_the_doctor_spent(tmp_path: Path) -> None:
     """On a real Trainer the diagnosis says what the doctor spent against the wall time, and how
     many readings were planned, skipped and taken (this tiny model's steps take milliseconds, so
     the doctor's fixed costs may leave the spectrum nothing: what it says must add up)."""
+    from tiny import Rows, tiny_args, tiny_peft
     from transformers import Trainer
-
-    from tests.tiny import Rows, tiny_args, tiny_peft
 
     callback = LoraDoctorCallback()
     trainer = Trainer(

@@ -125,10 +125,10 @@ def test_the_setup_probe_knows_the_checkpoints_of_this_run(
 
 @pytest.mark.slow
 def test_a_live_run_knows_the_checkpoints_it_saved(tmp_path: Path) -> None:
+    from tiny import Rows, tiny_args, tiny_peft
     from transformers import Trainer
 
     from lora_doctor import LoraDoctorCallback
-    from tests.tiny import Rows, tiny_args, tiny_peft
 
     callback = LoraDoctorCallback()
     args = tiny_args(tmp_path, max_steps=6, save_strategy="steps", save_steps=2, save_total_limit=2)
