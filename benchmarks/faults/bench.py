@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.faults import fixloop
-from benchmarks.faults.runner import Spec, map_runs, set_up_process
+from benchmarks.faults.runner import Spec, map_runs, plan_runs, set_up_process
 from benchmarks.faults.scenarios import SCENARIOS, Scenario, Skip
 from benchmarks.faults.score import Finding, RunResult, format_table, summarize
 from benchmarks.faults.tasks import ARCHS
@@ -107,12 +107,7 @@ def collect(
     Example:
         >>> results = collect(select(quick=True), ["llama"], [0], Path("/tmp/x"))  # doctest: +SKIP
     """
-    runs = [
-        (scenario, Spec(arch, seed, workdir / scenario.name / f"{arch}-s{seed}", device))
-        for scenario in scenarios
-        for arch in archs
-        for seed in seeds
-    ]
+    runs = plan_runs(scenarios, archs, seeds, workdir, device)
     return map_runs(run_one, runs, jobs, threads, _progress if progress else None)
 
 

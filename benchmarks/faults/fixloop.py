@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.faults.runner import Outcome, Spec, map_runs
+from benchmarks.faults.runner import Outcome, Spec, map_runs, plan_runs
 from benchmarks.faults.scenarios import SCENARIOS, Scenario, Skip
 from lora_doctor.fix import LORA_CONFIG, TRAINING_ARGUMENTS, AppliedFix
 from lora_doctor.report import Diagnosis
@@ -263,12 +263,7 @@ def collect(
     Example:
         >>> results = collect(select(quick=True), ["llama"], [0], Path("/tmp/x"))  # doctest: +SKIP
     """
-    runs = [
-        (scenario, Spec(arch, seed, workdir / scenario.name / f"{arch}-s{seed}", device))
-        for scenario in scenarios
-        for arch in archs
-        for seed in seeds
-    ]
+    runs = plan_runs(scenarios, archs, seeds, workdir, device)
     return map_runs(_run_or_skip, runs, jobs, threads, _progress if progress else None)
 
 

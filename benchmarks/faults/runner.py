@@ -33,6 +33,7 @@ __all__ = [
     "Spec",
     "lora_config",
     "map_runs",
+    "plan_runs",
     "quiet_doctor",
     "set_up_process",
     "train",
@@ -312,6 +313,25 @@ def _timed(fn: Callable[..., T], *args: Any) -> tuple[T, float]:
     start = time.perf_counter()
     result = fn(*args)
     return result, time.perf_counter() - start
+
+
+def plan_runs(
+    scenarios: Sequence[Any], archs: Sequence[str], seeds: Sequence[int], workdir: Path, device: str
+) -> list[tuple[Any, Spec]]:
+    """Every (scenario, spec) pair to run, scenario by scenario, then architecture, then seed; each
+    run gets the folder ``<workdir>/<scenario>/<arch>-s<seed>``.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> [spec.workdir.name for _, spec in plan_runs([SimpleNamespace(name="a")], ["llama"], [0, 1], Path("w"), "cpu")]
+        ['llama-s0', 'llama-s1']
+    """
+    return [
+        (scenario, Spec(arch, seed, workdir / scenario.name / f"{arch}-s{seed}", device))
+        for scenario in scenarios
+        for arch in archs
+        for seed in seeds
+    ]
 
 
 def map_runs(
