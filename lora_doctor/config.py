@@ -451,6 +451,20 @@ class DoctorConfig:
         _non_negative,
         "a number >= 0",
     )
+    overfit_trend_min_rise: float = _opt(
+        0.02,
+        "Relative rise of the eval loss above its best that counts when the evaluations since the "
+        "best rise steadily (a Theil-Sen slope whose whole interval is above zero).",
+        _non_negative,
+        "a number >= 0",
+    )
+    overfit_trend_confidence: float = _opt(
+        0.99,
+        "Confidence of the Theil-Sen slope interval of the evaluations since the best (Sen's "
+        "interval from Kendall's tau; at 0.99 it needs at least 6 of them).",
+        lambda v: _fraction(v) and 0 < v < 1,
+        "a number in (0, 1)",
+    )
     overfit_small_dataset: int = _opt(
         1000,
         "Training sets smaller than this get weight decay in the overfit fix.",
