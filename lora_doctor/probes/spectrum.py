@@ -139,11 +139,13 @@ class _Prior:
     layer: float
     element: float
 
-    def costs(self, layers: Sequence[_Layer]) -> tuple[float, float]:
-        """The start-up's cost (the libraries, the base norms, a warm-up and a timed layer) and
-        one layer's, in seconds, for ``layers``; the same on every rank (true sizes)."""
+    def costs(self, layers: Sequence[_Layer], loaded: bool) -> tuple[float, float]:
+        """The start-up's cost (the libraries unless ``loaded``, the base norms, a warm-up and a
+        timed layer) and one layer's, in seconds, for ``layers`` (true sizes: the same on every
+        rank)."""
         elements = sum(lay.base_numel for lay in layers)
-        return self.load + elements * self.element + 2 * self.layer, self.layer
+        load = 0.0 if loaded else self.load
+        return load + elements * self.element + 2 * self.layer, self.layer
 
 
 #: Priors by device. An H200 (BENCHMARKS.md section 2, 0.95B Llama, 112 layers 2048 wide, r 16):
@@ -154,6 +156,11 @@ _PRIORS = {
     "cpu": _Prior(load=0.01, layer=1e-3, element=2e-9),
     "accelerator": _Prior(load=0.2, layer=1e-3, element=1e-11),
 }
+
+#: The device types on which this process has read a spectrum (their linear-algebra libraries
+#: are loaded): a later run's prior leaves the load out. Every rank of a multi-process run reads
+#: at the same steps, so it holds the same types.
+_LOADED: set[str] = set()
 
 
 def _dtensor_type() -> type | None:
@@ -299,7 +306,8 @@ class SpectrumProbe(Probe):
     libraries: some 0.17 s on an H200, the first time in a process) and times the reading of one
     layer. With a limited budget it is deferred to the first planned reading the budget can afford:
     until then the decision uses a prior for the start-up's and a layer's cost (:data:`_PRIORS`,
-    scaled by the base weights' true sizes) and starts up only when the start-up and at least
+    scaled by the base weights' true sizes, the library load left out once a spectrum was read in
+    this process) and starts up only when the start-up and at least
     ``spectrum_min_layers`` layers fit, the final reading at ``max_steps`` still left room for; a
     run too short for any reading never pays for it (nor reads, as before). A single process then
     decides the reading again from the measured costs, so long runs read as they did with the
@@ -351,7 +359,7 @@ class SpectrumProbe(Probe):
         if self._layers:
             device = self._layers[0].a.device.type
             prior = _PRIORS["cpu" if device == "cpu" else "accelerator"]
-            self._prior = prior.costs(self._layers)
+            self._prior = prior.costs(self._layers, loaded=device in _LOADED)
         with torch.no_grad():
             self._peaks = self._initial_peaks()
         self._max_steps = int(getattr(event.state, "max_steps", 0) or 0)
@@ -547,6 +555,7 @@ class SpectrumProbe(Probe):
                     read.append(layer)
         if not parts:
             return []
+        _LOADED.add(parts[0].device.type)
         flat = torch.cat([p.to(parts[0].device) for p in parts]).cpu().tolist()
         out: list[LayerSpectrum] = []
         start = 0
