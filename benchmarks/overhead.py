@@ -31,12 +31,14 @@ Two measures, for each run length, with and without the spectrum:
 - the in-hook timer, the direct measure: the host time inside each of the doctor's hooks, by step.
   Extrapolated alike: the one-time hooks, the reading steps' hooks, and the mean of the other
   on-steps over every step. The time a hook waits for the training's queued device work is the
-  training's, not the doctor's: the benchmark synchronises the device just before each reading and
-  leaves that wait out, and so does the doctor for its first-steps reads (``waited_seconds`` in
+  training's, not the doctor's: the benchmark synchronises the device just before each reading (and
+  the spectrum's start-up) and leaves that wait out, and so does the doctor for its first-steps reads (``waited_seconds`` in
   its facts), which is left out too.
 
-"Without the spectrum" is the same run with the spectrum's own time left out (its start-up, which
-reads the base weights' norms and times one layer, and its readings, as the benchmark timed them):
+"Without the spectrum" is the same run with the spectrum's own time left out (its part of
+``train_begin``; its start-up, which reads the base weights' norms and times one layer, at the first
+reading the time budget affords, or in ``train_begin`` without a limit; and its readings, as the
+benchmark timed them; a step holding the start-up counts as a reading step):
 a separate run with ``spectrum=False`` would cost the same steps again, which the time limit does
 not allow.
 
@@ -124,10 +126,14 @@ class RunRecord:
     hook_s: dict[int, float] = field(default_factory=dict)
     #: host seconds inside each of the doctor's hooks over the run (as gated), by hook name
     hook_by_name_s: dict[str, float] = field(default_factory=dict)
-    #: seconds the benchmark waited for queued device work just before a reading, by step
+    #: seconds the benchmark waited for queued device work just before a reading or the
+    #: spectrum's start-up, by step
     waited_s: dict[int, float] = field(default_factory=dict)
-    #: the spectrum probe's own time: its start-up, and each reading by step (END: the final one)
+    #: the spectrum probe's own time: its part of train_begin (its start-up left out), its
+    #: start-up by step (BEGIN without a limit; none when no reading was affordable), and each
+    #: reading by step (END: the final one)
     spectrum_begin_s: float = 0.0
+    start_up_s: dict[int, float] = field(default_factory=dict)
     reading_s: dict[int, float] = field(default_factory=dict)
     layers_per_reading: list[int] = field(default_factory=list)
     layers_total: int = 0
@@ -224,39 +230,55 @@ def gate_and_time(doctor: LoraDoctorCallback, clock: InRun, planned: set[int]) -
 
 
 def time_spectrum(record: RunRecord, clock: InRun, sync: Callable[[], None]) -> Callable[[], None]:
-    """Times the spectrum probe's start-up and readings (class-level wrappers; returns the undo).
+    """Times the spectrum probe's part of train_begin, its start-up and its readings (class-level
+    wrappers; returns the undo).
 
-    Before a reading the device is synchronised and that wait recorded apart: it is the training's
-    queued work, which the doctor's own account leaves out too.
+    Before a reading or the start-up the device is synchronised and that wait recorded apart: it
+    is the training's queued work, which the doctor's own account leaves out too.
     """
     probe = spectrum_probe.SpectrumProbe
-    begin, snapshot = probe.train_begin, probe.snapshot
+    begin, start_up, snapshot = probe.train_begin, probe._start_up, probe.snapshot
 
-    @functools.wraps(begin)
-    def timed_begin(self: Any, event: Any) -> None:
-        t0 = time.perf_counter()
-        begin(self, event)
-        record.spectrum_begin_s += time.perf_counter() - t0
-
-    @functools.wraps(snapshot)
-    def timed_snapshot(self: Any, event: Any, *args: Any, **kwargs: Any) -> Any:
-        key = clock.step  # the step of a periodic reading; END for the final one
+    def synced(into: dict[int, float], call: Callable[[], Any]) -> Any:
+        """Runs ``call`` between two syncs, its time added to ``into`` at this step (END: the
+        end of training), the wait for the training's queued work to ``waited_s``."""
+        key = clock.step
         t0 = time.perf_counter()
         sync()
         t1 = time.perf_counter()
         record.waited_s[key] = record.waited_s.get(key, 0.0) + t1 - t0
-        snap = snapshot(self, event, *args, **kwargs)
+        out = call()
         sync()
-        record.reading_s[key] = time.perf_counter() - t1
+        into[key] = into.get(key, 0.0) + time.perf_counter() - t1
+        return out
+
+    @functools.wraps(begin)
+    def timed_begin(self: Any, event: Any) -> None:
+        def nested() -> float:  # a start-up within train_begin (no limit), timed apart
+            return record.start_up_s.get(BEGIN, 0.0) + record.waited_s.get(BEGIN, 0.0)
+
+        t0, before = time.perf_counter(), nested()
+        begin(self, event)
+        record.spectrum_begin_s += time.perf_counter() - t0 - (nested() - before)
+
+    @functools.wraps(start_up)
+    def timed_start_up(self: Any, event: Any) -> None:
+        synced(record.start_up_s, lambda: start_up(self, event))
+
+    @functools.wraps(snapshot)
+    def timed_snapshot(self: Any, event: Any, *args: Any, **kwargs: Any) -> Any:
+        snap = synced(record.reading_s, lambda: snapshot(self, event, *args, **kwargs))
         record.layers_per_reading.append(snap.layers_read)
         record.layers_total = snap.layers_total
         return snap
 
     probe.train_begin = timed_begin  # type: ignore[method-assign]
+    probe._start_up = timed_start_up  # type: ignore[method-assign]
     probe.snapshot = timed_snapshot  # type: ignore[method-assign]
 
     def undo() -> None:
         probe.train_begin = begin  # type: ignore[method-assign]
+        probe._start_up = start_up  # type: ignore[method-assign]
         probe.snapshot = snapshot  # type: ignore[method-assign]
 
     return undo
@@ -425,7 +447,8 @@ def _parts(r: RunRecord) -> _Parts:
     """Splits one run into its steady pairs, its reading blocks and its one-time work."""
     blocks = {b.index: b for b in r.blocks}
     lead_last = blocks[0].last if 0 in blocks else 0
-    periodic = {s for s in r.reading_s if s > lead_last}
+    # the steps past the lead-in that hold a reading or the spectrum's start-up
+    periodic = {s for s in (*r.reading_s, *r.start_up_s) if s > lead_last}
 
     def holds_reading(b: Block) -> bool:
         return any(b.first <= s <= b.last for s in periodic)
@@ -455,7 +478,8 @@ def _parts(r: RunRecord) -> _Parts:
         off_block_s=steady[False],
         reading_excess_s=excess,
         one_time_s=sum(hooks.get(s, 0.0) - waited.get(s, 0.0) for s in outside) - r.doctor_waited_s,
-        one_time_spectrum_s=r.spectrum_begin_s + sum(r.reading_s.get(s, 0.0) for s in outside),
+        one_time_spectrum_s=r.spectrum_begin_s
+        + sum(r.reading_s.get(s, 0.0) + r.start_up_s.get(s, 0.0) for s in outside),
         reading_hook_s=sum(hooks.get(s, 0.0) - waited.get(s, 0.0) for s in periodic),
         steady_hook_s=[hooks.get(s, 0.0) for s in sorted(on_steps - periodic)],
         steps_after_lead_in=r.steps - lead_last,
@@ -576,8 +600,9 @@ def format_hooks(records: Sequence[RunRecord]) -> str:
             for name in HOOKS
         }
         lines.append(
-            f"{steps} steps: ms inside each hook per run, as gated (start-up in train_begin, the "
-            "final reading in train_end): " + ", ".join(f"{k[3:]} {v:.1f}" for k, v in ms.items())
+            f"{steps} steps: ms inside each hook per run, as gated (the spectrum's start-up at its "
+            "first affordable reading, the final reading in train_end): "
+            + ", ".join(f"{k[3:]} {v:.1f}" for k, v in ms.items())
         )
     return "\n".join(lines)
 

@@ -355,6 +355,8 @@ def test_overhead_script_cpu_small(tmp_path: Path, capsys: pytest.CaptureFixture
     # the doctor reads at its planned steps (every 4), in the off blocks too, all 14 layers
     assert sorted(int(k) for k in run["reading_s"]) == list(range(4, 41, 4))
     assert run["layers_per_reading"] == [14] * 10 and run["planned"] == 10
+    # without a limit the spectrum starts up in train_begin, timed apart from its part there
+    assert list(run["start_up_s"]) == [str(overhead.BEGIN)] and run["spectrum_begin_s"] > 0
     hooked = {int(k) for k in run["hook_s"]}
     assert {overhead.BEGIN, overhead.END} <= hooked
     assert {s for s in range(1, 41) if (s - 1) // 4 % 2 == 0} <= hooked  # every on-step
@@ -398,6 +400,44 @@ def test_overhead_parts_and_extrapolation() -> None:
     assert with_spectrum.share_step_clock == pytest.approx(0.163 / 2.5)
     assert without.share_step_clock == pytest.approx(0.093 / 2.5)
     assert with_spectrum.readings == "2 of 2, 40-112 of 112 layers" and without.readings == "-"
+
+
+def test_overhead_counts_the_spectrum_start_up_where_it_happens() -> None:
+    """The spectrum's start-up, deferred to its first affordable reading, is the spectrum's time
+    wherever it falls: at the end of training (one-time work) or at a step past the lead-in (a
+    reading step, out of the steady steps)."""
+    from benchmarks.overhead import END, Block, RunRecord, _Parts, _parts
+
+    blocks = [Block(i, i % 2 == 0, 2 * i + 1, 2 * i + 2, 0.2) for i in range(6)]
+    blocks[-1].final = True
+
+    def parts(start_up: dict[int, float]) -> _Parts:
+        hooks = {0: 0.05, 1: 0.001, 2: 0.002, 5: 5e-4, 6: 5e-4, 10: 0.0305, END: 0.02}
+        for step, seconds in start_up.items():
+            hooks[step] += seconds
+        return _parts(
+            RunRecord(
+                steps=12,
+                rep=0,
+                block=2,
+                wall_s=2.5,
+                blocks=blocks,
+                hook_s=hooks,
+                spectrum_begin_s=0.002,
+                start_up_s=start_up,
+                reading_s={10: 0.03, END: 0.01},
+            )
+        )
+
+    plain, at_end, mid = parts({}), parts({END: 0.005}), parts({6: 0.005})
+    assert at_end.one_time_s - plain.one_time_s == pytest.approx(0.005)
+    assert at_end.one_time_spectrum_s - plain.one_time_spectrum_s == pytest.approx(0.005)
+    assert plain.one_time_spectrum_s == pytest.approx(0.012)
+    assert (plain.periodic_readings, mid.periodic_readings) == (1, 2)
+    assert mid.reading_hook_s == pytest.approx(0.0305 + 0.0055)
+    assert mid.one_time_spectrum_s == pytest.approx(plain.one_time_spectrum_s)
+    # the on-steps 5, 6 and 9 (step 10 holds the reading; step 9 no hook time)
+    assert plain.steady_hook_s == [5e-4, 5e-4, 0.0] and mid.steady_hook_s == [5e-4, 0.0]
 
 
 # --- the fix loop ------------------------------------------------------------------------------------

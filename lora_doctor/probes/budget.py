@@ -4,9 +4,17 @@ spectrum reading may read.
 ``DoctorConfig.time_budget`` (default 0.005) bounds the doctor's total time, spectrum included, to
 that share of the training's measured wall time, at any run length. The callback charges the time
 of each of its hooks to the run's :class:`TimeBudget` (the start-up walk of the model, the
-first-steps checks, every per-step hook, the spectrum readings). Everything but the readings costs
-about the same per step at any run length; the readings are what adapts: the spectrum probe asks
-:func:`layers_to_read` before each planned reading, which answers from what the budget has left.
+first-steps checks, every per-step hook, the spectrum's start-up and readings). Everything but the
+spectrum costs about the same per step at any run length; the spectrum is what adapts: the spectrum
+probe asks :func:`layers_to_read` before each planned reading, which answers from what the budget
+has left.
+
+The spectrum's start-up (the base weights' norms, the device's linear-algebra libraries loaded,
+one layer timed) is deferred to the first planned reading the budget can afford: until then the
+probe passes a prior for its cost as ``pending`` and a prior per-layer cost in the ledger (see
+:class:`lora_doctor.probes.spectrum.SpectrumProbe`), so a run too short for any reading never pays
+for it. Its time, once paid past the first steps, is the spectrum's like a reading's, not a
+per-step cost (:meth:`TimeBudget.spectrum`).
 
 Under ZeRO-3 and FSDP a reading gathers parameters, a collective call: every rank must take the
 same decision at the same step. A single process decides from its own clock
@@ -52,7 +60,7 @@ class Ledger:
         spent: the doctor's time so far, in seconds.
         step_seconds: the training's wall time per optimizer step; None before the first step.
         per_step: the doctor's time per step outside its one-time work (start-up, first-steps
-            checks) and the spectrum readings, in seconds.
+            checks) and the spectrum's (its start-up and readings), in seconds.
         layer_seconds: what reading one layer's spectrum costs, in seconds; None before it was
             measured.
     """
@@ -112,7 +120,10 @@ def layers_to_read(
     room for a full final reading at ``max_steps``: the projected budget at the end, less the
     per-step cost until then, less the final reading's. The reading reads the layers that fit,
     at most ``total``, and none when fewer than ``min(total, minimum)`` fit. Without a limit
-    (``share`` None) it reads every layer; without a measured per-layer cost, none.
+    (``share`` None) it reads every layer; without a per-layer cost, none (the spectrum probe
+    puts a prior in the ledger until it has measured one, and the prior cost of its deferred
+    start-up in ``pending``: the start-up happens only when it and at least ``minimum`` layers
+    fit).
 
     Args:
         ledger: the numbers to decide from.
@@ -122,7 +133,8 @@ def layers_to_read(
         total: the LoRA layers there are.
         minimum: the fewest layers worth a reading (``DoctorConfig.spectrum_min_layers``).
         final: True for the reading at the end of training.
-        pending: seconds of readings decided since the ledger was taken.
+        pending: seconds of readings decided since the ledger was taken, and of a start-up to
+            pay before this reading.
 
     Returns:
         The number of layers to read, in ``[0, total]``.
@@ -194,7 +206,7 @@ class TimeBudget:
         self.facts = OverheadFacts(time_budget=share)
         self._one_time_until = max(start_step, first_steps)
         self._one_time = 0.0
-        self._readings = 0.0
+        self._spectrum = 0.0
 
     def _add(self, seconds: float, step: int) -> None:
         self.facts.doctor_seconds += seconds
@@ -226,12 +238,14 @@ class TimeBudget:
 
     def spectrum(self, seconds: float, step: int, layers: int = 0) -> None:
         """Records the spectrum probe's part of a hook's time: its start-up (``layers`` 0) or a
-        reading of ``layers`` layers, whose cost per layer the next decisions use."""
+        reading of ``layers`` layers, whose cost per layer the next decisions use. Past the first
+        steps either is left out of the per-step cost (the start-up is deferred to the first
+        reading the budget affords, at any step)."""
         self.facts.spectrum_seconds += seconds
         if layers > 0:
             self.facts.spectrum_layer_seconds = seconds / layers
-            if step > self._one_time_until:
-                self._readings += seconds
+        if step > self._one_time_until:
+            self._spectrum += seconds
 
     def ledger(self, step: int) -> Ledger:
         """This process's numbers now, at optimizer step ``step``."""
@@ -239,7 +253,7 @@ class TimeBudget:
         steps = step - self.start_step
         f = self.facts
         counted = step - self._one_time_until
-        steady = f.doctor_seconds - self._one_time - self._readings
+        steady = f.doctor_seconds - self._one_time - self._spectrum
         return Ledger(
             step=step,
             wall=wall,

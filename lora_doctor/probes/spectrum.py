@@ -9,6 +9,7 @@ one ``r x r`` SVD, instead of ``O(d_out d_in r)`` to form the product and far mo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 from collections.abc import Iterator, Mapping, Sequence
@@ -73,6 +74,8 @@ class _Layer:
     a: torch.Tensor
     b: torch.Tensor
     base: Any
+    #: the base weight's true element count (the same on every rank; 0 without a weight)
+    base_numel: int = 0
     base_norm: float | None = None
     init_nonzero: bool = False
 
@@ -99,6 +102,7 @@ def _layers_of(view: ModelView) -> list[_Layer]:
             r = int(ranks[adapter] or 0)
             if a is None or b is None or r <= 0:
                 continue
+            weight = getattr(layer.base, "weight", None)
             out.append(
                 _Layer(
                     name=layer.name,
@@ -109,9 +113,54 @@ def _layers_of(view: ModelView) -> list[_Layer]:
                     a=a,
                     b=b,
                     base=layer.base,
+                    base_numel=view.true_numel(weight, f"{layer.name}.base_layer.weight")
+                    if isinstance(weight, torch.Tensor)
+                    else 0,
                 )
             )
     return out
+
+
+@dataclass(frozen=True)
+class _Prior:
+    """What the spectrum's start-up and readings are assumed to cost before they are measured,
+    in seconds: a conservative guess from measured figures, used only to decide whether the
+    deferred start-up is affordable.
+
+    Attributes:
+        load: loading the device's linear-algebra libraries (the first reading in a process).
+        layer: reading one layer's spectrum (two thin QRs and an ``r x r`` SVD: on an accelerator
+            a run of small kernels, whose launches dominate up to several thousand wide).
+        element: reading one base-weight element for its norm (a pass over the weight), the
+            layer's kernel launches included.
+    """
+
+    load: float
+    layer: float
+    element: float
+
+    def costs(self, layers: Sequence[_Layer], loaded: bool) -> tuple[float, float]:
+        """The start-up's cost (the libraries unless ``loaded``, the base norms, a warm-up and a
+        timed layer) and one layer's, in seconds, for ``layers`` (true sizes: the same on every
+        rank)."""
+        elements = sum(lay.base_numel for lay in layers)
+        load = 0.0 if loaded else self.load
+        return load + elements * self.element + 2 * self.layer, self.layer
+
+
+#: Priors by device. An H200 (BENCHMARKS.md section 2, 0.95B Llama, 112 layers 2048 wide, r 16):
+#: the first start-up in a process 0.17 s (library load), later ones 26-32 ms; 0.55-0.8 ms a
+#: layer. A CPU core (hidden 2048, r 16, float32): 7 ms the first reading, 0.1-0.6 ms a layer,
+#: 0.5-2 ns a base element. Any other device takes the accelerator's.
+_PRIORS = {
+    "cpu": _Prior(load=0.01, layer=1e-3, element=2e-9),
+    "accelerator": _Prior(load=0.2, layer=1e-3, element=1e-11),
+}
+
+#: The device types on which this process has read a spectrum (their linear-algebra libraries
+#: are loaded): a later run's prior leaves the load out. Every rank of a multi-process run reads
+#: at the same steps, so it holds the same types.
+_LOADED: set[str] = set()
 
 
 def _dtensor_type() -> type | None:
@@ -240,23 +289,39 @@ class SpectrumProbe(Probe):
     run's time budget.
 
     At ``train_begin``: takes the LoRA layers from the run's model view (:meth:`Event.model_view`),
-    reads each frozen base weight's norm once (one layer at a time: gathered under ZeRO-3 or FSDP2,
-    dequantized for 4-bit bases) and notes layers whose B does not start at zero, fetching both
-    with one device sync; counts the training set's supervised tokens; and, with a budget, times
-    the reading of one layer (after a first, untimed one that loads the device's linear-algebra
-    libraries). Every ``spectrum_every_steps`` optimizer steps (default: about a tenth of
-    ``max_steps``) and at the end it plans a reading:
-    :func:`~lora_doctor.probes.budget.layers_to_read` says how many layers the budget leaves room for (all of them, on long runs), taken in a fixed
-    shuffled order that rotates from one reading to the next, so that every layer is read over the
-    run; a reading for which fewer than ``spectrum_min_layers`` fit is skipped. Each reading adds a
+    queues the peak of each layer's B on its device (whether B starts non-zero: it must be read
+    before the first step; gathered under ZeRO-3 or FSDP2, fetched at the start-up) and counts the
+    training set's supervised tokens. Every ``spectrum_every_steps`` optimizer steps (default:
+    about a tenth of ``max_steps``) and at the end it plans a reading:
+    :func:`~lora_doctor.probes.budget.layers_to_read` says how many layers the budget leaves room
+    for (all of them, on long runs), taken in a fixed shuffled order that rotates from one reading
+    to the next, so that every layer is read over the run; a reading for which fewer than
+    ``spectrum_min_layers`` fit is skipped. Each reading adds a
     :class:`~lora_doctor.facts.SpectrumSnapshot` (with the layers it read) to the run's facts and
     puts per-kind ``lora_doctor/...`` metrics into the next log.
 
-    The budget is the event's (:attr:`Event.budget`, the callback's); without one every planned
-    reading reads every layer and nothing is timed. Every rank walks the same layers at the same
-    steps, so the gathers (collective calls) match: with several processes the decisions come from
-    the numbers exchanged at the latest log, which every rank holds alike; the arithmetic runs on
-    every rank, which needs no further communication.
+    The start-up: reads each frozen base weight's norm once (one layer at a time: gathered under
+    ZeRO-3 or FSDP2, dequantized for 4-bit bases) and fetches it with B's initial peaks in one
+    device sync; with a budget, reads one layer untimed (which loads the device's linear-algebra
+    libraries: some 0.17 s on an H200, the first time in a process) and times the reading of one
+    layer. With a limited budget it is deferred to the first planned reading the budget can afford:
+    until then the decision uses a prior for the start-up's and a layer's cost (:data:`_PRIORS`,
+    scaled by the base weights' true sizes, the library load left out once a spectrum was read in
+    this process) and starts up only when the start-up and at least
+    ``spectrum_min_layers`` layers fit, the final reading at ``max_steps`` still left room for; a
+    run too short for any reading never pays for it (nor reads, as before). A single process then
+    decides the reading again from the measured costs, so long runs read as they did with the
+    start-up at ``train_begin``. Without a budget, or without a limit, it starts up at
+    ``train_begin`` and every planned reading reads every layer.
+
+    The budget is the event's (:attr:`Event.budget`, the callback's); without one nothing is timed.
+    Every rank walks the same layers at the same steps, so the gathers (collective calls) match:
+    with several processes the decisions come from the numbers exchanged at the latest log, which
+    every rank holds alike, and the priors, which rest on the layers' true sizes, the same on every
+    rank; so the start-up (gathers under ZeRO-3 and FSDP2) happens at the same step on every rank,
+    and the reading at that step is decided from the prior per-layer cost (a rank's measured cost
+    reaches the others at the next log). The arithmetic runs on every rank, which needs no further
+    communication.
     """
 
     name = "spectrum"
@@ -276,6 +341,11 @@ class SpectrumProbe(Probe):
         #: readings decided since those were taken, by step.
         self._shared = False
         self._decided: list[tuple[int, float]] = []
+        #: B's peak per layer at train_begin, on its device until the start-up fetches it
+        self._peaks: list[torch.Tensor | None] = []
+        self._started = False
+        #: the prior costs of the start-up and of one layer's reading, in seconds
+        self._prior = (0.0, 0.0)
 
     def train_begin(self, event: Event) -> None:
         budget = event.budget
@@ -286,8 +356,12 @@ class SpectrumProbe(Probe):
         self._order = list(range(len(self._layers)))
         random.Random(0).shuffle(self._order)  # the same on every rank
         self._shared = world_size() > 1
+        if self._layers:
+            device = self._layers[0].a.device.type
+            prior = _PRIORS["cpu" if device == "cpu" else "accelerator"]
+            self._prior = prior.costs(self._layers, loaded=device in _LOADED)
         with torch.no_grad():
-            facts.spectrum_notes = self._start_up()[:20]
+            self._peaks = self._initial_peaks()
         self._max_steps = int(getattr(event.state, "max_steps", 0) or 0)
         cfg = self.config
         self._every = reading_interval(cfg, self._max_steps)
@@ -301,32 +375,49 @@ class SpectrumProbe(Probe):
             facts.spectrum_notes.append(f"supervised tokens not counted ({type(exc).__name__})")
         if counted is not None:
             facts.supervised_tokens, facts.supervised_tokens_sampled = counted
-        if budget is not None and self._layers:
-            self._read(self._layers[:1])  # loads the device's linear-algebra libraries
         if budget is not None:
             budget.spectrum(budget.clock() - t0, event.step)
-            if self._layers:
-                self._calibrate(budget, event.step)
+        if budget is None or budget.share is None:
+            self._start_up(event)
 
-    def _start_up(self) -> list[str]:
-        """Reads each layer's base weight norm and whether its B starts non-zero; returns notes on
-        what could not be read. One device sync for all layers."""
-        notes: list[str] = []
-        norms: list[torch.Tensor | None] = []
+    def _initial_peaks(self) -> list[torch.Tensor | None]:
+        """Each layer's ``max |B|`` now, queued on its device (not fetched: no device sync)."""
         peaks: list[torch.Tensor | None] = []
         for layer in self._layers:
-            norm, note = _base_norm(layer.base)
-            norms.append(norm)
-            if note:
-                notes.append(f"{layer.name}: {note}")
             with _full([layer.b]) as (b,):
                 peaks.append(b.detach().abs().amax() if b.numel() else None)
-        values = _fetch(norms + peaks)
+        return peaks
+
+    def _start_up(self, event: Event) -> None:
+        """Reads each layer's base weight norm and fetches it with B's initial peak (one device
+        sync for all layers), noting what could not be read; with a budget, loads the device's
+        linear-algebra libraries and times one layer (:meth:`_calibrate`). Gathers under ZeRO-3
+        and FSDP2: run alike on every rank."""
+        self._started = True
+        if not self._layers:
+            return
+        budget, step = event.budget, event.step
+        t0 = budget.clock() if budget is not None else 0.0
+        waited = drain(budget, [self._layers[0].a], step)
+        notes: list[str] = []
+        norms: list[torch.Tensor | None] = []
+        with torch.no_grad():
+            for layer in self._layers:
+                norm, note = _base_norm(layer.base)
+                norms.append(norm)
+                if note:
+                    notes.append(f"{layer.name}: {note}")
+        values = _fetch(norms + self._peaks)
+        self._peaks = []
         for i, layer in enumerate(self._layers):
             layer.base_norm = values[i]
             peak = values[len(self._layers) + i]
             layer.init_nonzero = peak is not None and peak > 0
-        return notes
+        event.doctor.facts.spectrum_notes.extend(notes[:20])
+        if budget is not None:
+            self._read(self._layers[:1])  # loads the device's linear-algebra libraries
+            budget.spectrum(budget.clock() - t0 - waited, step)
+            self._calibrate(budget, step)
 
     def _calibrate(self, budget: TimeBudget, step: int) -> None:
         """Measures what reading one layer costs, on the first layer (read once before, which
@@ -383,19 +474,35 @@ class SpectrumProbe(Probe):
             pending = sum(cost for step, cost in self._decided if step > ledger.step)
         else:
             ledger = budget.ledger(event.step)
-        count = layers_to_read(
+        start_up, layer = self._prior
+        if ledger.layer_seconds is None:  # not measured yet (or not yet exchanged)
+            ledger = dataclasses.replace(ledger, layer_seconds=layer)
+        started, share = self._started, budget.share
+        count = self._fits(ledger, share, event.step, final, pending + (0 if started else start_up))
+        if count and not started:
+            facts = budget.facts
+            before = facts.spectrum_seconds + facts.waited_seconds
+            self._start_up(event)
+            if not self._shared:  # decide again from what it measured, not yet charged
+                paid = facts.spectrum_seconds + facts.waited_seconds - before
+                count = self._fits(budget.ledger(event.step), share, event.step, final, paid)
+        if self._shared and count:
+            cost = count * (ledger.layer_seconds or 0.0) + (0.0 if started else start_up)
+            self._decided.append((event.step, cost))
+        return count
+
+    def _fits(self, ledger: Ledger, share: float, step: int, final: bool, pending: float) -> int:
+        """:func:`~lora_doctor.probes.budget.layers_to_read` with this run's numbers."""
+        return layers_to_read(
             ledger,
-            share=budget.share,
-            step=event.step,
+            share=share,
+            step=step,
             max_steps=self._max_steps,
-            total=total,
+            total=len(self._layers),
             minimum=self.config.spectrum_min_layers,
             final=final,
             pending=pending,
         )
-        if self._shared and count and ledger.layer_seconds is not None:
-            self._decided.append((event.step, count * ledger.layer_seconds))
-        return count
 
     def snapshot(self, event: Event, layers: Sequence[_Layer] | None = None) -> SpectrumSnapshot:
         """Reads the spectrum of ``layers`` (every layer when None) now and records it in the
@@ -448,6 +555,7 @@ class SpectrumProbe(Probe):
                     read.append(layer)
         if not parts:
             return []
+        _LOADED.add(parts[0].device.type)
         flat = torch.cat([p.to(parts[0].device) for p in parts]).cpu().tolist()
         out: list[LayerSpectrum] = []
         start = 0
