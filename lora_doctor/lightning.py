@@ -32,12 +32,12 @@ from lora_doctor.checks import Check, Registry
 from lora_doctor.config import DoctorConfig
 from lora_doctor.integrations.loop import LoopDoctor, guarded_hook
 from lora_doctor.probes.memory import MemoryReader
+from lora_doctor.report import REPORT_NAME
 
 __all__ = ["DEFAULT_METRICS", "LoraDoctor"]
 
 logger = logging.getLogger("lora_doctor")
 
-REPORT_NAME = "lora_doctor.json"
 
 #: Metric names a LightningModule commonly logs, and the doctor's name for each: ``loss``,
 #: ``grad_norm`` and ``learning_rate`` feed the training curves, ``eval_...`` the evaluation

@@ -23,7 +23,7 @@ from lora_doctor.config import DoctorConfig
 from lora_doctor.engine import Doctor
 from lora_doctor.facts import AdapterFacts, RunFacts
 from lora_doctor.history import as_float
-from lora_doctor.report import Diagnosis
+from lora_doctor.report import REPORT_NAME, Diagnosis
 
 __all__ = ["RunFiles", "RunReadError", "diagnose", "load_run", "replay"]
 
@@ -105,7 +105,15 @@ def _search_state(path: Path) -> Path:
             checkpoints.append((int(m.group(1)), child / STATE_NAME))
     if checkpoints:
         return max(checkpoints)[1]
-    raise RunReadError(f"no {STATE_NAME} in {path} (nor in a checkpoint-N folder inside it)")
+    live = (
+        f"; its {REPORT_NAME} already holds the live run's diagnosis"
+        if (path / REPORT_NAME).is_file()
+        else ""
+    )
+    raise RunReadError(
+        f"no {STATE_NAME} in {path} (nor in a checkpoint-N folder inside it): the Trainer writes "
+        f"one with each checkpoint (save_strategy) or on trainer.save_state(){live}"
+    )
 
 
 def load_run(
@@ -136,6 +144,11 @@ def load_run(
         raise RunReadError(f"{state_path} is not a trainer state (a JSON object with log_history)")
     log = data.get("log_history")
     if not isinstance(log, list):
+        if isinstance(data.get("findings"), list) and "schema_version" in data:
+            raise RunReadError(
+                f"{state_path} is a diagnosis lora-doctor wrote, not a trainer_state.json: read it "
+                "with lora_doctor.Diagnosis.from_dict(json.load(...)), or diagnose the run folder"
+            )
         raise RunReadError(f"{state_path} has no log_history list: not a trainer_state.json")
     state = {k: v for k, v in data.items() if k != "log_history"}
     if adapter is None and adapter_config is None:

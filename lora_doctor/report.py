@@ -19,9 +19,12 @@ from lora_doctor.findings import Finding, Severity, to_jsonable
 from lora_doctor.fix import AppliedFix, apply_findings
 from lora_doctor.history import History
 
-__all__ = ["SCHEMA_VERSION", "Diagnosis", "load_schema", "write_json_atomic"]
+__all__ = ["REPORT_NAME", "SCHEMA_VERSION", "Diagnosis", "load_schema", "write_json_atomic"]
 
 SCHEMA_VERSION = 1
+#: The diagnosis file's name in a run's output folder (the Trainer's ``output_dir``, Lightning's
+#: ``default_root_dir``) when no ``report_path`` is given.
+REPORT_NAME = "lora_doctor.json"
 
 
 def load_schema() -> dict[str, Any]:

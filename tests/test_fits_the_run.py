@@ -470,3 +470,35 @@ def test_the_plateau_tells_how_the_loss_got_there(loss: np.ndarray, says: str) -
     replay(doctor, _log(loss))
     finding = _one(doctor, "loss-plateau")
     assert says in finding.message
+
+
+def _never_fell(lr: float) -> list[dict]:
+    return [{"step": 10 * (i + 1), "loss": 2.0 + 0.01 * ((i * 7) % 5 - 2), "learning_rate": lr}
+            for i in range(100)]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("adapter", "verdict"),
+    [(None, "open"), ({"peft_type": "LORA", "r": 8, "lora_alpha": 16}, "supported")],
+    ids=["unknown-if-lora", "lora-config"],
+)
+def test_a_low_rate_is_a_cause_only_where_lora_is_known(adapter: dict | None, verdict: str) -> None:
+    """Offline without an adapter config the run may be a full fine-tune, whose usual rate 2e-5
+    is: the low rate stays open there; with the LoRA config it is the supported cause."""
+    from lora_doctor.offline import diagnose
+
+    d = diagnose({"max_steps": 1000, "log_history": _never_fell(2e-5)}, adapter)
+    (stuck,) = d.by_slug("loss-at-chance")
+    causes = {c["cause"]: c["verdict"] for c in stuck.evidence["causes"]}
+    assert causes["learning-rate-too-low"] == verdict
+    assert ("Most likely cause: learning rate too low" in stuck.message) is (verdict == "supported")
+
+
+def test_attention_only_targets_are_a_cause_of_a_loss_that_never_fell() -> None:
+    from lora_doctor.offline import diagnose
+
+    lora = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}
+    d = diagnose({"max_steps": 1000, "log_history": _never_fell(2e-4)}, lora)
+    (stuck,) = d.by_slug("loss-at-chance")
+    causes = {c["cause"]: c["verdict"] for c in stuck.evidence["causes"]}
+    assert causes["attention-only-targets"] == "supported"

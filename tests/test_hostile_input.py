@@ -277,3 +277,43 @@ def test_tiny_plateau_stride_is_refused() -> None:
 def test_slug_both_stopped_on_and_ignored_is_refused() -> None:
     with pytest.raises(ValueError, match=r"stop_on and ignore both name \['loss-plateau'\]"):
         DoctorConfig(stop_on={"loss-plateau", "overfit"}, ignore={"loss-plateau"})
+
+
+def test_a_folder_without_a_trainer_state_says_how_to_get_one(tmp_path: Path) -> None:
+    """The Trainer writes trainer_state.json with checkpoints or save_state(); a live run's own
+    diagnosis beside it is pointed at."""
+    with pytest.raises(RunReadError, match=r"save_strategy\) or on trainer.save_state\(\)$"):
+        diagnose(tmp_path)
+    (tmp_path / "lora_doctor.json").write_text("{}", encoding="utf-8")
+    with pytest.raises(RunReadError, match=r"its lora_doctor.json already holds the live run's"):
+        diagnose(tmp_path)
+
+
+def test_a_diagnosis_file_is_not_taken_for_a_trainer_state(tmp_path: Path) -> None:
+    report = tmp_path / "lora_doctor.json"
+    diagnose({"max_steps": 100, "log_history": _flat_log()}).to_json(report)
+    with pytest.raises(
+        RunReadError, match=r"is a diagnosis lora-doctor wrote, not a trainer_state"
+    ):
+        diagnose(report)
+
+
+@pytest.mark.parametrize(
+    "bad", [object, object(), "loss-plateau"], ids=["class", "instance", "str"]
+)
+def test_extra_checks_must_be_check_classes(bad: Any) -> None:
+    from lora_doctor import LoraDoctorCallback
+
+    with pytest.raises(
+        ValueError, match=r"extra_checks holds .*: each entry must be a check class"
+    ):
+        LoraDoctorCallback(extra_checks=[bad])
+
+
+def test_a_mistyped_slug_gets_the_near_one() -> None:
+    from lora_doctor import LoraDoctorCallback
+
+    with pytest.raises(
+        ValueError, match=r"did you mean 'alpha-rank-ratio' for 'alpha-rank-ration'"
+    ):
+        LoraDoctorCallback(ignore={"alpha-rank-ration"})

@@ -98,7 +98,8 @@ def test_summary_lists_worst_first() -> None:
 
 
 def _plateau_diagnosis() -> dict:
-    """A real diagnosis whose plateau carries its ranked causes (low learning rate supported)."""
+    """A real diagnosis whose plateau carries its ranked causes (low learning rate supported: the
+    adapter config says the run trains LoRA)."""
     import numpy as np
 
     from lora_doctor.offline import diagnose
@@ -106,7 +107,8 @@ def _plateau_diagnosis() -> dict:
     t = np.arange(1, 301) / 300
     loss = 2.0 + 1.5 * np.exp(-t / 0.03) + np.random.default_rng(0).normal(0, 0.04, 300)
     log = [{"step": i + 1, "loss": float(v), "learning_rate": 1e-5} for i, v in enumerate(loss)]
-    return diagnose({"max_steps": 300, "log_history": log}).to_dict()
+    lora = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}
+    return diagnose({"max_steps": 300, "log_history": log}, lora).to_dict()
 
 
 def test_causes_match_the_schema() -> None:

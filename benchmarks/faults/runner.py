@@ -27,6 +27,7 @@ from transformers.utils import logging as hf_logging
 
 from benchmarks.faults.score import Finding
 from lora_doctor import DoctorConfig, LoraDoctorCallback
+from lora_doctor.report import REPORT_NAME
 
 __all__ = [
     "Outcome",
@@ -40,7 +41,7 @@ __all__ = [
     "training_args",
 ]
 
-REPORT_NAME = "lora_doctor.json"
+
 T = TypeVar("T")
 
 

@@ -7,6 +7,7 @@ silenced or stopped on like a built-in one.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterable
 
 from lora_doctor.checks import (
@@ -55,7 +56,8 @@ class Registry:
         extra: more check classes, e.g. a user's own, added after ``checks``.
 
     Raises:
-        ValueError: two checks share a code or a slug.
+        ValueError: an entry is not a :class:`Check` subclass, or two checks share a code or a
+            slug.
 
     Example:
         >>> "loss-plateau" in Registry().names
@@ -66,6 +68,12 @@ class Registry:
         self, checks: Iterable[type[Check]] | None = None, extra: Iterable[type[Check]] = ()
     ) -> None:
         classes = [*(BUILTIN_CHECKS if checks is None else checks), *extra]
+        for cls in classes:
+            if not (isinstance(cls, type) and issubclass(cls, Check)):
+                raise ValueError(
+                    f"extra_checks holds {cls!r}: each entry must be a check class, a subclass of "
+                    "lora_doctor.checks.Check (the class itself, not an instance)"
+                )
         self.checks: list[Check] = [cls() for cls in classes]
         codes: dict[str, str] = {}
         for check in self.checks:
@@ -87,6 +95,10 @@ class Registry:
         """
         unknown = sorted(set(names) - self.names)
         if unknown:
+            near = {n: difflib.get_close_matches(n, self.names, n=1) for n in unknown}
+            meant = "; ".join(f"did you mean {m[0]!r} for {n!r}?" for n, m in near.items() if m)
+            if meant:
+                raise ValueError(f"{field} has unknown finding names {unknown}: {meant}")
             slugs = ", ".join(sorted(n for n in self.names if not n.startswith("LD")))
             raise ValueError(
                 f"{field} has unknown finding names {unknown}: use slugs such as 'loss-plateau' or "

@@ -233,7 +233,9 @@ def lr_too_high(look: Look) -> Cause:
 
 def lr_too_low(look: Look) -> Cause:
     """A learning rate far below LoRA's (a full fine-tuning rate), or below a full fine-tune's
-    usual range in a run without LoRA."""
+    usual range in a run without LoRA. Open, not supported, where it is not known whether the run
+    trains LoRA (offline without its adapter config, :func:`lr_range_applies`): a rate below
+    LoRA's is a full fine-tune's usual one."""
     lr, rng = look.lr, look.range
     low = look.config.plateau_low_lr if look.lora else rng.low
     usual = (
@@ -241,16 +243,14 @@ def lr_too_low(look: Look) -> Cause:
         if look.lora
         else f"full fine-tuning usually runs at {rng.describe()}"
     )
-    if lr is not None and 0 < lr < low:
-        support: tuple[str, ...] = (f"learning_rate={_fmt(lr)}, below {_fmt(low)}; {usual}",)
-        against: tuple[str, ...] = ()
-    else:
-        support = ()
-        against = (
-            (f"learning_rate={_fmt(lr)} is not below {_fmt(low)}",)
-            if lr is not None and lr > 0
-            else ()
-        )
+    support: tuple[str, ...] = ()
+    against: tuple[str, ...] = ()
+    if look.lora and not lr_range_applies(look.facts):
+        pass  # a LoRA rate or a full fine-tune's: the run does not say which, so open
+    elif lr is not None and 0 < lr < low:
+        support = (f"learning_rate={_fmt(lr)}, below {_fmt(low)}; {usual}",)
+    elif lr is not None and lr > 0:
+        against = (f"learning_rate={_fmt(lr)} is not below {_fmt(low)}",)
     target = rng.typical
     return Cause(
         "learning-rate-too-low",
@@ -267,7 +267,8 @@ def lr_too_low(look: Look) -> Cause:
             ),
             config_changes={"learning_rate": target},
         ),
-        f"compare learning_rate with {look.method}'s usual range ({rng.describe()})",
+        f"compare learning_rate with {look.method}'s usual range ({rng.describe()})"
+        + ("" if lr_range_applies(look.facts) else "; a full fine-tune trains lower"),
     )
 
 
@@ -829,6 +830,7 @@ CANDIDATES: dict[str, tuple[Candidate, ...]] = {
         alpha_too_large,
         lr_too_low,
         alpha_too_small,
+        attention_only,
         data_or_task,
     ),
 }

@@ -55,6 +55,7 @@ from lora_doctor.probes.ecosystem import vllm_max_lora_rank
 from lora_doctor.probes.memory import MemoryReader, is_out_of_memory, record_out_of_memory
 from lora_doctor.probes.setup import read_setup
 from lora_doctor.probes.view import ModelView
+from lora_doctor.report import REPORT_NAME
 
 __all__ = ["LoraDoctorCallback"]
 
@@ -67,7 +68,6 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 #: RuntimeWarning from odd logs. A context manager of numpy's own, local to the ``with`` block.
 _QUIET_NUMPY = functools.partial(np.errstate, all="ignore")
 
-REPORT_NAME = "lora_doctor.json"
 #: Marks the config dict a checkpoint saved (:meth:`LoraDoctorCallback.state`), apart from a
 #: user's ``config={...}``; its value names the version that saved it.
 _SAVED_BY = "__saved_by__"
