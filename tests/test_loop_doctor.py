@@ -315,3 +315,38 @@ def test_cuda_loop_reads_memory_and_leaves_the_peak_alone() -> None:
     assert len(peaks) == 4
     assert torch.cuda.max_memory_allocated() / GIB >= max(peaks) > 0  # the user's peak, untouched
     assert "adapter-not-learning" not in _slugs(doctor)
+
+
+def test_step_hooks_before_the_start_start_the_doctor_and_say_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Without `with doctor:` the first step hook starts the doctor (its set-up checks run then)
+    and says once how to call it."""
+    model = tiny_peft()
+    doctor = LoopDoctor(model, _optimizer(model), max_steps=4)
+    with caplog.at_level(logging.WARNING, logger="lora_doctor"):
+        _train(model, _optimizer(model), doctor)
+    said = [r.getMessage() for r in caplog.records if "came before on_train_start()" in r.message]
+    assert len(said) == 1 and said[0].startswith("lora-doctor: on_before_optimizer_step() came")
+    assert doctor.doctor.facts.has_lora is True and doctor.doctor.facts.adapters
+
+
+def test_a_loop_without_on_before_optimizer_step_is_told(caplog: pytest.LogCaptureFixture) -> None:
+    model = tiny_peft()
+    optimizer = _optimizer(model)
+    loader = iter(torch.utils.data.DataLoader(Rows(n=32), batch_size=2))
+    with (
+        caplog.at_level(logging.WARNING, logger="lora_doctor"),
+        LoopDoctor(model, optimizer) as doctor,
+    ):
+        for _ in range(4):
+            model(**next(loader)).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            doctor.on_train_batch_end()
+    said = [
+        r.getMessage()
+        for r in caplog.records
+        if "on_before_optimizer_step() was never" in r.message
+    ]
+    assert len(said) == 1

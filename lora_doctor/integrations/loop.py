@@ -275,6 +275,7 @@ class LoopDoctor:
     def on_before_optimizer_step(self) -> None:
         """Gradients exist and the optimizer is about to apply them: call once per optimizer step
         (with gradient accumulation, only before the step that applies them)."""
+        self._start_if_needed("on_before_optimizer_step")
         self._optimizer_steps += 1
         call_probes(self._probes, "pre_optimizer_step", self._event(self._optimizer_steps))
 
@@ -295,14 +296,20 @@ class LoopDoctor:
         Returns:
             The findings not reported before.
         """
+        found = self._start_if_needed("on_train_batch_end")
         self._batches += 1
         step = int(step) if step is not None else self._optimizer_steps or self._batches
-        found: list[Finding] = []
         if step > self._stepped:  # an optimizer step ended since the last call
             self._stepped = step
             call_probes(self._probes, "step_end", self._event(step))
             if not self._first_steps_done and step >= self.doctor.config.check_after_steps:
                 self._first_steps_done = True
+                if not self._optimizer_steps:
+                    logger.warning(
+                        "lora-doctor: on_before_optimizer_step() was never called, so the "
+                        "first-steps checks could not read the adapters' gradients; call it "
+                        "after backward and before optimizer.step()."
+                    )
                 found += self.doctor.run_phase(Phase.FIRST_STEPS, step)
         if metrics:
             logs = _numbers(metrics)
@@ -404,6 +411,19 @@ class LoopDoctor:
             self.on_exception(error)
 
     # --- plumbing ---------------------------------------------------------------------------------
+    def _start_if_needed(self, hook: str) -> list[Finding]:
+        """Runs ``on_train_start`` when a step hook comes first (the loop has no ``with doctor:``),
+        saying so once: the set-up checks then read the model after its first step."""
+        if self._since is not None:
+            return []
+        logger.warning(
+            "lora-doctor: %s() came before on_train_start(): the doctor starts now. Wrap the loop "
+            "in `with doctor:` (or call on_train_start() before it and on_train_end() after it) so "
+            "that the set-up checks see the model before the first step and the JSON is written.",
+            hook,
+        )
+        return self.on_train_start() or []
+
     def _event(self, step: int, logs: dict[str, Any] | None = None) -> Event:
         """What a Trainer event would offer, from the loop's objects (the probes read this)."""
         state = SimpleNamespace(
