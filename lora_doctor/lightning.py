@@ -30,7 +30,7 @@ except ModuleNotFoundError as err:  # the extra is not installed: one line with 
 
 from lora_doctor.checks import Check, Registry
 from lora_doctor.config import DoctorConfig
-from lora_doctor.integrations.loop import LoopDoctor, guarded_hook
+from lora_doctor.integrations.loop import LoopDoctor, check_options, guarded_hook
 from lora_doctor.probes.memory import MemoryReader
 from lora_doctor.report import REPORT_NAME
 
@@ -108,16 +108,7 @@ class LoraDoctor(Callback):
     ) -> None:
         if isinstance(config, Mapping):
             config = DoctorConfig(**config)
-        if config is not None and not isinstance(config, DoctorConfig):
-            raise ValueError(
-                f"LoraDoctor(config=...) must be a lora_doctor.DoctorConfig (or a dict of its "
-                f"fields), got {type(config).__name__}"
-            )
-        if report_path is True or not isinstance(report_path, (str, os.PathLike, bool, type(None))):
-            raise ValueError(
-                "LoraDoctor(report_path=...) must be a file path, None (the default "
-                f"<default_root_dir>/{REPORT_NAME}) or False (no file), got {report_path!r}"
-            )
+        check_options("LoraDoctor", config, report_path, "<default_root_dir>")
         names = {**DEFAULT_METRICS, **dict(metrics or {})}
         if not all(
             isinstance(k, str) and isinstance(v, (str, type(None))) for k, v in names.items()

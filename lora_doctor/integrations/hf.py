@@ -41,7 +41,7 @@ from lora_doctor.findings import Severity, to_jsonable
 from lora_doctor.history import is_eval_entry
 from lora_doctor.integrations import guard
 from lora_doctor.integrations.console import hide_from_printers
-from lora_doctor.integrations.loop import default_probes
+from lora_doctor.integrations.loop import check_options, default_probes, writing_report
 from lora_doctor.integrations.resume import (
     checkpoint_adapters,
     ranks_from_error,
@@ -185,16 +185,7 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
     ) -> None:
         if isinstance(config, dict):  # also the form a checkpoint saves (see state())
             config = _config_from_dict(config)
-        if config is not None and not isinstance(config, DoctorConfig):
-            raise ValueError(
-                f"LoraDoctorCallback(config=...) must be a lora_doctor.DoctorConfig (or a dict of "
-                f"its fields), got {type(config).__name__}"
-            )
-        if report_path is True or not isinstance(report_path, (str, os.PathLike, bool, type(None))):
-            raise ValueError(
-                "LoraDoctorCallback(report_path=...) must be a file path, None (the default "
-                f"<output_dir>/{REPORT_NAME}) or False (no file), got {report_path!r}"
-            )
+        check_options("LoraDoctorCallback", config, report_path, "<output_dir>")
         overrides: dict[str, Any] = {}
         if ignore is not None:
             overrides["ignore"] = ignore
@@ -670,22 +661,8 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
     def _write(self, args: Any, doctor: Doctor, rank: int | None = None) -> None:
         """Writes ``doctor``'s diagnosis; never raises. A file that cannot be written is said in
         one line (no traceback); any other failure is an internal error, logged as one."""
-        try:
+        with writing_report(self._report_target(args)):
             self.write_report(args, doctor, rank)
-        except OSError as exc:
-            logger.warning(
-                "lora-doctor: could not write the diagnosis to %s (%s: %s); its findings were "
-                "logged.",
-                self._report_target(args),
-                type(exc).__name__,
-                exc,
-            )
-        except Exception:
-            logger.warning(
-                "lora-doctor: internal error while writing the diagnosis; training is not "
-                "affected.",
-                exc_info=True,
-            )
 
 
 def _unwritable(path: Path) -> str | None:

@@ -18,7 +18,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from types import SimpleNamespace, TracebackType
 from typing import Any, TypeVar
@@ -39,13 +39,57 @@ from lora_doctor.probes.setup import SetupProbe, read_setup
 from lora_doctor.probes.spectrum import SpectrumProbe
 from lora_doctor.probes.step_time import StepTimeProbe
 from lora_doctor.probes.view import ModelView
-from lora_doctor.report import Diagnosis
+from lora_doctor.report import REPORT_NAME, Diagnosis
 
 __all__ = ["LoopDoctor", "default_probes", "guarded_hook", "read_model"]
 
 logger = logging.getLogger("lora_doctor")
 
 _F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def check_options(owner: str, config: Any, report_path: Any, folder: str) -> None:
+    """Raises the one-line error of an adapter's ``config`` and ``report_path`` arguments.
+
+    Args:
+        owner: the class, for the message (``"LoraDoctorCallback"``).
+        config: a :class:`DoctorConfig` or None (a dict is converted by the caller).
+        report_path: a file path, None (the default file in ``folder``) or False (no file).
+        folder: where the default file goes, for the message (``"<output_dir>"``).
+
+    Raises:
+        ValueError: either argument is of another type.
+    """
+    if config is not None and not isinstance(config, DoctorConfig):
+        raise ValueError(
+            f"{owner}(config=...) must be a lora_doctor.DoctorConfig (or a dict of its fields), "
+            f"got {type(config).__name__}"
+        )
+    if report_path is True or not isinstance(report_path, (str, os.PathLike, bool, type(None))):
+        raise ValueError(
+            f"{owner}(report_path=...) must be a file path, None (the default "
+            f"{folder}/{REPORT_NAME}) or False (no file), got {report_path!r}"
+        )
+
+
+@contextlib.contextmanager
+def writing_report(path: object) -> Iterator[None]:
+    """A block that writes the diagnosis to ``path`` and never raises: a file that cannot be
+    written is said in one line (no traceback), any other failure logged as an internal error."""
+    try:
+        yield
+    except OSError as exc:
+        logger.warning(
+            "lora-doctor: could not write the diagnosis to %s (%s: %s); its findings were logged.",
+            path,
+            type(exc).__name__,
+            exc,
+        )
+    except Exception:
+        logger.warning(
+            "lora-doctor: internal error while writing the diagnosis; training is not affected.",
+            exc_info=True,
+        )
 
 
 def default_probes(config: DoctorConfig, memory_reader: MemoryReader | None = None) -> list[Probe]:
@@ -450,23 +494,9 @@ class LoopDoctor:
         if path is None or not (self.is_main or rank is not None):
             return diagnosis
         path = rank_report_path(path, rank) if rank is not None else path
-        try:
+        with writing_report(path):
             diagnosis.to_json(path)
             logger.info("lora-doctor: diagnosis written to %s", path)
-        except OSError as exc:
-            logger.warning(
-                "lora-doctor: could not write the diagnosis to %s (%s: %s); its findings were "
-                "logged.",
-                path,
-                type(exc).__name__,
-                exc,
-            )
-        except Exception:
-            logger.warning(
-                "lora-doctor: internal error while writing the diagnosis; training is not "
-                "affected.",
-                exc_info=True,
-            )
         return diagnosis
 
 
