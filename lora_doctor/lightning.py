@@ -11,7 +11,6 @@ Install with ``pip install 'lora-doctor[lightning]'``.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -28,9 +27,9 @@ except ModuleNotFoundError as err:  # the extra is not installed: one line with 
         name=err.name,
     ) from None
 
-from lora_doctor.checks import Check, Registry
+from lora_doctor.checks import Check
 from lora_doctor.config import DoctorConfig
-from lora_doctor.integrations.loop import LoopDoctor, check_options, guarded_hook
+from lora_doctor.integrations.loop import LoopDoctor, check_options, guarded_hook, resolve_config
 from lora_doctor.probes.memory import MemoryReader
 from lora_doctor.report import REPORT_NAME
 
@@ -128,12 +127,8 @@ class LoraDoctor(Callback):
             )
             if v is not None
         }
-        base = config or DoctorConfig()
-        self.config = dataclasses.replace(base, **overrides) if overrides else base
         self.extra_checks = tuple(extra_checks)
-        registry = Registry(extra=self.extra_checks)
-        registry.validate("DoctorConfig.ignore", self.config.ignore)
-        registry.validate("DoctorConfig.stop_on", self.config.stop_on)
+        self.config = resolve_config(config, overrides, self.extra_checks)
         self.report_path = report_path
         self.memory_reader = memory_reader
         self.loop: LoopDoctor | None = None

@@ -41,7 +41,12 @@ from lora_doctor.findings import Severity, to_jsonable
 from lora_doctor.history import is_eval_entry
 from lora_doctor.integrations import guard
 from lora_doctor.integrations.console import hide_from_printers
-from lora_doctor.integrations.loop import check_options, default_probes, writing_report
+from lora_doctor.integrations.loop import (
+    check_options,
+    default_probes,
+    resolve_config,
+    writing_report,
+)
 from lora_doctor.integrations.resume import (
     checkpoint_adapters,
     ranks_from_error,
@@ -197,12 +202,8 @@ class LoraDoctorCallback(TrainerCallback, ExportableState):
             overrides["print_metrics"] = print_metrics
         if alerts is not None:
             overrides["alerts"] = alerts
-        base = config or DoctorConfig()
-        self.config = dataclasses.replace(base, **overrides) if overrides else base
         self.extra_checks = tuple(extra_checks)
-        registry = Registry(extra=self.extra_checks)
-        registry.validate("DoctorConfig.ignore", self.config.ignore)
-        registry.validate("DoctorConfig.stop_on", self.config.stop_on)
+        self.config = resolve_config(config, overrides, self.extra_checks)
         self.report_path = report_path
         self.memory_reader = memory_reader
         self.doctor: Doctor | None = None

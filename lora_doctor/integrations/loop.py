@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from lora_doctor.checks import Check, Phase
+from lora_doctor.checks import Check, Phase, Registry
 from lora_doctor.config import DoctorConfig
 from lora_doctor.engine import Doctor
 from lora_doctor.facts import RunFacts
@@ -70,6 +70,23 @@ def check_options(owner: str, config: Any, report_path: Any, folder: str) -> Non
             f"{owner}(report_path=...) must be a file path, None (the default "
             f"{folder}/{REPORT_NAME}) or False (no file), got {report_path!r}"
         )
+
+
+def resolve_config(
+    config: DoctorConfig | None, overrides: Mapping[str, Any], extra_checks: Iterable[type[Check]]
+) -> DoctorConfig:
+    """``config`` (the defaults when None) with an adapter's keyword ``overrides``, its
+    ``ignore`` and ``stop_on`` checked against the built-in checks and ``extra_checks``.
+
+    Raises:
+        ValueError: an override of the wrong type, or an unknown finding name.
+    """
+    base = config or DoctorConfig()
+    resolved = dataclasses.replace(base, **overrides) if overrides else base
+    registry = Registry(extra=tuple(extra_checks))
+    registry.validate("DoctorConfig.ignore", resolved.ignore)
+    registry.validate("DoctorConfig.stop_on", resolved.stop_on)
+    return resolved
 
 
 @contextlib.contextmanager
