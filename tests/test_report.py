@@ -120,3 +120,12 @@ def test_causes_match_the_schema() -> None:
     causes[0]["verdict"] = "probable"
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(data, load_schema())
+
+
+def test_the_schema_names_the_two_sources() -> None:
+    data = _plateau_diagnosis()
+    assert data["source"] == "offline"
+    jsonschema.validate(data, load_schema())
+    data["source"] = "replayed"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(data, load_schema())
