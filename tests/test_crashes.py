@@ -776,3 +776,40 @@ def test_gpu_script_dry_run_passes(tmp_path: Path) -> None:
         "surfaced": {"error": "IndexError", "message": "index out of range in self"},
         "failed": [],
     }
+
+
+def _raised_through(*names: str) -> BaseException:
+    """An exception whose traceback passes through functions of these names, outermost first."""
+
+    def call(i: int) -> None:
+        if i == len(names):
+            raise RuntimeError("my callback broke")
+        code = compile(f"def {names[i]}(f, i):\n    f(i)\n", "<frames>", "exec")
+        scope: dict[str, Any] = {}
+        exec(code, scope)
+        scope[names[i]](call, i + 1)
+
+    try:
+        call(0)
+    except RuntimeError as err:
+        return err
+    raise AssertionError("not raised")
+
+
+@pytest.mark.parametrize(
+    ("frames", "where", "step"),
+    [
+        (("_inner_training_loop", "call_event", "on_step_end"), "a callback's on_step_end", 30),
+        (("_inner_training_loop", "training_step"), "the training step", 31),
+        (("_inner_training_loop",), "the training step", 31),
+    ],
+    ids=["user-callback", "in-the-step", "in-the-loop"],
+)
+def test_where_a_crash_happened_and_its_step(
+    frames: tuple[str, ...], where: str, step: int
+) -> None:
+    """A user's callback raising in on_step_end (global_step already 30) died after step 30, not
+    during step 31."""
+    crash = Crash.from_exception(_raised_through(*frames), 30)
+    finding = classify(crash, RunFacts())
+    assert finding.step == step and finding.evidence["where"] == where

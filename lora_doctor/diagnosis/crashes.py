@@ -859,6 +859,8 @@ _SETUP_FRAMES = frozenset(
     }
 )
 _STEP_FRAMES = frozenset({"_inner_training_loop", "training_step", "compute_loss"})
+#: The Trainer's callback dispatch (``CallbackHandler.call_event``): the frame after it is the hook.
+_CALLBACK_FRAME = "call_event"
 
 
 def _moment(crash: Crash) -> tuple[str, int]:
@@ -868,6 +870,11 @@ def _moment(crash: Crash) -> tuple[str, int]:
     done = crash.completed_steps
     if names & _EVAL_FRAMES:
         return "evaluation", done
+    order = [name for _, name, _ in crash.frames]
+    if _CALLBACK_FRAME in order:  # a TrainerCallback's hook raised: between steps, not in one
+        at = len(order) - 1 - order[::-1].index(_CALLBACK_FRAME)
+        hook = next((n for n in order[at + 1 :] if n.startswith("on_")), "hook")  # past wrappers
+        return f"a callback's {hook}", done
     if names & _SETUP_FRAMES:
         return "set-up, before the first step", done
     if names & _STEP_FRAMES:
