@@ -502,3 +502,13 @@ def test_attention_only_targets_are_a_cause_of_a_loss_that_never_fell() -> None:
     (stuck,) = d.by_slug("loss-at-chance")
     causes = {c["cause"]: c["verdict"] for c in stuck.evidence["causes"]}
     assert causes["attention-only-targets"] == "supported"
+
+
+def test_a_rate_above_loras_low_end_is_never_too_low_even_offline() -> None:
+    """Unknown whether the run trains LoRA, 0.02 is still not too low for either kind of run."""
+    from lora_doctor.offline import diagnose
+
+    d = diagnose({"max_steps": 1000, "log_history": _never_fell(0.02)})
+    (stuck,) = d.by_slug("loss-at-chance")
+    causes = {c["cause"]: c["verdict"] for c in stuck.evidence["causes"]}
+    assert causes["learning-rate-too-low"] == "ruled-out"

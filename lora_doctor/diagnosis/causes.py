@@ -245,10 +245,9 @@ def lr_too_low(look: Look) -> Cause:
     )
     support: tuple[str, ...] = ()
     against: tuple[str, ...] = ()
-    if look.lora and not lr_range_applies(look.facts):
-        pass  # a LoRA rate or a full fine-tune's: the run does not say which, so open
-    elif lr is not None and 0 < lr < low:
-        support = (f"learning_rate={_fmt(lr)}, below {_fmt(low)}; {usual}",)
+    if lr is not None and 0 < lr < low:
+        if not look.lora or lr_range_applies(look.facts):  # else a full fine-tune's rate: open
+            support = (f"learning_rate={_fmt(lr)}, below {_fmt(low)}; {usual}",)
     elif lr is not None and lr > 0:
         against = (f"learning_rate={_fmt(lr)} is not below {_fmt(low)}",)
     target = rng.typical
