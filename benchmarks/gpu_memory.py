@@ -34,12 +34,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import Tokens, tiny_llama_config
+from benchmarks._common import Tokens, attention_lora_llama
 from lora_doctor import LoraDoctorCallback
 from lora_doctor.checks.memory import KEY_PEAK_ALLOC
 from lora_doctor.config import DoctorConfig
@@ -47,36 +46,6 @@ from lora_doctor.memory_estimate import GIB, estimate_memory, fits_rank
 from lora_doctor.probes.memory import CudaMemoryReader, MemoryReading
 
 RANK = 16
-
-
-def _model(dry: bool) -> Any:
-    """A Llama from its config with a LoRA adapter on the attention projections (r=16)."""
-    if dry:
-        cfg = tiny_llama_config()
-    else:  # about 1.1B parameters, 2.2 GB in bf16
-        cfg = LlamaConfig(
-            hidden_size=2048,
-            intermediate_size=5632,
-            num_hidden_layers=16,
-            num_attention_heads=16,
-            num_key_value_heads=8,
-            vocab_size=32000,
-        )
-    torch.manual_seed(0)
-    if dry:
-        base = LlamaForCausalLM(cfg)
-    else:
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(torch.bfloat16)
-        try:
-            with torch.device("cuda"):
-                base = LlamaForCausalLM(cfg)
-        finally:
-            torch.set_default_dtype(previous)
-    lora = LoraConfig(
-        r=RANK, lora_alpha=2 * RANK, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]
-    )
-    return get_peft_model(base, lora)
 
 
 class _StepClock(TrainerCallback):
@@ -139,7 +108,7 @@ def _train(
     part's peak is its own (as a user's script would between two runs in one process)."""
     if not dry:
         torch.cuda.reset_peak_memory_stats()
-    model = _model(dry)
+    model = attention_lora_llama(dry, RANK)
     vocab = model.config.vocab_size
     if oom_at_forward is not None:  # --dry only: CPU memory cannot run out here
         inner = model.base_model.model

@@ -30,12 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import Tokens, tiny_llama_config
+from benchmarks._common import Tokens, attention_lora_llama
 from lora_doctor import LoraDoctorCallback
 from lora_doctor.checks.memory import KEY_PEAK_ALLOC
 from lora_doctor.memory_estimate import GIB
@@ -44,43 +43,13 @@ from lora_doctor.memory_estimate import GIB
 TOLERANCE = 0.01
 
 
-def _model(dry: bool) -> Any:
-    """A Llama from its config (about 1.1B parameters in bf16 on CUDA; tiny on CPU) with LoRA r=16
-    on the attention projections, from the same seed every time."""
-    cfg = (
-        tiny_llama_config()
-        if dry
-        else LlamaConfig(
-            hidden_size=2048,
-            intermediate_size=5632,
-            num_hidden_layers=16,
-            num_attention_heads=16,
-            num_key_value_heads=8,
-            vocab_size=32000,
-        )
-    )
-    torch.manual_seed(0)
-    if dry:
-        base = LlamaForCausalLM(cfg)
-    else:
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(torch.bfloat16)
-        try:
-            with torch.device("cuda"):
-                base = LlamaForCausalLM(cfg)
-        finally:
-            torch.set_default_dtype(previous)
-    lora = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-    return get_peft_model(base, lora)
-
-
 def _run(out: Path, name: str, *, doctor: bool, dry: bool, steps: int) -> dict[str, Any]:
     """One training run from a reset peak; returns the peak after it and what the doctor saw."""
     cuda = not dry
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()  # the script's own reset, before the run
-    model = _model(dry)
+    model = attention_lora_llama(dry)
     batch, seq = (2, 16) if dry else (8, 1024)
     args = TrainingArguments(
         output_dir=str(out / name),

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from tiny import torchrun
 
 from lora_doctor.probes.dist import (
     RankReadings,
@@ -19,34 +17,13 @@ from lora_doctor.probes.dist import (
     world_size,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """Runs tests/dist_worker.py on 2 CPU processes (gloo) under torchrun, once for the module."""
     out = tmp_path_factory.mktemp("ranks")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(_free_port()),
-        str(ROOT / "tests" / "dist_worker.py"),
-        "--out",
-        str(out),
-    ]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, output[-4000:]
+    code, output = torchrun("dist_worker.py", out)
+    assert code == 0, output[-4000:]
     return out, output
 
 

@@ -123,3 +123,20 @@ def run_case_repro(case: str, tmp_path: Path, **env: str) -> dict[str, Any]:
     )
     report: dict[str, Any] = json.loads((tmp_path / "out" / "lora_doctor.json").read_text("utf-8"))
     return report
+
+
+def torchrun(worker: str, out: Path) -> tuple[int, str]:
+    """Runs ``tests/<worker>`` on 2 CPU processes (gloo) under torchrun on a free port, with
+    ``--out out``; returns its exit status and its output (stdout then stderr)."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(port), str(root / "tests" / worker), "--out", str(out)]  # fmt: skip
+    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+    return done.returncode, done.stdout + done.stderr
