@@ -13,7 +13,7 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
-from tiny import VOCAB, tiny_llama
+from tiny import VOCAB, probe_steps, tiny_llama
 from torch import nn
 from transformers import (
     BertConfig,
@@ -442,22 +442,7 @@ def manual_run(
 
 
 def _hooked_steps(model: nn.Module, optimizer: Any, steps: int) -> Doctor:
-    doctor = Doctor(DoctorConfig(check_after_steps=steps), RunFacts(), emit=False)
-    state = type("State", (), {"global_step": 0})()
-    probe = AdapterProbe()
-
-    def event() -> Event:
-        return Event(doctor=doctor, args=None, state=state, model=model, optimizer=optimizer)
-
-    probe.train_begin(event())
-    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
-    for _ in range(steps):
-        model(input_ids=ids, labels=ids).loss.backward()
-        probe.pre_optimizer_step(event())
-        optimizer.step()
-        optimizer.zero_grad()
-        state.global_step += 1
-        probe.step_end(event())
+    doctor: Doctor = probe_steps(model, optimizer, steps)
     doctor.run_phase(Phase.FIRST_STEPS, steps)
     return doctor
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from tiny import VOCAB, run_case_repro, tiny_llama
+from tiny import probe_steps, run_case_repro, tiny_llama
 
 from lora_doctor.checks import Phase
 from lora_doctor.checks.reward import RewardTies, tied_steps
@@ -20,8 +20,6 @@ from lora_doctor.engine import Doctor
 from lora_doctor.facts import AdapterFacts, LayerFacts, RunFacts, SetupFacts
 from lora_doctor.findings import Finding, Severity
 from lora_doctor.history import History
-from lora_doctor.probes.base import Event
-from lora_doctor.probes.model import AdapterProbe
 
 Q, V = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"
 
@@ -152,25 +150,8 @@ def _probe_steps(model: torch.nn.Module, loss_scale: float, steps: int = 2) -> R
     """The adapter probe around a plain loop whose loss is multiplied by ``loss_scale``."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable or [torch.nn.Parameter(torch.zeros(1))], lr=1e-2)
-    doctor = Doctor(DoctorConfig(check_after_steps=steps), RunFacts(), emit=False)
-    state = type("State", (), {"global_step": 0})()
-    probe = AdapterProbe()
-
-    def event() -> Event:
-        return Event(doctor=doctor, args=None, state=state, model=model, optimizer=optimizer)
-
-    probe.train_begin(event())
-    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
-    for _ in range(steps):
-        loss = model(input_ids=ids, labels=ids).loss * loss_scale
-        if loss.requires_grad:
-            loss.backward()
-        probe.pre_optimizer_step(event())
-        optimizer.step()
-        optimizer.zero_grad()
-        state.global_step += 1
-        probe.step_end(event())
-    return doctor.facts
+    facts: RunFacts = probe_steps(model, optimizer, steps, loss_scale).facts
+    return facts
 
 
 def _lora_model(frozen: bool = False) -> torch.nn.Module:

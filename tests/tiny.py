@@ -140,3 +140,34 @@ def torchrun(worker: str, out: Path) -> tuple[int, str]:
            "--master_port", str(port), str(root / "tests" / worker), "--out", str(out)]  # fmt: skip
     done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
     return done.returncode, done.stdout + done.stderr
+
+
+def probe_steps(model: Any, optimizer: Any, steps: int, loss_scale: float = 1.0) -> Any:
+    """The adapter probe around ``steps`` steps of a plain loop on a fixed batch (its loss times
+    ``loss_scale``; no backward when the loss needs no gradient); returns the ``Doctor`` whose
+    facts the probe filled (``check_after_steps=steps``)."""
+    from lora_doctor.config import DoctorConfig
+    from lora_doctor.engine import Doctor
+    from lora_doctor.facts import RunFacts
+    from lora_doctor.probes.base import Event
+    from lora_doctor.probes.model import AdapterProbe
+
+    doctor = Doctor(DoctorConfig(check_after_steps=steps), RunFacts(), emit=False)
+    state = type("State", (), {"global_step": 0})()
+    probe = AdapterProbe()
+
+    def event() -> Event:
+        return Event(doctor=doctor, args=None, state=state, model=model, optimizer=optimizer)
+
+    probe.train_begin(event())
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss * loss_scale
+        if loss.requires_grad:
+            loss.backward()
+        probe.pre_optimizer_step(event())
+        optimizer.step()
+        optimizer.zero_grad()
+        state.global_step += 1
+        probe.step_end(event())
+    return doctor
