@@ -33,6 +33,7 @@ __all__ = [
     "Overfit",
     "OverfitState",
     "OwnMetric",
+    "PlateauLooks",
     "RlRun",
     "Spike",
     "Trend",
@@ -1111,7 +1112,19 @@ def past_early_phase(ctx: Context) -> bool:
     )
 
 
-class LossPlateau(Check):
+class PlateauLooks(Check):
+    """A check judged at the plateau's looks: the whole loss curve, on the plateau's geometric
+    schedule (``plateau_look_growth``), once past the early phase (:func:`past_early_phase`)."""
+
+    phases = frozenset({Phase.LOG, Phase.END})
+    reads = (Reads(LOSS, Read.ALL),)
+    cadence = Cadence(growth="plateau_look_growth")
+
+    def ready(self, ctx: Context) -> bool:
+        return past_early_phase(ctx)
+
+
+class LossPlateau(PlateauLooks):
     """The training loss is flat, or falls very slowly, after the early phase (underfitting).
 
     Practice (DESIGN.md section 3): a LoRA run's loss falls fast in the first 10 to 20% of training;
@@ -1131,12 +1144,6 @@ class LossPlateau(Check):
     """
 
     code, slug, severity = "LD201", "loss-plateau", Severity.WARNING
-    phases = frozenset({Phase.LOG, Phase.END})
-    reads = (Reads(LOSS, Read.ALL),)
-    cadence = Cadence(growth="plateau_look_growth")
-
-    def ready(self, ctx: Context) -> bool:
-        return past_early_phase(ctx)
 
     def run(self, ctx: Context) -> Iterable[Finding]:
         cfg = ctx.config

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lora_doctor.checks.base import Cadence, Check, Context, Phase, Read, Reads, finite
-from lora_doctor.checks.curves import flat_window, past_early_phase
+from lora_doctor.checks.base import Check, Context, Phase, Read, Reads, finite
+from lora_doctor.checks.curves import PlateauLooks, flat_window
 from lora_doctor.config import DoctorConfig
 from lora_doctor.findings import Finding, Recommendation, Severity
 
@@ -107,7 +107,7 @@ def stuck_loss(
     return None
 
 
-class LossAtChance(Check):
+class LossAtChance(PlateauLooks):
     """The training loss sits at chance after the early phase, or never fell from its first value.
 
     A model that predicts a uniform distribution over its vocabulary has a cross-entropy of
@@ -132,12 +132,6 @@ class LossAtChance(Check):
     """
 
     code, slug, severity = "LD208", "loss-at-chance", Severity.ERROR
-    phases = frozenset({Phase.LOG, Phase.END})
-    reads = (Reads(LOSS, Read.ALL),)
-    cadence = Cadence(growth="plateau_look_growth")
-
-    def ready(self, ctx: Context) -> bool:
-        return past_early_phase(ctx)
 
     def run(self, ctx: Context) -> Iterable[Finding]:
         loss = ctx.series(LOSS)
