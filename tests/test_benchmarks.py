@@ -219,14 +219,22 @@ def test_summary_cause_accuracy_and_table() -> None:
     assert "lowest per fault: 0.50  (target >= 0.9: NOT met)" in table
 
 
-def _echo_after(delay: float, value: str) -> str:
+def _echo_after(delay: float, value: str, wait_for: str = "", signal: str = "") -> str:
     """A stand-in run for the worker pool: ``value`` after ``delay`` seconds; a negative delay
-    fails."""
+    fails. ``wait_for`` names a file to wait for first (written by another run's ``signal``), so
+    the order in which runs finish is set by the test, not by how fast the workers start."""
     import time
 
     if delay < 0:
         raise RuntimeError(f"run {value} failed")
+    deadline = time.monotonic() + 300
+    while wait_for and not Path(wait_for).exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"run {value}: {wait_for} never appeared")
+        time.sleep(0.01)
     time.sleep(delay)
+    if signal:
+        Path(signal).touch()
     return value
 
 
@@ -235,17 +243,18 @@ def _echo_after(delay: float, value: str) -> str:
     [1, pytest.param(2, marks=pytest.mark.slow)],  # each worker imports torch: 15-50 s
     ids=["in-process", "two-workers"],
 )
-def test_map_runs_keeps_the_order_of_the_runs(jobs: int) -> None:
+def test_map_runs_keeps_the_order_of_the_runs(jobs: int, tmp_path: Path) -> None:
     """Results come back in the order of the runs whatever order they finish in (with two
-    workers the first run finishes last), so ``--jobs`` never changes the table."""
+    workers the first run waits until the last has finished), so ``--jobs`` never changes the
+    table."""
     from benchmarks.faults.runner import map_runs
 
     finished: list[str] = []
-    runs = [(1.5, "a"), (0.0, "b"), (0.0, "c")]
+    last_done = str(tmp_path / "c-done") if jobs > 1 else ""
+    runs = [(0.0, "a", last_done), (0.0, "b"), (0.0, "c", "", last_done)]
     results = map_runs(_echo_after, runs, jobs, done=lambda args, r, s: finished.append(r))
     assert results == ["a", "b", "c"]
-    assert sorted(finished) == ["a", "b", "c"]
-    assert (finished[0] == "a") is (jobs == 1)
+    assert finished == (["a", "b", "c"] if jobs == 1 else ["b", "c", "a"])
     with pytest.raises(RuntimeError, match="run x failed"):
         map_runs(_echo_after, [(0.0, "b"), (-1.0, "x")], jobs)
 
