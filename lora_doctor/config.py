@@ -137,14 +137,16 @@ class DoctorConfig:
         10.0,
         "learning-rate-too-high is a warning, and the learning rate a supported cause of a "
         "plateau, divergence, spike or NaN, at this many times the top of LoRA's usual range for "
-        "the optimizer (AdamW: 1e-3, so 1e-2); above the top but below this, information.",
+        "the optimizer and model width (AdamW at hidden size 4096: 1e-3, so 1e-2); above the top "
+        "but below this, information.",
         lambda v: _positive(v) and v >= 1,
         "a number >= 1",
     )
     lr_high_error: float = _opt(
         100.0,
         "learning-rate-too-high is an error at this many times the top of LoRA's usual range "
-        "(AdamW: 0.1): each step then moves every weight by more than its own size.",
+        "(AdamW at hidden size 4096: 0.1): each step then moves every weight by more than its own "
+        "size.",
         lambda v: _positive(v) and v >= 1,
         "a number >= 1",
     )

@@ -576,6 +576,8 @@ class SetupFacts:
             ``"fp16"``, ``"bf16"`` or ``"fp32"``.
         vocab_size: the model's vocabulary (``config.vocab_size``).
         loss_at_chance: ``ln(vocab_size)``, the cross-entropy of a uniform guess (derived).
+        hidden_size: the model's width (``config.hidden_size``, of the text model in a multimodal
+            one): LoRA's usual learning rates depend on it (:func:`lora_doctor.practice.lr_range`).
         module_kinds: the kinds of linear (and Conv1D) modules the model has, as peft's
             ``target_modules`` name them (``q_proj``, ``gate_proj`` ...; GPT-2: ``c_attn``, ``c_fc``,
             ``c_proj``), in model order.
@@ -602,6 +604,7 @@ class SetupFacts:
     precision: str | None = None
     vocab_size: int | None = None
     loss_at_chance: float | None = None
+    hidden_size: int | None = None
     module_kinds: list[str] = field(default_factory=list)
     gradient_checkpointing: bool | None = None
     use_reentrant: bool | None = None

@@ -4,13 +4,18 @@ user's ``LoraConfig`` and ``TrainingArguments``, with the steps that are not con
 Rules (:func:`apply_findings`, behind :meth:`lora_doctor.report.Diagnosis.apply`):
 
 - **What is applied.** The recommendations of findings at warning or error. An information
-  finding's changes (``rank-underused``'s smaller rank, ``rl-low-rank``'s larger one) are
-  suggestions for a next run, not fixes: they are listed as dropped, never applied.
-- **Order and conflicts.** Errors before warnings; within a severity, the order found. A finding's
-  changes are taken whole or not at all: they are meant together (``r`` with ``lora_alpha``,
-  ``bf16`` with ``fp16``, a batch size with its accumulation steps), so when one of its fields is
-  already set to another value by a finding that ranks before it, all of its changes are dropped,
-  each with the winning finding named. A field two findings set to the same value is no conflict.
+  finding's changes (``rank-underused``'s smaller rank, ``attention-only-targets``'s
+  ``"all-linear"``) are suggestions for a next run, not fixes: they are listed as dropped, and
+  applied only when asked (``suggestions=True``, or the slugs whose suggestions to follow),
+  after every warning and error, by the same rules.
+- **Order and conflicts.** Errors before warnings. Within a severity, findings judged on the run
+  (with a step) before those made at set-up, before training: a symptom's learning rate read from
+  where this run learned best before ``learning-rate-too-high``'s usual rate; then the order
+  found. A finding's changes are taken whole or not at all: they are meant together (``r`` with
+  ``lora_alpha``, ``bf16`` with ``fp16``, a batch size with its accumulation steps), so when one of
+  its fields is already set to another value by a finding that ranks before it, all of its changes
+  are dropped, each with the winning finding named. A field two findings set to the same value is
+  no conflict.
 - **Routing.** Each key goes to the object whose class has a field of that name, and its value
   must have the type the class annotates (an ``int`` is a ``float``; a ``bool`` is not an
   ``int``; an enum field takes its values' strings). With an object given, its own class decides:
@@ -53,7 +58,7 @@ import enum
 import re
 import types
 import typing
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -339,9 +344,10 @@ def _hint_name(hint: Any) -> str:
 
 
 def _ranked(findings: Iterable[Finding]) -> list[tuple[Finding, Recommendation]]:
-    """The findings with a recommendation, errors first, in the order found within a severity."""
+    """The findings with a recommendation, errors first; within a severity, those judged on the
+    run (with a step) before set-up findings, then in the order found."""
     with_fix = [(f, f.recommendation) for f in findings if f.recommendation is not None]
-    return sorted(with_fix, key=lambda pair: -pair[0].severity.rank)
+    return sorted(with_fix, key=lambda pair: (-pair[0].severity.rank, pair[0].step is None))
 
 
 def _is_config_step(step: str, fields: Iterable[str]) -> bool:
@@ -364,7 +370,9 @@ _RATE_BOUND = "max_steps"
 
 
 def _merge(
-    findings: Iterable[Finding], objects: Mapping[str, Any]
+    findings: Iterable[Finding],
+    objects: Mapping[str, Any],
+    suggestions: bool | Collection[str] = False,
 ) -> tuple[
     dict[str, Change], list[Skipped], list[Skipped], list[tuple[Recommendation, list[Change]]]
 ]:
@@ -383,8 +391,16 @@ def _merge(
                 routed.append(change)
             else:
                 unrouted.append(Skipped(change, problem))
-        if f.severity < Severity.WARNING:
-            dropped += [Skipped(c, "information only: a suggestion, not a fix") for c in routed]
+        follow = suggestions is True or (
+            not isinstance(suggestions, bool) and f.slug in suggestions
+        )
+        if f.severity < Severity.WARNING and not follow:
+            dropped += [
+                Skipped(
+                    c, "information only: a suggestion, not a fix (apply with suggestions=True)"
+                )
+                for c in routed
+            ]
             continue
         clash = next(
             (c for c in routed if c.field in chosen and chosen[c.field].value != c.value), None
@@ -441,7 +457,11 @@ def _kept(got: Any, value: Any) -> bool:
 
 
 def apply_findings(
-    findings: Iterable[Finding], lora_config: Any = None, training_args: Any = None
+    findings: Iterable[Finding],
+    lora_config: Any = None,
+    training_args: Any = None,
+    *,
+    suggestions: bool | Collection[str] = False,
 ) -> AppliedFix:
     """Applies the recommendations of ``findings`` to copies of ``lora_config`` and
     ``training_args`` by the rules of this module's docstring.
@@ -451,6 +471,8 @@ def apply_findings(
         lora_config: the run's ``peft.LoraConfig`` (any dataclass), or None.
         training_args: the run's ``TrainingArguments`` (any dataclass, e.g. TRL's ``SFTConfig``),
             or None.
+        suggestions: apply the information findings' changes too (after the others): True for
+            all of them, or the slugs of those to follow (``{"attention-only-targets"}``).
 
     Returns:
         The copies, the changes applied, dropped and unrouted, and the other steps.
@@ -477,7 +499,7 @@ def apply_findings(
                 f"{name} must be a dataclass instance such as peft's LoraConfig or "
                 f"transformers' TrainingArguments, got {type(obj).__name__}"
             )
-    chosen, dropped, unrouted, followed = _merge(findings, objects)
+    chosen, dropped, unrouted, followed = _merge(findings, objects, suggestions)
     copies = {k: None if v is None else _copy(v, ())[0] for k, v in objects.items()}
     applied: list[Change] = []
     for _, new in followed:

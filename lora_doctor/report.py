@@ -8,7 +8,7 @@ import json
 import os
 import secrets
 import stat
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,13 +115,20 @@ class Diagnosis:
             else __version__,
         )
 
-    def apply(self, lora_config: Any = None, training_args: Any = None) -> AppliedFix:
+    def apply(
+        self,
+        lora_config: Any = None,
+        training_args: Any = None,
+        *,
+        suggestions: bool | Collection[str] = False,
+    ) -> AppliedFix:
         """Copies of ``lora_config`` and ``training_args`` with the recommended changes applied,
         and the steps that are not configuration (restart from the base model, fix the data ...).
 
         Errors come before warnings; when two findings set the same field to different values the
-        more severe wins (the first found at equal severity) and the other finding's changes are
-        dropped together; information findings are suggestions and are not applied. Each key goes
+        more severe wins (at equal severity, one judged on the run's curves before one made at
+        set-up, then the first found) and the other finding's changes are dropped together;
+        information findings are suggestions, applied only with ``suggestions=True``. Each key goes
         to the object whose class has that field, and a value must have the field's annotated
         type: anything else is reported in ``unrouted``, not applied. The objects passed in are
         not modified. The full rules are in :mod:`lora_doctor.fix`.
@@ -129,6 +136,9 @@ class Diagnosis:
         Args:
             lora_config: the run's ``peft.LoraConfig`` (or None).
             training_args: the run's ``transformers.TrainingArguments`` or a subclass (or None).
+            suggestions: apply the information findings' changes too, after every warning and
+                error: True for all, or the slugs of those to follow (``attention-only-targets``'s
+                ``target_modules``; ``rank-underused``'s smaller rank ...).
 
         Returns:
             :class:`~lora_doctor.fix.AppliedFix`: ``lora_config``, ``training_args``, ``applied``,
@@ -142,7 +152,7 @@ class Diagnosis:
             >>> print(fix.summary())  # doctest: +SKIP
             >>> model = get_peft_model(fresh_base_model, fix.lora_config)  # doctest: +SKIP
         """
-        return apply_findings(self.findings, lora_config, training_args)
+        return apply_findings(self.findings, lora_config, training_args, suggestions=suggestions)
 
     def plot(self, path: str | os.PathLike[str]) -> Path:
         """Draws loss, eval loss and grad norm with each finding marked at its step, to ``path``.

@@ -123,7 +123,8 @@ def test_low_learning_rate_loss_at_chance_and_stop_on(tmp_path: Path) -> None:
     assert len(plateau) == 1
     assert not callback.doctor.diagnosis().by_slug("loss-plateau")
     assert plateau[0].step is not None and plateau[0].step <= 25
-    assert plateau[0].recommendation.config_changes == {"learning_rate": 2e-4}
+    # LoRA's usual rate for this 64-wide model (a 768-wide model's, the narrowest the sources cover)
+    assert plateau[0].recommendation.config_changes == {"learning_rate": 4.6e-4}
     assert trainer.state.global_step == plateau[0].step < 100  # stopped, as asked
     offline = diagnose(tmp_path)  # the folder: trainer_state.json and adapter_config.json
     assert _curve_verdicts(offline.findings) == _curve_verdicts(callback.doctor.findings)

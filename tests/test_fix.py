@@ -238,6 +238,24 @@ def test_first_found_wins_at_equal_severity() -> None:
     assert {s.change.slug for s in fix.dropped} == {"loss-plateau"}
 
 
+def test_a_finding_judged_on_the_run_wins_over_one_made_at_set_up() -> None:
+    """At equal severity, a symptom's rate read from where the run learned best wins over the
+    usual rate that learning-rate-too-high could only give before training; severity still
+    comes first."""
+    set_up = dataclasses.replace(
+        _f("learning-rate-too-high", {"learning_rate": 4.6e-4}, Severity.ERROR), step=None
+    )
+    symptom = _f("loss-at-chance", {"learning_rate": 2.3e-3}, Severity.ERROR)
+    fix = apply_findings([set_up, symptom], None, Args())
+    assert fix.training_args.learning_rate == 2.3e-3
+    assert [(s.change.slug, s.change.value) for s in fix.dropped] == [
+        ("learning-rate-too-high", 4.6e-4)
+    ]
+    warning = _f("loss-plateau", {"learning_rate": 2.3e-3})
+    fix = apply_findings([set_up, warning], None, Args())
+    assert fix.training_args.learning_rate == 4.6e-4  # the error wins
+
+
 def test_the_same_value_twice_is_no_conflict() -> None:
     a = _f("alpha-rank-ratio", {"lora_alpha": 32})
     b = _f("loss-plateau", {"lora_alpha": 32, "learning_rate": 2e-4})
@@ -276,7 +294,22 @@ def test_information_is_not_applied() -> None:
     info = _f("rank-underused", {"r": 4}, Severity.INFO)
     fix = apply_findings([info], Lora(), Args())
     assert fix.applied == () and fix.lora_config == Lora()
-    assert [s.reason for s in fix.dropped] == ["information only: a suggestion, not a fix"]
+    assert [s.reason for s in fix.dropped] == [
+        "information only: a suggestion, not a fix (apply with suggestions=True)"
+    ]
+
+
+def test_suggestions_are_applied_when_asked_after_the_fixes() -> None:
+    """With suggestions=True an information finding's changes apply too, but never over a
+    warning's: the fix ranks first."""
+    targets = _f("attention-only-targets", {"target_modules": "all-linear"}, Severity.INFO)
+    smaller = _f("rank-underused", {"r": 4}, Severity.INFO)
+    alpha = _f("alpha-rank-ratio", {"lora_alpha": 16, "r": 8})
+    fix = apply_findings([targets, smaller, alpha], Lora(), Args(), suggestions=True)
+    assert fix.lora_config.target_modules == "all-linear"
+    assert (fix.lora_config.r, fix.lora_config.lora_alpha) == (8, 16)
+    assert [(s.change.slug, s.change.field) for s in fix.dropped] == [("rank-underused", "r")]
+    assert "alpha-rank-ratio (warning) sets r=8" in fix.dropped[0].reason
 
 
 def test_changes_the_class_refuses_are_reported_and_the_rest_kept() -> None:

@@ -48,6 +48,7 @@ def test_llama_setup_from_arguments(tmp_path: Path) -> None:
     assert setup.metric_for_best_model == "eval_loss" and setup.logging_steps == 5
     assert setup.gradient_checkpointing is True and setup.use_reentrant is False
     assert setup.vocab_size == model.get_input_embeddings().num_embeddings
+    assert setup.hidden_size == model.config.hidden_size
     assert setup.module_kinds[:2] == ["q_proj", "k_proj"] and "down_proj" in setup.module_kinds
     assert setup.trainable_dtypes == ["float32"]
     facts = derive_facts(RunFacts(setup=setup), [])
@@ -95,6 +96,18 @@ def test_gpt2_module_names_and_optimizer_class() -> None:
     setup = read_setup(SetupFacts(), ModelView.build(model, optimizer), None, optimizer)
     assert setup.module_kinds == ["c_attn", "c_proj", "c_fc"]
     assert setup.optimizer == "SGD" and setup.vocab_size == 50
+    assert setup.hidden_size == 32  # n_embd
+
+
+def test_hidden_size_of_a_multimodal_model_is_its_text_models() -> None:
+    """A vision-language model's learning rates follow its language model's width."""
+    from transformers import LlamaConfig, LlavaConfig
+
+    text = LlamaConfig(hidden_size=48, num_hidden_layers=1, num_attention_heads=2)
+    model = torch.nn.Linear(2, 2)
+    model.config = LlavaConfig(text_config=text.to_dict())  # type: ignore[assignment]
+    setup = read_setup(SetupFacts(), ModelView.build(model), None)
+    assert setup.hidden_size == 48
 
 
 @pytest.mark.parametrize(

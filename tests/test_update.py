@@ -65,6 +65,33 @@ def test_lr_verdict(
     assert v.far is (severity is not Severity.INFO)
 
 
+@pytest.mark.parametrize(
+    ("hidden_size", "lr", "severity", "top"),
+    [
+        (None, 2e-3, Severity.INFO, 1e-3),  # unknown width: a 7B model's range
+        (4096, 1e-3, None, 1e-3),
+        (768, 2e-3, None, 2.3e-3),  # LoRA's RoBERTa-base runs: 4e-4 to 5e-4
+        (64, 2e-3, None, 2.3e-3),  # below the widths the sources cover: a 768-wide model's range
+        (64, 0.05, Severity.WARNING, 2.3e-3),
+        (8192, 1e-3, Severity.INFO, 7.1e-4),  # QLoRA's 65B runs: 1e-4
+        (16384, 1e-3, Severity.INFO, 7.1e-4),  # above: a 65B model's range
+    ],
+    ids=["unknown", "7b", "768", "tiny", "tiny-far-above", "65b", "wider-than-covered"],
+)
+def test_lr_range_follows_the_hidden_size(
+    hidden_size: int | None, lr: float, severity: Severity | None, top: float
+) -> None:
+    """LoRA's usual rates fall about as 1 / sqrt(hidden size) (LoRA's and QLoRA's published
+    rates), held to the 768 to 8192 the sources cover."""
+    from lora_doctor.practice import lr_range
+
+    rng = lr_range("adamw_torch", hidden_size=hidden_size)
+    assert rng.high == pytest.approx(top)
+    assert rng.low < rng.typical < rng.high and rng.typical == pytest.approx(top / 5, rel=0.05)
+    v = lr_verdict(lr, "adamw_torch", CFG, hidden_size=hidden_size)
+    assert (v.severity if v else None) == severity
+
+
 def test_lr_verdict_thresholds_follow_the_config() -> None:
     cfg = DoctorConfig(lr_high_warning=3.0, lr_high_error=5.0)
     assert [lr_verdict(x, None, cfg).severity for x in (2e-3, 3e-3, 5e-3)] == [  # type: ignore[union-attr]
@@ -102,6 +129,12 @@ def _setup_findings(facts: RunFacts) -> list[Finding]:
     [
         (RunFacts(has_lora=True, adapters=LORA, learning_rate=2e-4), None),
         (RunFacts(has_lora=True, adapters=LORA, learning_rate=2e-3), Severity.INFO),
+        (
+            RunFacts(
+                has_lora=True, adapters=LORA, learning_rate=2e-3, setup=SetupFacts(hidden_size=64)
+            ),
+            None,
+        ),
         (RunFacts(has_lora=True, adapters=LORA, learning_rate=0.05), Severity.WARNING),
         (RunFacts(has_lora=None, adapters=LORA, learning_rate=0.3), Severity.ERROR),
         (RunFacts(has_lora=None, learning_rate=0.02), Severity.INFO),
@@ -114,6 +147,7 @@ def _setup_findings(facts: RunFacts) -> list[Finding]:
     ids=[
         "usual",
         "tiny-model-rate-info",
+        "tiny-model-rate-known-width",
         "far-above",
         "offline-lora-config",
         "offline-no-lora-config",

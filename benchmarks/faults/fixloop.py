@@ -15,7 +15,11 @@ A fault counts as fixed when the re-run
   ``load_best_model_at_end``), else the last logged training loss (the mean over the last logging
   window). A non-finite loss is worse than any finite one.
 
-A diagnosis that applies no change counts as not fixed, with the reason. A healthy control's
+When the doctor reports the fault only as information (``attention-only-targets``: a suggestion,
+which ``apply`` leaves out by default), the loop follows that finding's suggestion, as a user
+trying it would (``apply(..., suggestions={slug})``; other suggestions, such as a smaller rank
+measured on the old targets, are not followed), marked as such in the table. A diagnosis that applies no change
+counts as not fixed, with the reason. A healthy control's
 diagnosis (empty or information only) must change nothing: no change applied, both copies equal to
 the run's own objects.
 """
@@ -73,6 +77,8 @@ class FixResult:
         still_found: the fault's findings the re-run still reports at warning or above.
         new_errors: error findings of the re-run the faulty run did not have.
         error_after: how the re-run died, if it did.
+        suggested: the changes followed are the fault's own finding's suggestion
+            (``apply(..., suggestions={slug})``): the doctor reported it only as information.
         fixed: the verdict (None for a healthy control).
         reason: why it is not fixed (empty when it is).
         unchanged: for a healthy control, whether ``apply`` changed nothing.
@@ -94,6 +100,7 @@ class FixResult:
     still_found: list[str] = field(default_factory=list)
     new_errors: list[str] = field(default_factory=list)
     error_after: str | None = None
+    suggested: bool = False
     fixed: bool | None = None
     reason: str = ""
     unchanged: bool | None = None
@@ -148,6 +155,12 @@ def _matches(slug: str, scenario: Scenario) -> bool:
     return any(slug in group.split("|") for group in scenario.must)
 
 
+def _told_only_as_information(scenario: Scenario, faulty: Outcome) -> set[str]:
+    """The slugs of the fault's findings, when the doctor reported it only as information."""
+    found = [f for f in faulty.findings if _matches(f.slug, scenario)]
+    return set() if any(f.severity in _ALARM for f in found) else {f.slug for f in found}
+
+
 def _no_change_reason(scenario: Scenario, faulty: Outcome, fix: AppliedFix) -> str:
     """Why a diagnosis applied no change."""
     if fix.unrouted:
@@ -158,7 +171,7 @@ def _no_change_reason(scenario: Scenario, faulty: Outcome, fix: AppliedFix) -> s
     alarms = sorted({f.slug for f in found if f.severity in _ALARM})
     if not alarms:
         slugs = ", ".join(sorted({f.slug for f in found}))
-        return f"{slugs} only as information: a suggestion, which apply leaves out"
+        return f"{slugs} only as information, with no configuration change to suggest"
     return f"{', '.join(alarms)} names no supported cause, so no configuration change"
 
 
@@ -201,7 +214,12 @@ def run_one(scenario: Scenario, spec: Spec) -> FixResult:
     """
     record = FixResult(scenario.name, scenario.fault, spec.arch, spec.seed)
     faulty = scenario.build(spec)
-    fix = Diagnosis.from_dict(faulty.report or {}).apply(faulty.lora_config, faulty.training_args)
+    diagnosis = Diagnosis.from_dict(faulty.report or {})
+    fix = diagnosis.apply(faulty.lora_config, faulty.training_args)
+    told = _told_only_as_information(scenario, faulty)
+    if not scenario.healthy and not fix.applied and told:
+        fix = diagnosis.apply(faulty.lora_config, faulty.training_args, suggestions=told)
+        record.suggested = True
     record.recommended = _recommended(faulty.report)
     for change in fix.applied:
         record.applied.setdefault(change.target, {})[change.field] = change.value
@@ -294,12 +312,15 @@ def save(results: Sequence[FixResult], path: Path) -> None:
 
 
 def _changes(runs: Sequence[FixResult]) -> str:
-    """The distinct change sets applied, each with its number of runs."""
+    """The distinct change sets applied, each with its number of runs; suggestions followed are
+    marked."""
     counts: dict[str, int] = {}
     for r in runs:
         text = ", ".join(
             f"`{k}={v!r}`" for target in r.applied.values() for k, v in sorted(target.items())
         )
+        if text and r.suggested:
+            text += " (a suggestion)"
         counts[text or "none"] = counts.get(text or "none", 0) + 1
     return "; ".join(f"{k} ({n})" if len(counts) > 1 else k for k, n in counts.items())
 

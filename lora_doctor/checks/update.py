@@ -77,10 +77,16 @@ class LrVerdict:
 
 
 def lr_verdict(
-    lr: float | None, optimizer: str | None, cfg: DoctorConfig, *, full: bool = False
+    lr: float | None,
+    optimizer: str | None,
+    cfg: DoctorConfig,
+    *,
+    full: bool = False,
+    hidden_size: int | None = None,
 ) -> LrVerdict | None:
     """The verdict on a learning rate for an optimizer; None when it is unknown, not positive, or
-    not above the top of LoRA's usual range (a full fine-tune's with ``full``).
+    not above the top of LoRA's usual range (a full fine-tune's with ``full``) for a model of
+    ``hidden_size`` (:func:`lora_doctor.practice.lr_range`; a 7B model's range when unknown).
 
     Example:
         >>> lr_verdict(0.05, None, DoctorConfig()).severity.value
@@ -90,7 +96,7 @@ def lr_verdict(
     """
     if lr is None or not math.isfinite(lr) or lr <= 0:
         return None
-    rng = lr_range(optimizer, full=full)
+    rng = lr_range(optimizer, full=full, hidden_size=hidden_size)
     factor = lr / rng.high
     if factor <= 1:
         return None
@@ -122,15 +128,17 @@ class LearningRateTooHigh(Check):
     LoRA with AdamW trains at about 1e-4 to 5e-4 (QLoRA: 2e-4; LoRA wants about 10x the full
     fine-tuning rate) and runs far above 1e-3 diverge, spike, turn NaN or stall high (DESIGN.md
     section 3; Biderman et al. 2024, "LoRA Learns Less and Forgets Less"); Lion, Adafactor and SGD
-    have their own ranges (:mod:`lora_doctor.practice`). An Adam or Lion step moves each weight by
-    about the learning rate itself, whatever the gradient's size, so a rate of 0.05 moves every
+    have their own ranges (:mod:`lora_doctor.practice`), scaled for the model's hidden size
+    (about 1 / sqrt(width), from the published LoRA and QLoRA rates of 768- to 8192-wide models; a
+    7B model's range when the width is unknown, offline). An Adam or Lion step moves each weight
+    by about the learning rate itself, whatever the gradient's size, so a rate of 0.05 moves every
     LoRA weight by 0.05 per step. Information above the top of the range, a warning from
     ``lr_high_warning`` (10) times the top, an error from ``lr_high_error`` (100) times. Measured
-    on the fault benchmark's two-layer Llama and GPT-2 (100 steps, linear decay): they train best
-    at 5e-3 to 2e-2 (small models tolerate larger rates: their healthy rate, 2e-3, stays
-    information), 0.05 trains the Llama but leaves GPT-2 at a loss of 2.2 against 0.9, and from
-    0.1 (100x) both stall near 3.3; a 7B model breaks at far lower rates. Offline without a LoRA
-    config the run may tune prompts, whose rates are higher: information then, with no change.
+    on the fault benchmark's two-layer Llama and GPT-2 (hidden size 64, judged by a 768-wide
+    model's range, top 2.3e-3; 100 steps, linear decay): they train best at 2e-3 to 2e-2, 0.05
+    trains the Llama but leaves GPT-2 at a loss of 2.2 against 0.9, and from 0.1 both stall near
+    3.3; a 7B model breaks at far lower rates. Offline without a LoRA config the run may tune
+    prompts, whose rates are higher: information then, with no change.
     """
 
     code, slug, severity = "LD114", "learning-rate-too-high", Severity.WARNING
@@ -138,7 +146,10 @@ class LearningRateTooHigh(Check):
     needs_lora = True
 
     def run(self, ctx: Context) -> Iterable[Finding]:
-        v = lr_verdict(ctx.facts.learning_rate, ctx.facts.setup.optimizer, ctx.config)
+        setup = ctx.facts.setup
+        v = lr_verdict(
+            ctx.facts.learning_rate, setup.optimizer, ctx.config, hidden_size=setup.hidden_size
+        )
         if v is None:
             return
         rng = v.range
@@ -186,7 +197,8 @@ class LearningRateTooHigh(Check):
             f"{v.describe()}.{why}",
             evidence={
                 "learning_rate": v.lr,
-                "optimizer": ctx.facts.setup.optimizer,
+                "optimizer": setup.optimizer,
+                "hidden_size": setup.hidden_size,
                 "optimizer_family": rng.family,
                 "optimizer_assumed": rng.assumed,
                 "usual_low": rng.low,

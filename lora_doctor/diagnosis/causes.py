@@ -119,8 +119,10 @@ class Look:
 
     @property
     def range(self) -> LrRange:
-        """The usual learning rates for the run's optimizer: LoRA's, or a full fine-tune's."""
-        return lr_range(self.facts.setup.optimizer, full=not self.lora)
+        """The usual learning rates for the run's optimizer and model width: LoRA's, or a full
+        fine-tune's."""
+        setup = self.facts.setup
+        return lr_range(setup.optimizer, full=not self.lora, hidden_size=setup.hidden_size)
 
     @property
     def lora(self) -> bool:
@@ -192,7 +194,10 @@ def lr_too_high(look: Look) -> Cause:
     top of the range, or above the top beside an update that outweighs the frozen weights; open
     when LoRA's range may not apply (offline without a LoRA config: prompt tuning trains at 1e-2)."""
     lr, rng = look.lr, look.range
-    verdict = lr_verdict(lr, look.facts.setup.optimizer, look.config, full=not look.lora)
+    setup = look.facts.setup
+    verdict = lr_verdict(
+        lr, setup.optimizer, look.config, full=not look.lora, hidden_size=setup.hidden_size
+    )
     big = look.found.get("update-too-large")
     support: list[str] = []
     against: list[str] = []

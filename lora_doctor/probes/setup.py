@@ -157,6 +157,13 @@ def _read_model(setup: SetupFacts, view: ModelView) -> None:
     rows = getattr(table, "num_embeddings", None)
     vocab = rows if isinstance(rows, int) and rows > 1 else vocab
     setup.vocab_size = vocab if isinstance(vocab, int) and vocab > 1 else None
+    text_config = getattr(config, "get_text_config", None)
+    try:  # a multimodal model's width is its text model's
+        text = text_config(decoder=True) if callable(text_config) else config
+    except (AttributeError, TypeError, ValueError):
+        text = config
+    width = getattr(text, "hidden_size", None)  # GPT-2's n_embd and T5's d_model map to it
+    setup.hidden_size = width if isinstance(width, int) and width > 0 else None
     setup.module_kinds = list(view.module_kinds)
     trainable: set[str] = set()
     frozen: set[str] = set()
