@@ -128,7 +128,7 @@ def test_quickstart_mistake_is_named_and_the_doctors_fix_removes_it(tmp_path: Pa
     assert (top["cause"], top["verdict"]) == ("alpha-too-small", "supported")
     assert "Most likely cause: alpha scales the update down" in stuck["message"]
     assert stuck["recommendation"]["config_changes"] == {"lora_alpha": 32}
-    assert "LoraConfig.lora_alpha=32  [LD110 alpha-rank-ratio]" in out
+    assert "LoraConfig.lora_alpha=32  [LD208 loss-at-chance]" in out
     both = re.search(r"Final training loss: ([\d.]+) with the mistake, ([\d.]+) with the fix", out)
     assert both, out
     stalled, fixed = float(both.group(1)), float(both.group(2))
