@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import warnings
 from typing import Any
 
 import torch
@@ -172,9 +171,7 @@ def _read_model(setup: SetupFacts, view: ModelView) -> None:
         (trainable if p.trainable else frozen).add(name)
     setup.trainable_dtypes = sorted(trainable)
     setup.base_dtypes = sorted(frozen)
-    with warnings.catch_warnings():  # transformers 5 deprecates the name; reading it is no harm
-        warnings.simplefilter("ignore")
-        on = getattr(model, "is_gradient_checkpointing", None)
-    if isinstance(on, bool):  # on when the arguments or the model say so: the Trainer turns it on
+    on = view.gradient_checkpointing
+    if on is not None:  # on when the arguments or the model say so: the Trainer turns it on
         # from the arguments, a user (or an older release, a custom loop) on the model itself
         setup.gradient_checkpointing = on or bool(setup.gradient_checkpointing)

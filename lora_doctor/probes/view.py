@@ -162,6 +162,9 @@ class ModelView:
         module_kinds: the names peft's ``target_modules`` uses for the model's linear (and Conv1D)
             layers, the last part of each module's name, in model order (``q_proj`` ...; GPT-2:
             ``c_attn``, ``c_proj``, ``c_fc``); LoRA's own and the output head left out.
+        gradient_checkpointing: whether a module has gradient checkpointing on (transformers'
+            ``is_gradient_checkpointing``, read in the same walk); None when no module has the
+            flag (not a transformers model).
 
     Example:
         >>> view = ModelView.build(peft_model, optimizer)  # doctest: +SKIP
@@ -176,6 +179,7 @@ class ModelView:
     optimizer_ids: frozenset[int] | None
     records: Records
     module_kinds: list[str] = field(default_factory=list)
+    gradient_checkpointing: bool | None = None
 
     @classmethod
     def build(cls, model: Any, optimizer: Any = None) -> ModelView:
@@ -183,7 +187,7 @@ class ModelView:
         model = unwrap_model(model)
         if not isinstance(model, nn.Module):
             return cls(model, {}, [], [], None, {})
-        layers, named, records, kinds = _walk(model)
+        layers, named, records, kinds, checkpointing = _walk(model)
         lora_parts = _lora_parts(layers)
         params = [v for name, p in named for v in _param_views(name, p, records, lora_parts)]
         in_optimizer = _optimizer_param_ids(optimizer)
@@ -196,6 +200,7 @@ class ModelView:
             optimizer_ids=frozenset(in_optimizer) if visible else None,
             records=records,
             module_kinds=kinds,
+            gradient_checkpointing=checkpointing,
         )
 
     @property
@@ -323,6 +328,8 @@ def is_lora_layer(module: nn.Module) -> bool:
     """peft's ``LoraLayer``, or a layer that looks like one (Unsloth and other patched layers)."""
     if isinstance(module, _LORA_TYPES):
         return True
+    if "lora_A" not in module._modules:  # the common case, without nn.Module's slow __getattr__
+        return False
     return all(
         isinstance(getattr(module, attr, None), dict | nn.ModuleDict | nn.ParameterDict)
         for attr in ("r", "lora_alpha", "scaling")
@@ -331,20 +338,26 @@ def is_lora_layer(module: nn.Module) -> bool:
 
 def _walk(
     model: nn.Module,
-) -> tuple[list[LayerView], list[tuple[str, torch.Tensor]], Records, list[str]]:
+) -> tuple[list[LayerView], list[tuple[str, torch.Tensor]], Records, list[str], bool | None]:
     """The one walk: LoRA layers, each parameter once with its first name (as
     ``named_modules()`` / ``named_parameters()`` give them), FSDP1 flat parameters' records
-    from every name a flat parameter has (as ``named_parameters(remove_duplicate=False)``), and the
-    kinds of linear layers (see :attr:`ModelView.module_kinds`)."""
+    from every name a flat parameter has (as ``named_parameters(remove_duplicate=False)``), the
+    kinds of linear layers (see :attr:`ModelView.module_kinds`) and whether gradient
+    checkpointing is on (see :attr:`ModelView.gradient_checkpointing`)."""
     layers: list[LayerView] = []
     named: list[tuple[str, torch.Tensor]] = []
     records: Records = {}
     kinds: dict[str, None] = {}
     seen_modules: set[int] = set()
     seen_params: set[int] = set()
+    checkpointing: bool | None = None
     for prefix, module in model.named_modules(remove_duplicate=False):
         if id(module) not in seen_modules:
             seen_modules.add(id(module))
+            # transformers sets the flag on the instance (a class default of False is off)
+            flag = module.__dict__.get("gradient_checkpointing")
+            if isinstance(flag, bool):
+                checkpointing = flag or bool(checkpointing)
             if is_lora_layer(module):
                 layers.append(_lora_layer(clean_name(prefix), module))
             kind = _linear_kind(prefix, module)
@@ -358,7 +371,7 @@ def _walk(
             if id(p) not in seen_params:
                 seen_params.add(id(p))
                 named.append((name, p))
-    return layers, named, records, list(kinds)
+    return layers, named, records, list(kinds), checkpointing
 
 
 #: Output heads, never a LoRA target by their kind.
