@@ -364,6 +364,55 @@ def test_no_limit_reads_every_planned_reading(
     assert run.facts.overhead.time_budget is None and run.facts.overhead.spectrum_skipped == 0
 
 
+def _drive_loop(
+    clock: FakeClock, monkeypatch: pytest.MonkeyPatch, max_steps: int, **config: Any
+) -> RunFacts:
+    """A custom loop of ``max_steps`` steps of ``STEP`` seconds with a LoopDoctor, logging every
+    10 steps; the probes' work in each hook costs ``HOOK_COST`` as in :func:`_drive`."""
+    from lora_doctor.integrations import loop as loop_module
+
+    call = loop_module.call_probes
+
+    def costly_call(probes: Any, hook: str, event: Event, *args: Any) -> None:
+        clock.advance(HOOK_COST.get(hook, 0.0))
+        call(probes, hook, event, *args)
+
+    monkeypatch.setattr(loop_module, "call_probes", costly_call)
+    model = _all_linear_peft()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    doctor = loop_module.LoopDoctor(
+        model, optimizer, max_steps=max_steps, config=DoctorConfig(spectrum_min_layers=4, **config)
+    )
+    with doctor:
+        for step in range(1, max_steps + 1):
+            clock.advance(STEP)
+            doctor.on_before_optimizer_step()
+            doctor.on_train_batch_end({"loss": 2.0, "grad_norm": 1.0} if step % 10 == 0 else None)
+    return doctor.doctor.facts
+
+
+def test_a_custom_loop_keeps_the_budget_too(
+    clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loop doctor (one process) charges its hooks to the same budget and its readings adapt:
+    100 steps of 0.1 s keep within 0.5% with fewer readings and layers, where no limit reads
+    every layer at every planned reading."""
+    facts = _drive_loop(clock, monkeypatch, 100)
+    spent = facts.overhead
+    assert spent is not None and spent.time_budget == SHARE
+    hooks = (
+        HOOK_COST["train_begin"]
+        + 100 * (HOOK_COST["pre_optimizer_step"] + HOOK_COST["step_end"])
+        + 10 * HOOK_COST["log"]
+    )
+    assert spent.doctor_seconds >= hooks  # every hook is charged
+    assert spent.doctor_seconds <= SHARE * spent.wall_seconds
+    layers_read = sum(s.layers_read for s in facts.spectrum)
+    assert 0 < layers_read < 10 * LAYERS and spent.spectrum_skipped > 0
+    unlimited = _drive_loop(clock, monkeypatch, 100, time_budget=None).spectrum
+    assert [s.layers_read for s in unlimited] == [LAYERS] * 10
+
+
 def test_ranks_decide_alike_from_the_exchanged_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
     """Two ranks whose clocks differ (rank 1 steps 10% slower and reads twice as slowly) take
     the same readings of the same layers at the same steps: a reading gathers parameters under

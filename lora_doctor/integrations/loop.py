@@ -32,6 +32,7 @@ from lora_doctor.facts import RunFacts
 from lora_doctor.findings import Finding
 from lora_doctor.probes import dist
 from lora_doctor.probes.base import Event, Probe, call_probes
+from lora_doctor.probes.budget import TimeBudget
 from lora_doctor.probes.crash import rank_report_path, record_crash
 from lora_doctor.probes.memory import MemoryProbe, MemoryReader, is_out_of_memory
 from lora_doctor.probes.model import AdapterProbe, facts_from_view, peak_learning_rate
@@ -177,7 +178,8 @@ def guarded_hook(hook: _F) -> _F:
     the rest of the run; when ``on_train_start`` fails, every hook but the end's is off (the
     findings so far are still written). numpy's floating-point warnings stay inside the doctor.
     The adapter keeps the switched-off hooks' names in ``self._off`` and the failed start in
-    ``self._broken``.
+    ``self._broken``. With a time budget (``self._budget``, made by ``on_train_start``), the
+    hook's time is charged to it at the optimizer step ``self._budget_step``.
     """
     name = hook.__name__
 
@@ -185,6 +187,8 @@ def guarded_hook(hook: _F) -> _F:
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
         if name in self._off or (self._broken and name not in _ALWAYS):
             return None
+        budget: TimeBudget | None = getattr(self, "_budget", None)
+        since = budget.clock() if budget is not None else None
         try:
             with np.errstate(all="ignore"):
                 return hook(self, *args, **kwargs)
@@ -200,6 +204,13 @@ def guarded_hook(hook: _F) -> _F:
                 exc_info=True,
             )
             return None
+        finally:
+            budget = getattr(self, "_budget", None)
+            # on_train_start's time counts from the moment it made the budget (once, when a step
+            # hook started the doctor from inside)
+            start = budget.start if since is None and name == "on_train_start" else since
+            if budget is not None and start is not None:
+                budget.charge(start, getattr(self, "_budget_step", 0))
 
     return wrapper  # type: ignore[return-value]
 
@@ -227,11 +238,15 @@ class LoopDoctor:
     and at spectrum readings (sharded adapters are gathered there: a collective, so every process
     must call the hooks at the same steps).
 
-    The time budget (``DoctorConfig.time_budget``) is the Trainer callback's: it exchanges each
-    process's timings at every log so that all of them take the same reading decision. A loop
-    doctor has no such exchange, so it reads every planned spectrum reading in full (about
-    ``spectrum_every_fraction`` of the run, and at the end; 60-90 ms for 112 layers on an H200,
-    BENCHMARKS.md); ``DoctorConfig(spectrum=False)`` switches the readings off.
+    The time budget (``DoctorConfig.time_budget``, 0.5% of the training's wall time) holds as in
+    the Trainer callback in a single process: every hook's time is charged to it, and each planned
+    spectrum reading reads as many layers as it leaves room for (the diagnosis's
+    ``facts.overhead`` says what was spent). With several processes the callback exchanges their
+    timings at every log so that all take the same reading decision (a reading of sharded
+    adapters is a collective); a loop doctor has no such exchange, so there it reads every
+    planned reading in full (about ``spectrum_every_fraction`` of the run, and at the end; 60-90
+    ms for 112 layers on an H200, BENCHMARKS.md); ``DoctorConfig(spectrum=False)`` switches the
+    readings off.
 
     In a Lightning Fabric loop, build the doctor from the model and optimizer that
     ``fabric.setup`` returns and call the hooks as in any loop.
@@ -310,6 +325,13 @@ class LoopDoctor:
         self._since: float | None = None
         self._broken = False
         self._off: set[str] = set()
+        #: The run's account of the doctor's time (made by on_train_start; one process only).
+        self._budget: TimeBudget | None = None
+
+    @property
+    def _budget_step(self) -> int:
+        """The optimizer step the doctor's time is charged at."""
+        return max(self._optimizer_steps, self._stepped)
 
     # --- hooks ------------------------------------------------------------------------------------
     @guarded_hook
@@ -323,6 +345,13 @@ class LoopDoctor:
         self._first_steps_done = doctor.step >= doctor.config.check_after_steps
         facts = doctor.facts
         facts.world_size = dist.world_size()
+        if facts.world_size == 1:  # see the class docstring: no exchange between processes
+            self._budget = TimeBudget(
+                doctor.config.time_budget,
+                start_step=doctor.step,
+                first_steps=doctor.config.check_after_steps,
+            )
+            facts.overhead = self._budget.facts
         if facts.learning_rate is None:
             facts.learning_rate = peak_learning_rate(self.optimizer)
         dataset = getattr(self.train_dataloader, "dataset", None)
@@ -500,6 +529,7 @@ class LoopDoctor:
             optimizer=self.optimizer,
             logs=logs,
             kwargs={"train_dataloader": self.train_dataloader},
+            budget=self._budget,
         )
 
     def _finish(self, rank: int | None = None) -> Diagnosis:
