@@ -369,10 +369,25 @@ def _copy(obj: Any, changes: Sequence[Change]) -> tuple[Any, str | None]:
 _RATE_BOUND = "max_steps"
 
 
+def _suggestions_named(
+    suggestions: bool | str | Collection[str], findings: Sequence[Finding]
+) -> bool | frozenset[str]:
+    """``suggestions`` as :func:`_merge` takes it: a bool, or the names to follow (one string is
+    one name, not its letters); a name no check and no finding has is a ValueError."""
+    if isinstance(suggestions, bool):
+        return suggestions
+    names = frozenset({suggestions} if isinstance(suggestions, str) else map(str, suggestions))
+    present = {name for f in findings for name in (f.slug, f.code)}
+    from lora_doctor.checks import Registry  # the check catalogue, only when names are given
+
+    Registry().validate("apply(suggestions=...)", names - present)
+    return names
+
+
 def _merge(
     findings: Iterable[Finding],
     objects: Mapping[str, Any],
-    suggestions: bool | Collection[str] = False,
+    suggestions: bool | frozenset[str] = False,
 ) -> tuple[
     dict[str, Change], list[Skipped], list[Skipped], list[tuple[Recommendation, list[Change]]]
 ]:
@@ -392,7 +407,7 @@ def _merge(
             else:
                 unrouted.append(Skipped(change, problem))
         follow = suggestions is True or (
-            not isinstance(suggestions, bool) and f.slug in suggestions
+            not isinstance(suggestions, bool) and bool({f.slug, f.code} & suggestions)
         )
         if f.severity < Severity.WARNING and not follow:
             dropped += [
@@ -461,7 +476,7 @@ def apply_findings(
     lora_config: Any = None,
     training_args: Any = None,
     *,
-    suggestions: bool | Collection[str] = False,
+    suggestions: bool | str | Collection[str] = False,
 ) -> AppliedFix:
     """Applies the recommendations of ``findings`` to copies of ``lora_config`` and
     ``training_args`` by the rules of this module's docstring.
@@ -472,13 +487,15 @@ def apply_findings(
         training_args: the run's ``TrainingArguments`` (any dataclass, e.g. TRL's ``SFTConfig``),
             or None.
         suggestions: apply the information findings' changes too (after the others): True for
-            all of them, or the slugs of those to follow (``{"attention-only-targets"}``).
+            all of them, or the slugs (or codes) of those to follow: ``{"attention-only-targets"}``
+            or one name as a string.
 
     Returns:
         The copies, the changes applied, dropped and unrouted, and the other steps.
 
     Raises:
         TypeError: when an object given is not a dataclass instance.
+        ValueError: a name in ``suggestions`` that is neither a check's nor a finding's.
 
     Example:
         >>> from dataclasses import dataclass
@@ -499,7 +516,10 @@ def apply_findings(
                 f"{name} must be a dataclass instance such as peft's LoraConfig or "
                 f"transformers' TrainingArguments, got {type(obj).__name__}"
             )
-    chosen, dropped, unrouted, followed = _merge(findings, objects, suggestions)
+    findings = list(findings)
+    chosen, dropped, unrouted, followed = _merge(
+        findings, objects, _suggestions_named(suggestions, findings)
+    )
     copies = {k: None if v is None else _copy(v, ())[0] for k, v in objects.items()}
     applied: list[Change] = []
     for _, new in followed:

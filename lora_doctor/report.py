@@ -120,7 +120,7 @@ class Diagnosis:
         lora_config: Any = None,
         training_args: Any = None,
         *,
-        suggestions: bool | Collection[str] = False,
+        suggestions: bool | str | Collection[str] = False,
     ) -> AppliedFix:
         """Copies of ``lora_config`` and ``training_args`` with the recommended changes applied,
         and the steps that are not configuration (restart from the base model, fix the data ...).
@@ -137,8 +137,9 @@ class Diagnosis:
             lora_config: the run's ``peft.LoraConfig`` (or None).
             training_args: the run's ``transformers.TrainingArguments`` or a subclass (or None).
             suggestions: apply the information findings' changes too, after every warning and
-                error: True for all, or the slugs of those to follow (``attention-only-targets``'s
-                ``target_modules``; ``rank-underused``'s smaller rank ...).
+                error: True for all, or the slugs of those to follow, a set or one string
+                (``attention-only-targets``'s ``target_modules``; ``rank-underused``'s smaller
+                rank ...).
 
         Returns:
             :class:`~lora_doctor.fix.AppliedFix`: ``lora_config``, ``training_args``, ``applied``,
@@ -146,6 +147,7 @@ class Diagnosis:
 
         Raises:
             TypeError: when an object given is not a dataclass instance.
+            ValueError: a name in ``suggestions`` that no check and no finding has.
 
         Example:
             >>> fix = diagnosis.apply(lora_config, training_args)  # doctest: +SKIP

@@ -413,6 +413,19 @@ def test_a_custom_loop_keeps_the_budget_too(
     assert [s.layers_read for s in unlimited] == [LAYERS] * 10
 
 
+def test_a_custom_loop_of_several_processes_reads_in_full(
+    clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With several processes the loop doctor has no exchange to agree on what to skip: no
+    budget, every planned reading in full, and nothing breaks on the way."""
+    from lora_doctor.probes import dist
+
+    monkeypatch.setattr(dist, "world_size", lambda: 2)
+    facts = _drive_loop(clock, monkeypatch, 100)
+    assert facts.overhead is None and facts.world_size == 2
+    assert [s.layers_read for s in facts.spectrum] == [LAYERS] * 10
+
+
 def test_ranks_decide_alike_from_the_exchanged_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
     """Two ranks whose clocks differ (rank 1 steps 10% slower and reads twice as slowly) take
     the same readings of the same layers at the same steps: a reading gathers parameters under

@@ -312,6 +312,30 @@ def test_suggestions_are_applied_when_asked_after_the_fixes() -> None:
     assert "alpha-rank-ratio (warning) sets r=8" in fix.dropped[0].reason
 
 
+@pytest.mark.parametrize(
+    ("suggestions", "applied"),
+    [
+        ("attention-only-targets", ["target_modules"]),  # one name, not its letters
+        ({"LD22"}, ["target_modules"]),  # by code (here LD + the length of the slug)
+        (["rank-underused"], ["r"]),
+        (set(), []),
+        ("my-own-check", []),  # a finding of the user's own check: present, so known
+    ],
+    ids=["one-string", "a-code", "a-list", "none-named", "own-check"],
+)
+def test_suggestions_by_name(suggestions: Any, applied: list[str]) -> None:
+    targets = _f("attention-only-targets", {"target_modules": "all-linear"}, Severity.INFO)
+    smaller = _f("rank-underused", {"r": 4}, Severity.INFO)
+    own = _f("my-own-check", {}, Severity.INFO)
+    fix = apply_findings([targets, smaller, own], Lora(), Args(), suggestions=suggestions)
+    assert [c.field for c in fix.applied] == applied
+
+
+def test_an_unknown_suggestion_name_is_one_clear_error() -> None:
+    with pytest.raises(ValueError, match=r"did you mean 'attention-only-targets'"):
+        apply_findings([], Lora(), Args(), suggestions={"attention-only-target"})
+
+
 def test_changes_the_class_refuses_are_reported_and_the_rest_kept() -> None:
     """The class validates each finding's changes: fp16 on top of an earlier bf16 is refused."""
     bf16 = _f("non-finite-values", {"bf16": True}, Severity.ERROR)

@@ -206,11 +206,12 @@ def guarded_hook(hook: _F) -> _F:
             return None
         finally:
             budget = getattr(self, "_budget", None)
-            # on_train_start's time counts from the moment it made the budget (once, when a step
-            # hook started the doctor from inside)
-            start = budget.start if since is None and name == "on_train_start" else since
-            if budget is not None and start is not None:
-                budget.charge(start, getattr(self, "_budget_step", 0))
+            if budget is not None:
+                # on_train_start's time counts from the moment it made the budget (once, when a
+                # step hook started the doctor from inside)
+                start = budget.start if since is None and name == "on_train_start" else since
+                if start is not None:
+                    budget.charge(start, getattr(self, "_budget_step", 0))
 
     return wrapper  # type: ignore[return-value]
 
