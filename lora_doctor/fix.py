@@ -11,7 +11,9 @@ Rules (:func:`apply_findings`, behind :meth:`lora_doctor.report.Diagnosis.apply`
 - **Order and conflicts.** Errors before warnings. Within a severity, findings judged on the run
   (with a step) before those made at set-up, before training: a symptom's learning rate read from
   where this run learned best before ``learning-rate-too-high``'s usual rate; then the order
-  found. A finding's changes are taken whole or not at all: they are meant together (``r`` with
+  found. A finding judged on the run whose most likely cause (``evidence.causes``) is a set-up
+  finding ranks with that finding's severity when it is higher (the same fault, seen with more of
+  the run). A finding's changes are taken whole or not at all: they are meant together (``r`` with
   ``lora_alpha``, ``bf16`` with ``fp16``, a batch size with its accumulation steps), so when one of
   its fields is already set to another value by a finding that ranks before it, all of its changes
   are dropped, each with the winning finding named. A field two findings set to the same value is
@@ -343,11 +345,30 @@ def _hint_name(hint: Any) -> str:
     return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
 
 
+def _top_cause(finding: Finding) -> str | None:
+    """The most likely cause the diagnosis pass named for ``finding`` (``evidence.causes``' first,
+    when supported), or None."""
+    causes = finding.evidence.get("causes")
+    first = causes[0] if isinstance(causes, list) and causes else None
+    if isinstance(first, dict) and first.get("verdict") == "supported":
+        return str(first.get("cause"))
+    return None
+
+
 def _ranked(findings: Iterable[Finding]) -> list[tuple[Finding, Recommendation]]:
     """The findings with a recommendation, errors first; within a severity, those judged on the
-    run (with a step) before set-up findings, then in the order found."""
+    run (with a step) before set-up findings, then in the order found. A finding judged on the
+    run whose most likely cause is a set-up finding (a loss at chance caused by the
+    ``learning-rate-too-high`` found before training) ranks with that finding's severity when it
+    is higher: the same fault, seen with more of the run."""
     with_fix = [(f, f.recommendation) for f in findings if f.recommendation is not None]
-    return sorted(with_fix, key=lambda pair: (-pair[0].severity.rank, pair[0].step is None))
+    set_up = {f.slug: f.severity.rank for f in findings if f.step is None}
+
+    def rank(f: Finding) -> int:
+        cause = _top_cause(f) if f.step is not None else None
+        return max(f.severity.rank, set_up.get(cause, 0) if cause else 0)
+
+    return sorted(with_fix, key=lambda pair: (-rank(pair[0]), pair[0].step is None))
 
 
 def _is_config_step(step: str, fields: Iterable[str]) -> bool:
@@ -370,12 +391,17 @@ _RATE_BOUND = "max_steps"
 
 
 def _suggestions_named(
-    suggestions: bool | str | Collection[str], findings: Sequence[Finding]
+    suggestions: bool | str | Collection[str] | None, findings: Sequence[Finding]
 ) -> bool | frozenset[str]:
     """``suggestions`` as :func:`_merge` takes it: a bool, or the names to follow (one string is
     one name, not its letters); a name no check and no finding has is a ValueError."""
-    if isinstance(suggestions, bool):
-        return suggestions
+    if suggestions is None or isinstance(suggestions, bool):
+        return bool(suggestions)
+    if not isinstance(suggestions, str | Collection):
+        raise TypeError(
+            "apply(suggestions=...) takes True or False, a finding's slug, or a collection of "
+            f"slugs, got {suggestions!r}"
+        )
     names = frozenset({suggestions} if isinstance(suggestions, str) else map(str, suggestions))
     present = {name for f in findings for name in (f.slug, f.code)}
     from lora_doctor.checks import Registry  # the check catalogue, only when names are given
@@ -496,6 +522,7 @@ def apply_findings(
     Raises:
         TypeError: when an object given is not a dataclass instance.
         ValueError: a name in ``suggestions`` that is neither a check's nor a finding's.
+        TypeError: ``suggestions`` of another type than those above.
 
     Example:
         >>> from dataclasses import dataclass

@@ -59,8 +59,20 @@ class LrRange:
         ]
         who = f"{name} (assumed: the optimizer is not known)" if self.assumed else name
         what = " for full fine-tuning" if self.full else ""
-        width = f" at hidden size {self.hidden_size}" if self.hidden_size else ""
-        return f"{self.low:g} to {self.high:g} with {who}{what}{width}"
+        return f"{self.low:g} to {self.high:g} with {who}{what}{_width_text(self.hidden_size)}"
+
+
+def _width_text(hidden_size: int | None) -> str:
+    """The width a range is for, in words, with the width it was taken at when held to the
+    widths the sources cover."""
+    if not hidden_size:
+        return ""
+    low, high = _WIDTHS_COVERED
+    held = min(max(hidden_size, low), high)
+    if held == hidden_size:
+        return f" at hidden size {hidden_size}"
+    end = "narrowest" if held == low else "widest"
+    return f" at hidden size {hidden_size} (as for {held}: the {end} the sources cover)"
 
 
 _RANGES = {
@@ -126,6 +138,8 @@ def lr_range(
         2e-05
         >>> lr_range("adamw_torch", hidden_size=768).describe()
         '2.3e-05 to 0.0023 with AdamW at hidden size 768'
+        >>> lr_range("adamw_torch", hidden_size=64).describe().split(" with ")[1]
+        'AdamW at hidden size 64 (as for 768: the narrowest the sources cover)'
     """
     family = optimizer_family(optimizer)
     base = _RANGES[family or "adam"]

@@ -256,6 +256,25 @@ def test_a_finding_judged_on_the_run_wins_over_one_made_at_set_up() -> None:
     assert fix.training_args.learning_rate == 4.6e-4  # the error wins
 
 
+def test_a_symptom_of_a_set_up_finding_ranks_with_its_severity() -> None:
+    """A warning whose most likely cause is the set-up error learning-rate-too-high is that
+    error seen with more of the run: its rate, read from where the run learned best, wins."""
+    set_up = dataclasses.replace(
+        _f("learning-rate-too-high", {"learning_rate": 4.6e-4}, Severity.ERROR), step=None
+    )
+    causes = [{"cause": "learning-rate-too-high", "verdict": "supported"}]
+    symptom = dataclasses.replace(
+        _f("loss-at-chance", {"learning_rate": 2e-3}), evidence={"causes": causes}
+    )
+    fix = apply_findings([set_up, symptom], None, Args())
+    assert fix.training_args.learning_rate == 2e-3
+    open_cause = dataclasses.replace(
+        symptom, evidence={"causes": [{**causes[0], "verdict": "open"}]}
+    )
+    fix = apply_findings([set_up, open_cause], None, Args())
+    assert fix.training_args.learning_rate == 4.6e-4  # no cause named: the error wins
+
+
 def test_the_same_value_twice_is_no_conflict() -> None:
     a = _f("alpha-rank-ratio", {"lora_alpha": 32})
     b = _f("loss-plateau", {"lora_alpha": 32, "learning_rate": 2e-4})
@@ -329,6 +348,18 @@ def test_suggestions_by_name(suggestions: Any, applied: list[str]) -> None:
     own = _f("my-own-check", {}, Severity.INFO)
     fix = apply_findings([targets, smaller, own], Lora(), Args(), suggestions=suggestions)
     assert [c.field for c in fix.applied] == applied
+
+
+@pytest.mark.parametrize(("suggestions", "applied"), [(None, 0), (True, 1), (False, 0)])
+def test_suggestions_as_a_switch(suggestions: Any, applied: int) -> None:
+    info = _f("attention-only-targets", {"target_modules": "all-linear"}, Severity.INFO)
+    assert len(apply_findings([info], Lora(), Args(), suggestions=suggestions).applied) == applied
+
+
+def test_suggestions_of_another_type_are_one_clear_error() -> None:
+    info = _f("attention-only-targets", {"target_modules": "all-linear"}, Severity.INFO)
+    with pytest.raises(TypeError, match=r"suggestions=\.\.\.\) takes True or False.*got 1"):
+        apply_findings([info], Lora(), Args(), suggestions=1)  # type: ignore[arg-type]
 
 
 def test_an_unknown_suggestion_name_is_one_clear_error() -> None:

@@ -168,10 +168,20 @@ def test_far_too_high_rate_sets_one_in_the_range_and_says_what_is_assumed() -> N
     assert "50x the top of LoRA's usual range" in f.message
     assert "250x its usual 0.0002" in f.message
     assert "AdamW (assumed: the optimizer is not known)" in f.message
+    assert "width is not known here" in f.message and "7B model's (hidden size 4096)" in f.message
     assert f.evidence["optimizer_assumed"] is True
     assert f.recommendation is not None
     assert f.recommendation.config_changes == {"learning_rate": 2e-4}
     assert f.recommendation.restart_from_scratch
+
+
+def test_a_known_width_is_said_and_not_assumed() -> None:
+    facts = RunFacts(
+        has_lora=True, adapters=LORA, learning_rate=0.05, setup=SetupFacts(hidden_size=64)
+    )
+    (f,) = _setup_findings(facts)
+    assert "at hidden size 64 (as for 768: the narrowest the sources cover)" in f.message
+    assert "width is not known" not in f.message and f.evidence["hidden_size"] == 64
 
 
 def test_rate_a_little_above_the_range_changes_nothing() -> None:
@@ -354,6 +364,20 @@ def test_lr_fix_sets_a_rate_in_the_range(
     assert 1e-5 <= target <= 1e-3
     own = "at which this run reached its best loss" in fix.steps[0]
     assert own is (target != 2e-4)
+
+
+@pytest.mark.parametrize("hidden_size", [64, 1024, 1536, 2048, 5120, 6656, 8192])
+def test_the_fix_from_the_run_stays_in_the_range_at_any_width(hidden_size: int) -> None:
+    """Half the rate at the best loss, capped at the top: rounding to one digit never lifts it
+    above a top such as 1.6e-3 (1536 wide), which would drop the run's own rate for the usual one."""
+    from lora_doctor.practice import lr_range
+
+    facts = RunFacts(adapters=LORA, learning_rate=0.3, setup=SetupFacts(hidden_size=hidden_size))
+    look = _look("loss-divergence", facts, _log([4.0, 2.0, 1.0, 3.0], [0.005, 0.01, 0.02, 0.3]))
+    fix = lr_too_high(look).fix
+    top = lr_range(None, hidden_size=hidden_size).high
+    assert fix is not None and fix.config_changes == {"learning_rate": top}
+    assert "capped at the top of the range" in fix.steps[0]
 
 
 @pytest.mark.parametrize(

@@ -191,6 +191,12 @@ class LearningRateTooHigh(Check):
                 "come."
             )
             recommendation = None
+        if setup.hidden_size is None:
+            why += (
+                " The model's width is not known here (offline, or a model without a config), so "
+                "the range is a 7B model's (hidden size 4096); narrower models train at up to "
+                "2.3x these rates."
+            )
         yield self.finding(
             ctx,
             f"learning_rate={_fmt(v.lr)} is {_fmt(v.factor)}x the top of LoRA's usual range",

@@ -178,7 +178,8 @@ def _lr_target(look: Look) -> tuple[float, str]:
         lr_steps, rates = look.history.points("learning_rate")
         at = [r for s, r in zip(lr_steps, rates, strict=True) if s <= best_step]
         if fell and at and math.isfinite(at[-1]):
-            target = float(f"{min(at[-1] / 2, rng.high):.1g}")
+            # rounded to one digit, then capped: a rounded value may pass a top such as 1.6e-3
+            target = min(float(f"{at[-1] / 2:.1g}"), rng.high)
             if rng.low <= target <= rng.high:
                 capped = ", capped at the top of the range" if at[-1] / 2 > rng.high else ""
                 return target, (
@@ -244,7 +245,7 @@ def lr_too_low(look: Look) -> Cause:
     lr, rng = look.lr, look.range
     low = look.config.plateau_low_lr if look.lora else rng.low
     usual = (
-        "LoRA usually needs 1e-4 to 5e-4, about 10x full fine-tuning"
+        f"LoRA's usual range is {rng.describe()}, about 10x full fine-tuning's"
         if look.lora
         else f"full fine-tuning usually runs at {rng.describe()}"
     )

@@ -242,7 +242,7 @@ class LoopDoctor:
     The time budget (``DoctorConfig.time_budget``, 0.5% of the training's wall time) holds as in
     the Trainer callback in a single process: every hook's time is charged to it, and each planned
     spectrum reading reads as many layers as it leaves room for (the diagnosis's
-    ``facts.overhead`` says what was spent). With several processes the callback exchanges their
+    ``run.overhead`` says what was spent). With several processes the callback exchanges their
     timings at every log so that all take the same reading decision (a reading of sharded
     adapters is a collective); a loop doctor has no such exchange, so there it reads every
     planned reading in full (about ``spectrum_every_fraction`` of the run, and at the end; 60-90

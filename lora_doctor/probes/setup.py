@@ -161,8 +161,11 @@ def _read_model(setup: SetupFacts, view: ModelView) -> None:
         text = text_config(decoder=True) if callable(text_config) else config
     except (AttributeError, TypeError, ValueError):
         text = config
-    width = getattr(text, "hidden_size", None)  # GPT-2's n_embd and T5's d_model map to it
-    setup.hidden_size = width if isinstance(width, int) and width > 0 else None
+    try:  # GPT-2's n_embd and T5's d_model map to it; a custom config may raise on the name
+        width = getattr(text, "hidden_size", None)
+    except Exception:
+        width = None
+    setup.hidden_size = width if type(width) is int and width > 0 else None  # not a bool
     setup.module_kinds = list(view.module_kinds)
     trainable: set[str] = set()
     frozen: set[str] = set()
