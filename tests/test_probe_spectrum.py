@@ -219,9 +219,8 @@ def test_fake_zero3_partitions_are_gathered_on_read(monkeypatch: pytest.MonkeyPa
     got = _drive(model).spectrum[-1].layers
     assert [lay.singular_values for lay in got] == [lay.singular_values for lay in want]
     assert [lay.relative_update for lay in got] == [lay.relative_update for lay in want]
-    # every B at once at train_begin, the base weights at the start-up, then A and B together;
-    # all read-only
-    assert calls == [(2, None), (1, None), (1, None), (2, None), (2, None)], calls
+    # per layer: base weight and B at train_begin, then A and B together; all read-only
+    assert calls == [(1, None), (1, None)] * 2 + [(2, None)] * 2
 
 
 class Params4bit(torch.nn.Parameter):

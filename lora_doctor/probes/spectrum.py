@@ -381,12 +381,12 @@ class SpectrumProbe(Probe):
             self._start_up(event)
 
     def _initial_peaks(self) -> list[torch.Tensor | None]:
-        """Each layer's ``max |B|`` now, queued on its device (not fetched: no device sync), in
-        one fused reduction over every layer (one gather under ZeRO-3)."""
-        with _full([layer.b for layer in self._layers]) as full:
-            present = [b for b in full if b.numel()]
-            norms = iter(torch._foreach_norm(present, float("inf")) if present else ())
-            return [next(norms) if b.numel() else None for b in full]
+        """Each layer's ``max |B|`` now, queued on its device (not fetched: no device sync)."""
+        peaks: list[torch.Tensor | None] = []
+        for layer in self._layers:
+            with _full([layer.b]) as (b,):
+                peaks.append(b.detach().abs().amax() if b.numel() else None)
+        return peaks
 
     def _start_up(self, event: Event) -> None:
         """Reads each layer's base weight norm and fetches it with B's initial peak (one device
