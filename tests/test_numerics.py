@@ -72,6 +72,19 @@ def test_nan_before_any_update_is_the_pass_not_the_rate(
     assert (before in lr_cause.against) is (top == "forward-numerics")
 
 
+def test_a_nan_after_updates_with_no_fact_lists_the_pass_to_rule_out() -> None:
+    """A NaN at step 40 of an fp32 run at a usual rate, with no rise or spike before it: no cause
+    is named, and the pass's numerics are the first to rule out, then a bad batch."""
+    facts = RunFacts(
+        has_lora=True, adapters=LORA, learning_rate=2e-4, setup=SetupFacts(precision="fp32")
+    )
+    diagnosed = diagnose(_nan_look(facts, 3, [2e-4, 2e-4, 2e-4]))
+    assert diagnosed is not None and diagnosed.top is None
+    assert [c.cause for c in diagnosed.open] == ["forward-numerics", "bad-batch"]
+    numerics = diagnosed.open[0]
+    assert numerics.fix is not None and "learning rate is not the cause" not in numerics.fix.summary
+
+
 @pytest.mark.parametrize(
     ("precision", "first_step", "absent"),
     [

@@ -723,12 +723,13 @@ def dora_zero_norm_rows(look: Look) -> Cause | None:
     )
 
 
-def numerics_of_the_pass(look: Look) -> Cause | None:
-    """The forward/backward pass itself: the precision in use, attention kernels, inputs. Named,
-    and supported, when the non-finite value came before any weight update: no learning rate can
-    have made it then (DESIGN.md section 3). Its fix follows the precision the run uses."""
-    if not look.before_any_update():
-        return None
+def numerics_of_the_pass(look: Look) -> Cause:
+    """The forward/backward pass itself: the precision in use, attention kernels, inputs.
+    Supported when the non-finite value came before any weight update: no learning rate can have
+    made it then (DESIGN.md section 3); later, a cause to rule out (open): a NaN that comes from
+    one operation with no rise or spike before it looks the same in the logs as a bad batch. Its
+    fix follows the precision the run uses."""
+    before = look.before_any_update()
     precision = look.facts.setup.precision
     if precision in ("fp16", "bf16"):
         flag = "fp16=False" if precision == "fp16" else "bf16=False"
@@ -737,17 +738,22 @@ def numerics_of_the_pass(look: Look) -> Cause | None:
         first = ""  # fp32 already: no precision to blame
     else:
         first = "Check the precision in use (the fp16/bf16 flags and the model's torch_dtype)"
+    support = (
+        f"the first non-finite value came at step {look.first_step()}, before any weight "
+        "update: the forward or backward pass made it",
+    )
     return Cause(
         "forward-numerics",
         "the forward or backward numerics (precision, attention kernel, inputs)",
-        (
-            f"the first non-finite value came at step {look.first_step()}, before any weight "
-            "update: the forward or backward pass made it",
-        ),
+        support if before else (),
         (),
         Recommendation(
-            summary="Find the operation that makes the first NaN (no update has happened yet: "
-            "the learning rate is not the cause)",
+            summary="Find the operation that makes the first NaN"
+            + (
+                " (no update has happened yet: the learning rate is not the cause)"
+                if before
+                else ""
+            ),
             steps=(
                 *((first,) if first else ()),
                 "Run one batch with torch.autograd.set_detect_anomaly(True) to find the operation",
