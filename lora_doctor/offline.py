@@ -9,6 +9,7 @@ same steps. No torch is needed.
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -29,6 +30,7 @@ __all__ = ["RunFiles", "RunReadError", "diagnose", "load_run", "replay"]
 
 STATE_NAME = "trainer_state.json"
 ADAPTER_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 PathLike = str | os.PathLike[str]
@@ -49,12 +51,15 @@ class RunFiles:
         state: the other top-level fields of the trainer state (``max_steps``, ``global_step`` ...).
         adapter_config: the parsed ``adapter_config.json``, or None when there is none.
         state_path: the file the log was read from (None for in-memory input).
+        hidden_size: the model's width as the saved adapter weights tell it
+            (:func:`adapter_width`), or None.
     """
 
     log_history: list[Mapping[str, Any]]
     state: dict[str, Any] = field(default_factory=dict)
     adapter_config: dict[str, Any] | None = None
     state_path: Path | None = None
+    hidden_size: int | None = None
 
 
 def _read_json(path: Path, what: str) -> Any:
@@ -122,8 +127,9 @@ def load_run(
     """Reads a saved run: a run folder, a checkpoint folder or a ``trainer_state.json``.
 
     A run folder without its own trainer_state.json is read from its latest ``checkpoint-N``. The
-    ``adapter_config.json`` is looked for beside the trainer state, then in the folder named; it is
-    read strictly (:meth:`~lora_doctor.facts.AdapterFacts.parse_config`): a field of the wrong type
+    ``adapter_config.json`` is looked for beside the trainer state, then in the folder named (the
+    model's width is read from the ``adapter_model.safetensors`` beside it, :func:`adapter_width`);
+    it is read strictly (:meth:`~lora_doctor.facts.AdapterFacts.parse_config`): a field of the wrong type
     is an error that names it, since guessing it (is ``"false"`` false? peft takes it as true)
     could give a confident wrong verdict on the adapter.
 
@@ -151,14 +157,49 @@ def load_run(
             )
         raise RunReadError(f"{state_path} has no log_history list: not a trainer_state.json")
     state = {k: v for k, v in data.items() if k != "log_history"}
-    if adapter is None and adapter_config is None:
-        folders = [state_path.parent] + ([path] if path.is_dir() else [])
-        for folder in folders:
-            if (folder / ADAPTER_NAME).is_file():
-                adapter = _read_adapter(folder / ADAPTER_NAME)
-                break
+    folders = [state_path.parent] + ([path] if path.is_dir() else [])
+    if isinstance(adapter_config, (str, os.PathLike)):
+        folders = [Path(adapter_config).parent]
+    elif adapter is None and adapter_config is None:
+        found = [f for f in folders if (f / ADAPTER_NAME).is_file()]
+        folders = found[:1]
+        if found:
+            adapter = _read_adapter(found[0] / ADAPTER_NAME)
+    width = next((w for f in folders if (w := adapter_width(f)) is not None), None)
     entries = [e for e in log if isinstance(e, Mapping)]
-    return RunFiles(entries, state, adapter, state_path)
+    return RunFiles(entries, state, adapter, state_path, width)
+
+
+def adapter_width(folder: Path) -> int | None:
+    """The model's hidden size as the LoRA weights saved in ``folder`` tell it: the most common
+    input size of the ``lora_A`` matrices (r x in_features) in ``adapter_model.safetensors``, read
+    from the file's header without loading a tensor. The attention projections and the MLP's up
+    and gate projections take the hidden size in; only ``down_proj`` (and GPT-2's MLP ``c_proj``)
+    take the intermediate size, so the most common value is the width. None when there is no such
+    file, the ``safetensors`` package is not installed, or the file cannot be read.
+
+    Example:
+        >>> adapter_width(Path("outputs/checkpoint-500"))  # doctest: +SKIP
+        4096
+    """
+    path = folder / ADAPTER_WEIGHTS
+    if not path.is_file():
+        return None
+    try:
+        from safetensors import safe_open  # with transformers; the bare install goes without
+    except ImportError:
+        return None
+    try:
+        with safe_open(str(path), framework="numpy") as weights:
+            shapes = [
+                weights.get_slice(key).get_shape()
+                for key in weights.keys()  # noqa: SIM118 - safe_open has no __iter__
+                if ".lora_A." in key and key.endswith(".weight")
+            ]
+    except Exception:  # a damaged or foreign file: the width stays unknown
+        return None
+    widths = collections.Counter(int(s[1]) for s in shapes if len(s) == 2 and s[1] > 0)
+    return widths.most_common(1)[0][0] if widths else None
 
 
 def _adapter(adapter_config: Any) -> dict[str, Any] | None:
@@ -248,6 +289,7 @@ def facts_from_files(run: RunFiles) -> RunFacts:
         setup.checkpoint_steps = sorted(
             int(m.group(1)) for n in names if (m := _CHECKPOINT.match(n))
         )
+    setup.hidden_size = run.hidden_size
     if run.adapter_config is not None:
         facts.adapters = {"default": AdapterFacts.from_config("default", run.adapter_config)}
         peft_type = str(run.adapter_config.get("peft_type", "LORA")).upper()

@@ -51,6 +51,50 @@ ADAPTER = {"peft_type": "LORA", "r": 16, "lora_alpha": 4, "target_modules": ["q_
 
 
 # --- where the files are ---------------------------------------------------------------------------
+def _adapter_weights(folder: Path, width: int, intermediate: int, r: int = 8) -> None:
+    """An adapter_model.safetensors as peft saves it for LoRA on every linear layer of a Llama."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    ins = {"q_proj": width, "k_proj": width, "v_proj": width, "o_proj": width}
+    ins |= {"gate_proj": width, "up_proj": width, "down_proj": intermediate}
+    tensors = {}
+    for layer in range(2):
+        for name, n in ins.items():
+            prefix = f"base_model.model.model.layers.{layer}.{name}"
+            tensors[f"{prefix}.lora_A.weight"] = np.zeros((r, n), dtype=np.float32)
+            tensors[f"{prefix}.lora_B.weight"] = np.zeros((n, r), dtype=np.float32)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize(
+    ("weights", "width", "severity"),
+    [((64, 172), 64, "info"), ((4096, 11008), 4096, "warning"), (None, None, "warning")],
+    ids=["tiny-model-weights", "7b-weights", "no-weights"],
+)
+def test_the_width_comes_from_the_saved_adapter_weights(
+    tmp_path: Path, weights: tuple[int, int] | None, width: int | None, severity: str
+) -> None:
+    """A rate of 0.02 is 8.7x the top of a 64-wide model's range (information, as live) but 20x a
+    7B model's (a warning); with no weights to read the width from, the 7B range is said to apply."""
+    lora = {**ADAPTER, "lora_alpha": 32}
+    log = [{**e, "learning_rate": 0.02} for e in _flat_log(20)]
+    run = _write(tmp_path / "run", _state(log), lora)
+    if weights is not None:
+        _adapter_weights(run, *weights)
+    d = diagnose(run)
+    assert d.run["setup"]["hidden_size"] == width
+    (f,) = [f for f in d.findings if f.slug == "learning-rate-too-high"]
+    assert f.severity.value == severity
+    assert ("width is not known here" in f.message) is (width is None)
+
+
+def test_an_unreadable_weights_file_leaves_the_width_unknown(tmp_path: Path) -> None:
+    run = _write(tmp_path / "run", _state(_flat_log(20)), ADAPTER)
+    (run / "adapter_model.safetensors").write_bytes(b"\x00\x01 not safetensors")
+    assert diagnose(run).run["setup"]["hidden_size"] is None
+
+
 def test_run_folder_reads_the_adapter_config_beside_it(tmp_path: Path) -> None:
     run = _write(tmp_path / "run", _state(_flat_log()), ADAPTER)
     d = diagnose(run)
