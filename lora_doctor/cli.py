@@ -1,7 +1,7 @@
 """The ``lora-doctor`` command.
 
     lora-doctor --version
-    lora-doctor diagnose PATH [--json OUT] [--fix-json FILE] [--plot OUT.png] [--fail-on warning|error]
+    lora-doctor diagnose PATH [--json OUT] [--fix-json FILE [--suggestions [SLUG ...]]] [--plot OUT.png] [--fail-on warning|error]
     lora-doctor sweep MODULE:FUNCTION [--ranks 4 8 16] [--metric eval_loss] [--out DIR]
 
 PATH is a run folder, a checkpoint folder or a ``trainer_state.json``. Exit status: 0 when nothing
@@ -24,9 +24,10 @@ from typing import Any
 
 from lora_doctor._version import __version__
 from lora_doctor.findings import Severity
+from lora_doctor.fix import AppliedFix
 from lora_doctor.offline import RunReadError, diagnose
 from lora_doctor.plot import check_plot_path
-from lora_doctor.report import write_json_atomic
+from lora_doctor.report import Diagnosis, write_json_atomic
 
 __all__ = ["main"]
 
@@ -62,6 +63,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="write the fix to FILE: the LoraConfig and TrainingArguments changes the findings "
         "recommend, merged (errors before warnings), and the steps that are not configuration",
+    )
+    diag.add_argument(
+        "--suggestions",
+        nargs="*",
+        metavar="SLUG",
+        help="with --fix-json, also apply the information findings' suggestions (a smaller rank, "
+        "all-linear targets ...): all of them, or those of the findings named",
     )
     diag.add_argument(
         "--plot",
@@ -107,27 +115,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             plot_note, args.plot = f"lora-doctor: --plot skipped: {err}", None
         except ValueError as err:
             return _error(f"--plot: {err}")
+    if args.suggestions is not None and not args.fix_json:
+        return _error("--suggestions says what --fix-json applies: add --fix-json FILE")
     try:
         diagnosis = diagnose(args.path)
     except RunReadError as err:
         return _error(str(err))
-    written: list[str] = []
-    failure = ""
-    try:
-        if args.json:
-            diagnosis.to_json(args.json)
-            written.append(f"diagnosis written to {args.json}")
-        if args.fix_json:
-            fix = json.dumps(diagnosis.apply().to_dict(), indent=2, allow_nan=False)
-            write_json_atomic(args.fix_json, fix)
-            written.append(f"fix written to {args.fix_json}")
-        if args.plot:
-            diagnosis.plot(args.plot)
-            written.append(f"plot written to {args.plot}")
-    except OSError as err:  # an output that cannot be written: one line, as for the input
-        failure = f"cannot write {err.filename}: {err.strerror or err}"
-    except (ValueError, RuntimeError) as err:  # matplotlib cannot draw (e.g. .pgf without LaTeX)
-        failure = f"cannot draw the plot: {err}"
+    try:  # all suggestions for a bare --suggestions, else those of the findings named
+        fix = diagnosis.apply(suggestions=args.suggestions or args.suggestions == [])
+    except ValueError as err:
+        return _error(f"--suggestions: {err}")
+    written, failure = _write_outputs(args, diagnosis, fix)
     try:
         print("\n".join([diagnosis.summary(), *written]), flush=True)
     except OSError:  # the reader left (``| head -1``): the files are written already
@@ -139,6 +137,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     threshold = Severity.parse(args.fail_on)
     worst = diagnosis.worst
     return EXIT_FOUND if worst is not None and worst >= threshold else EXIT_OK
+
+
+def _write_outputs(
+    args: argparse.Namespace, diagnosis: Diagnosis, fix: AppliedFix
+) -> tuple[list[str], str]:
+    """Writes the files ``diagnose`` was asked for; returns what was written, in words, and the
+    one line of a failure (empty when none)."""
+    written: list[str] = []
+    try:
+        if args.json:
+            diagnosis.to_json(args.json)
+            written.append(f"diagnosis written to {args.json}")
+        if args.fix_json:
+            write_json_atomic(args.fix_json, json.dumps(fix.to_dict(), indent=2, allow_nan=False))
+            written.append(f"fix written to {args.fix_json}")
+        if args.plot:
+            diagnosis.plot(args.plot)
+            written.append(f"plot written to {args.plot}")
+    except OSError as err:  # an output that cannot be written: one line, as for the input
+        return written, f"cannot write {err.filename}: {err.strerror or err}"
+    except (ValueError, RuntimeError) as err:  # matplotlib cannot draw (e.g. .pgf without LaTeX)
+        return written, f"cannot draw the plot: {err}"
+    return written, ""
 
 
 # --- lora-doctor sweep ---------------------------------------------------------------------------

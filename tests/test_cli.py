@@ -241,7 +241,14 @@ def test_every_diagnose_option_has_help() -> None:
     sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
     diagnose = sub.choices["diagnose"]
     actions = [a for a in diagnose._actions if not isinstance(a, argparse._HelpAction)]
-    assert {a.dest for a in actions} == {"path", "json", "fix_json", "plot", "fail_on"}
+    assert {a.dest for a in actions} == {
+        "path",
+        "json",
+        "fix_json",
+        "suggestions",
+        "plot",
+        "fail_on",
+    }
     assert all(a.help and a.help.strip() for a in actions)
 
 

@@ -490,6 +490,42 @@ def test_cli_fix_json_writes_the_merged_changes_and_steps(tmp_path: Any, capsys:
     assert all(not s.startswith("Set lora_alpha") for s in written["steps"])
 
 
+@pytest.mark.parametrize(
+    ("flags", "targets"),
+    [([], None), (["--suggestions"], "all-linear"), (["--suggestions", "LD112"], "all-linear")],
+    ids=["fixes-only", "every-suggestion", "one-named"],
+)
+def test_cli_fix_json_follows_suggestions_when_asked(
+    tmp_path: Any, flags: list[str], targets: str | None
+) -> None:
+    out = tmp_path / "fix.json"
+    assert main(["diagnose", str(_run_dir(tmp_path)), "--fix-json", str(out), *flags]) == 0
+    written = json.loads(out.read_text())
+    assert written["config_changes"][LORA_CONFIG].get("target_modules") == targets
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--suggestions"], "--suggestions says what --fix-json applies: add --fix-json FILE"),
+        (
+            ["--fix-json", "FIX", "--suggestions", "atention-only-targets"],
+            "--suggestions: apply(suggestions=...) has unknown finding names "
+            "['atention-only-targets']: did you mean 'attention-only-targets'",
+        ),
+    ],
+    ids=["without-fix-json", "unknown-slug"],
+)
+def test_cli_suggestions_misuse_is_one_line(
+    tmp_path: Any, capsys: Any, flags: list[str], message: str
+) -> None:
+    flags = [str(tmp_path / "fix.json") if f == "FIX" else f for f in flags]
+    assert main(["diagnose", str(_run_dir(tmp_path)), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+    assert not (tmp_path / "fix.json").exists()
+
+
 def test_cli_fix_json_to_a_folder_is_one_line_and_exit_2(tmp_path: Any, capsys: Any) -> None:
     folder = tmp_path / "out"
     folder.mkdir()
