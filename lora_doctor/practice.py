@@ -72,7 +72,7 @@ def _width_text(hidden_size: int | None) -> str:
     if held == hidden_size:
         return f" at hidden size {hidden_size}"
     end = "narrowest" if held == low else "widest"
-    return f" at hidden size {hidden_size} (as for {held}: the {end} the sources cover)"
+    return f" at hidden size {hidden_size}, as for {held}, the {end} the sources cover"
 
 
 _RANGES = {
@@ -139,7 +139,7 @@ def lr_range(
         >>> lr_range("adamw_torch", hidden_size=768).describe()
         '2.3e-05 to 0.0023 with AdamW at hidden size 768'
         >>> lr_range("adamw_torch", hidden_size=64).describe().split(" with ")[1]
-        'AdamW at hidden size 64 (as for 768: the narrowest the sources cover)'
+        'AdamW at hidden size 64, as for 768, the narrowest the sources cover'
     """
     family = optimizer_family(optimizer)
     base = _RANGES[family or "adam"]

@@ -180,7 +180,7 @@ def test_a_known_width_is_said_and_not_assumed() -> None:
         has_lora=True, adapters=LORA, learning_rate=0.05, setup=SetupFacts(hidden_size=64)
     )
     (f,) = _setup_findings(facts)
-    assert "at hidden size 64 (as for 768: the narrowest the sources cover)" in f.message
+    assert "at hidden size 64, as for 768, the narrowest the sources cover" in f.message
     assert "width is not known" not in f.message and f.evidence["hidden_size"] == 64
 
 
