@@ -34,6 +34,7 @@ __all__ = [
     "UpdateVerdict",
     "lr_range_applies",
     "lr_verdict",
+    "restart_after_rate",
     "update_verdict",
 ]
 
@@ -109,6 +110,12 @@ def lr_verdict(
     return LrVerdict(lr, rng, factor, severity)
 
 
+def restart_after_rate(learner: str = "adapter") -> str:
+    """The step that follows a learning rate far too high, worded once for the set-up finding and
+    every symptom it causes (``apply`` then lists it once)."""
+    return f"Restart from the base model: steps at that rate damaged the {learner}"
+
+
 def lr_range_applies(facts: RunFacts) -> bool:
     """Whether LoRA's learning-rate range applies to the run: it is known to train LoRA adapters
     (a live model was read, or an adapter config with a rank) or the whole model, whose rates sit
@@ -179,7 +186,7 @@ class LearningRateTooHigh(Check):
                 "halve it)",
                 steps=(
                     f"Set learning_rate={rng.typical:g} in TrainingArguments ({rng.describe()})",
-                    "Restart from step 0: steps at this rate damage the adapter",
+                    restart_after_rate(),
                 ),
                 config_changes={"learning_rate": rng.typical},
                 restart_from_scratch=True,

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from lora_doctor.checks.adapter import all_linear_fix, is_attention_module
-from lora_doctor.checks.update import lr_range_applies, lr_verdict
+from lora_doctor.checks.update import lr_range_applies, lr_verdict, restart_after_rate
 from lora_doctor.config import DoctorConfig
 from lora_doctor.facts import RunFacts
 from lora_doctor.findings import Finding, Recommendation
@@ -228,7 +228,7 @@ def lr_too_high(look: Look) -> Cause:
             steps=(
                 f"Set learning_rate={target:g} in TrainingArguments: {source} ({look.method}'s "
                 f"usual range: {rng.describe()})",
-                f"Restart from the base model: steps at that rate damaged the {look.learner}",
+                restart_after_rate(look.learner),
             ),
             config_changes={"learning_rate": target},
             restart_from_scratch=True,
