@@ -1,7 +1,7 @@
 """The ``lora-doctor`` command.
 
     lora-doctor --version
-    lora-doctor diagnose PATH [--json OUT] [--fix-json FILE [--suggestions [SLUG ...]]] [--plot OUT.png] [--fail-on warning|error]
+    lora-doctor diagnose PATH [--json OUT] [--fix-json FILE [--suggestions | --suggest SLUG ...]] [--plot OUT.png] [--fail-on warning|error]
     lora-doctor sweep MODULE:FUNCTION [--ranks 4 8 16] [--metric eval_loss] [--out DIR]
 
 PATH is a run folder, a checkpoint folder or a ``trainer_state.json``. Exit status: 0 when nothing
@@ -24,8 +24,8 @@ from typing import Any
 
 from lora_doctor._version import __version__
 from lora_doctor.findings import Severity
-from lora_doctor.fix import AppliedFix
-from lora_doctor.offline import RunReadError, diagnose
+from lora_doctor.fix import AppliedFix, suggestions_named
+from lora_doctor.offline import RunReadError, diagnose, input_files
 from lora_doctor.plot import check_plot_path
 from lora_doctor.report import Diagnosis, write_json_atomic
 
@@ -66,10 +66,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     diag.add_argument(
         "--suggestions",
-        nargs="*",
+        action="store_true",
+        help="with --fix-json, also apply every information finding's suggestion (a smaller rank, "
+        "all-linear targets ...)",
+    )
+    diag.add_argument(
+        "--suggest",
+        action="append",
         metavar="SLUG",
-        help="with --fix-json, also apply the information findings' suggestions (a smaller rank, "
-        "all-linear targets ...): all of them, or those of the findings named",
+        help="with --fix-json, also apply this finding's suggestion (a slug or code; repeat it "
+        "for several)",
     )
     diag.add_argument(
         "--plot",
@@ -115,16 +121,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             plot_note, args.plot = f"lora-doctor: --plot skipped: {err}", None
         except ValueError as err:
             return _error(f"--plot: {err}")
-    if args.suggestions is not None and not args.fix_json:
-        return _error("--suggestions says what --fix-json applies: add --fix-json FILE")
+    if (args.suggestions or args.suggest) and not args.fix_json:
+        flag = "--suggestions" if args.suggestions else "--suggest"
+        return _error(f"{flag} says what --fix-json applies: add --fix-json FILE")
     try:
+        clash = _overwrites_input(args)
         diagnosis = diagnose(args.path)
     except RunReadError as err:
         return _error(str(err))
-    try:  # all suggestions for a bare --suggestions, else those of the findings named
-        fix = diagnosis.apply(suggestions=args.suggestions or args.suggestions == [])
+    if clash:
+        return _error(clash)
+    try:
+        wanted = True if args.suggestions else set(args.suggest or ())
+        fix = diagnosis.apply(
+            suggestions=suggestions_named(wanted, diagnosis.findings, "--suggest")
+        )
     except ValueError as err:
-        return _error(f"--suggestions: {err}")
+        return _error(str(err))
     written, failure = _write_outputs(args, diagnosis, fix)
     try:
         print("\n".join([diagnosis.summary(), *written]), flush=True)
@@ -137,6 +150,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     threshold = Severity.parse(args.fail_on)
     worst = diagnosis.worst
     return EXIT_FOUND if worst is not None and worst >= threshold else EXIT_OK
+
+
+def _overwrites_input(args: argparse.Namespace) -> str:
+    """The one line refusing an output that is one of the files the run is read from (its
+    trainer state, adapter config or weights); empty when none is."""
+    inputs = {p.resolve() for p in input_files(args.path)}
+    for flag, out in (("--json", args.json), ("--fix-json", args.fix_json), ("--plot", args.plot)):
+        if out and Path(out).resolve() in inputs:
+            return f"{flag} {out} is a file this run is read from: write it elsewhere"
+    return ""
 
 
 def _write_outputs(

@@ -11,9 +11,9 @@ Rules (:func:`apply_findings`, behind :meth:`lora_doctor.report.Diagnosis.apply`
 - **Order and conflicts.** Errors before warnings. Within a severity, findings judged on the run
   (with a step) before those made at set-up, before training: a symptom's learning rate read from
   where this run learned best before ``learning-rate-too-high``'s usual rate; then the order
-  found. A finding judged on the run whose most likely cause (``evidence.causes``) is a set-up
-  finding ranks with that finding's severity when it is higher (the same fault, seen with more of
-  the run). A finding's changes are taken whole or not at all: they are meant together (``r`` with
+  found. A warning or error judged on the run whose most likely cause (``evidence.causes``) is a
+  set-up finding ranks with that finding's severity when it is higher (the same fault, seen with
+  more of the run). A finding's changes are taken whole or not at all: they are meant together (``r`` with
   ``lora_alpha``, ``bf16`` with ``fp16``, a batch size with its accumulation steps), so when one of
   its fields is already set to another value by a finding that ranks before it, all of its changes
   are dropped, each with the winning finding named. A field two findings set to the same value is
@@ -364,8 +364,9 @@ def _ranked(findings: Iterable[Finding]) -> list[tuple[Finding, Recommendation]]
     with_fix = [(f, f.recommendation) for f in findings if f.recommendation is not None]
     set_up = {f.slug: f.severity.rank for f in findings if f.step is None}
 
-    def rank(f: Finding) -> int:
-        cause = _top_cause(f) if f.step is not None else None
+    def rank(f: Finding) -> int:  # a suggestion (information) is never lifted above the fixes
+        lifted = f.step is not None and f.severity >= Severity.WARNING
+        cause = _top_cause(f) if lifted else None
         return max(f.severity.rank, set_up.get(cause, 0) if cause else 0)
 
     return sorted(with_fix, key=lambda pair: (-rank(pair[0]), pair[0].step is None))
@@ -390,23 +391,36 @@ def _copy(obj: Any, changes: Sequence[Change]) -> tuple[Any, str | None]:
 _RATE_BOUND = "max_steps"
 
 
-def _suggestions_named(
-    suggestions: bool | str | Collection[str] | None, findings: Sequence[Finding]
+def suggestions_named(
+    suggestions: bool | str | Collection[str] | None,
+    findings: Sequence[Finding],
+    field: str = "apply(suggestions=...)",
 ) -> bool | frozenset[str]:
-    """``suggestions`` as :func:`_merge` takes it: a bool, or the names to follow (one string is
-    one name, not its letters); a name no check and no finding has is a ValueError."""
+    """``suggestions`` as :func:`apply_findings` follows them: a bool, or the names (slugs or
+    codes) to follow; one string is one name, not its letters.
+
+    Args:
+        suggestions: True, False (None), a name, or a collection of names.
+        findings: the diagnosis's findings: their slugs and codes are known names too (a user's
+            own check).
+        field: how the option is called in the messages (``"--suggest"`` on the command line).
+
+    Raises:
+        ValueError: a name that no check and no finding has (with a did-you-mean).
+        TypeError: any other type (bytes included).
+    """
     if suggestions is None or isinstance(suggestions, bool):
         return bool(suggestions)
-    if not isinstance(suggestions, str | Collection):
+    if isinstance(suggestions, bytes) or not isinstance(suggestions, str | Collection):
         raise TypeError(
-            "apply(suggestions=...) takes True or False, a finding's slug, or a collection of "
-            f"slugs, got {suggestions!r}"
+            f"{field} takes True or False, a finding's slug, or a collection of slugs, got "
+            f"{suggestions!r:.80}"
         )
     names = frozenset({suggestions} if isinstance(suggestions, str) else map(str, suggestions))
     present = {name for f in findings for name in (f.slug, f.code)}
     from lora_doctor.checks import Registry  # the check catalogue, only when names are given
 
-    Registry().validate("apply(suggestions=...)", names - present)
+    Registry().validate(field, names - present)
     return names
 
 
@@ -438,7 +452,8 @@ def _merge(
         if f.severity < Severity.WARNING and not follow:
             dropped += [
                 Skipped(
-                    c, "information only: a suggestion, not a fix (apply with suggestions=True)"
+                    c,
+                    "information only: a suggestion, not a fix (apply with suggestions=True, or --suggestions)",
                 )
                 for c in routed
             ]
@@ -545,7 +560,7 @@ def apply_findings(
             )
     findings = list(findings)
     chosen, dropped, unrouted, followed = _merge(
-        findings, objects, _suggestions_named(suggestions, findings)
+        findings, objects, suggestions_named(suggestions, findings)
     )
     copies = {k: None if v is None else _copy(v, ())[0] for k, v in objects.items()}
     applied: list[Change] = []

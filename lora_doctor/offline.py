@@ -26,7 +26,15 @@ from lora_doctor.facts import AdapterFacts, RunFacts
 from lora_doctor.history import as_float
 from lora_doctor.report import REPORT_NAME, Diagnosis
 
-__all__ = ["RunFiles", "RunReadError", "diagnose", "load_run", "replay"]
+__all__ = [
+    "RunFiles",
+    "RunReadError",
+    "adapter_width",
+    "diagnose",
+    "input_files",
+    "load_run",
+    "replay",
+]
 
 STATE_NAME = "trainer_state.json"
 ADAPTER_NAME = "adapter_config.json"
@@ -170,13 +178,26 @@ def load_run(
     return RunFiles(entries, state, adapter, state_path, width)
 
 
+#: Layers whose input is the hidden size (peft's target names): the width is read from these when
+#: the adapter has any, else from every LoRA layer.
+_HIDDEN_IN = frozenset(
+    {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "c_attn", "c_fc", "query", "key"}
+    | {"value", "q", "k", "v", "wi", "wi_0", "wi_1", "fc1", "qkv_proj", "W_pack", "Wqkv"}
+    | {"query_key_value", "w1", "w3", "in_proj"}
+)
+#: Widths a model's hidden size can have; anything else in a file is not one.
+_WIDTH_BOUNDS = (8, 65536)
+
+
 def adapter_width(folder: Path) -> int | None:
-    """The model's hidden size as the LoRA weights saved in ``folder`` tell it: the most common
-    input size of the ``lora_A`` matrices (r x in_features) in ``adapter_model.safetensors``, read
-    from the file's header without loading a tensor. The attention projections and the MLP's up
-    and gate projections take the hidden size in; only ``down_proj`` (and GPT-2's MLP ``c_proj``)
-    take the intermediate size, so the most common value is the width. None when there is no such
-    file, the ``safetensors`` package is not installed, or the file cannot be read.
+    """The model's hidden size as the LoRA weights saved in ``folder`` tell it: the input size of
+    the ``lora_A`` matrices (r x in_features) in ``adapter_model.safetensors``, read from the
+    file's header without loading a tensor. It is taken from the layers whose input is the hidden
+    size (the attention's q, k and v projections, the MLP's up and gate ...) when the adapter has
+    any, else from every LoRA layer: the most common value, a tie going to the smaller (the MLP's
+    inner size, ``down_proj``'s input, is the larger). None when there is no such file, the
+    ``safetensors`` package is not installed, the file cannot be read, or the value is outside 8
+    to 65,536.
 
     Example:
         >>> adapter_width(Path("outputs/checkpoint-500"))  # doctest: +SKIP
@@ -192,14 +213,32 @@ def adapter_width(folder: Path) -> int | None:
     try:
         with safe_open(str(path), framework="numpy") as weights:
             shapes = [
-                weights.get_slice(key).get_shape()
+                (key.split(".lora_A.")[0].rsplit(".", 1)[-1], weights.get_slice(key).get_shape())
                 for key in weights.keys()  # noqa: SIM118 - safe_open has no __iter__
                 if ".lora_A." in key and key.endswith(".weight")
             ]
     except Exception:  # a damaged or foreign file: the width stays unknown
         return None
-    widths = collections.Counter(int(s[1]) for s in shapes if len(s) == 2 and s[1] > 0)
-    return widths.most_common(1)[0][0] if widths else None
+    low, high = _WIDTH_BOUNDS
+    inputs = [(name, int(s[1])) for name, s in shapes if len(s) == 2 and low <= s[1] <= high]
+    hidden = [n for name, n in inputs if name in _HIDDEN_IN] or [n for _, n in inputs]
+    counts = collections.Counter(hidden)
+    return max(counts, key=lambda n: (counts[n], -n)) if counts else None
+
+
+def input_files(source: PathLike) -> list[Path]:
+    """The files :func:`diagnose` reads for ``source``: the trainer state, and the adapter config
+    and weights beside it or in the folder named, those that exist (what an output must not
+    overwrite).
+
+    Raises:
+        RunReadError: as :func:`load_run`, when there is no trainer state to read.
+    """
+    path = Path(source)
+    state = _find_state(path)
+    folders = [state.parent] + ([path] if path.is_dir() else [])
+    names = (ADAPTER_NAME, ADAPTER_WEIGHTS)
+    return [state] + [f / n for f in folders for n in names if (f / n).is_file()]
 
 
 def _adapter(adapter_config: Any) -> dict[str, Any] | None:

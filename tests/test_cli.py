@@ -246,6 +246,7 @@ def test_every_diagnose_option_has_help() -> None:
         "json",
         "fix_json",
         "suggestions",
+        "suggest",
         "plot",
         "fail_on",
     }

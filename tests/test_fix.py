@@ -275,6 +275,20 @@ def test_a_symptom_of_a_set_up_finding_ranks_with_its_severity() -> None:
     assert fix.training_args.learning_rate == 4.6e-4  # no cause named: the error wins
 
 
+def test_a_suggestion_is_never_lifted_above_the_fixes() -> None:
+    """An information finding whose top cause is a set-up error stays a suggestion: followed
+    after the fixes, it loses the conflict."""
+    set_up = dataclasses.replace(
+        _f("learning-rate-too-high", {"learning_rate": 4.6e-4}, Severity.ERROR), step=None
+    )
+    causes = [{"cause": "learning-rate-too-high", "verdict": "supported"}]
+    info = dataclasses.replace(
+        _f("my-info", {"learning_rate": 1e-3}, Severity.INFO), evidence={"causes": causes}
+    )
+    fix = apply_findings([set_up, info], None, Args(), suggestions=True)
+    assert fix.training_args.learning_rate == 4.6e-4
+
+
 def test_the_same_value_twice_is_no_conflict() -> None:
     a = _f("alpha-rank-ratio", {"lora_alpha": 32})
     b = _f("loss-plateau", {"lora_alpha": 32, "learning_rate": 2e-4})
@@ -314,7 +328,7 @@ def test_information_is_not_applied() -> None:
     fix = apply_findings([info], Lora(), Args())
     assert fix.applied == () and fix.lora_config == Lora()
     assert [s.reason for s in fix.dropped] == [
-        "information only: a suggestion, not a fix (apply with suggestions=True)"
+        "information only: a suggestion, not a fix (apply with suggestions=True, or --suggestions)"
     ]
 
 
@@ -492,7 +506,7 @@ def test_cli_fix_json_writes_the_merged_changes_and_steps(tmp_path: Any, capsys:
 
 @pytest.mark.parametrize(
     ("flags", "targets"),
-    [([], None), (["--suggestions"], "all-linear"), (["--suggestions", "LD112"], "all-linear")],
+    [([], None), (["--suggestions"], "all-linear"), (["--suggest", "LD112"], "all-linear")],
     ids=["fixes-only", "every-suggestion", "one-named"],
 )
 def test_cli_fix_json_follows_suggestions_when_asked(
@@ -508,22 +522,42 @@ def test_cli_fix_json_follows_suggestions_when_asked(
     ("flags", "message"),
     [
         (["--suggestions"], "--suggestions says what --fix-json applies: add --fix-json FILE"),
+        (["--suggest", "LD112"], "--suggest says what --fix-json applies: add --fix-json FILE"),
         (
-            ["--fix-json", "FIX", "--suggestions", "atention-only-targets"],
-            "--suggestions: apply(suggestions=...) has unknown finding names "
-            "['atention-only-targets']: did you mean 'attention-only-targets'",
+            ["--fix-json", "FIX", "--suggest", "atention-only-targets"],
+            "--suggest has unknown finding names ['atention-only-targets']: did you mean "
+            "'attention-only-targets'",
+        ),
+        (
+            ["--fix-json", "RUN/adapter_config.json"],
+            "adapter_config.json is a file this run is read from: write it elsewhere",
+        ),
+        (
+            ["--json", "RUN/trainer_state.json"],
+            "trainer_state.json is a file this run is read from: write it elsewhere",
         ),
     ],
-    ids=["without-fix-json", "unknown-slug"],
+    ids=[
+        "without-fix-json",
+        "suggest-without-fix-json",
+        "unknown-slug",
+        "over-the-adapter",
+        "over-the-state",
+    ],
 )
 def test_cli_suggestions_misuse_is_one_line(
     tmp_path: Any, capsys: Any, flags: list[str], message: str
 ) -> None:
-    flags = [str(tmp_path / "fix.json") if f == "FIX" else f for f in flags]
-    assert main(["diagnose", str(_run_dir(tmp_path)), *flags]) == 2
+    run = _run_dir(tmp_path)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    flags = [
+        str(tmp_path / "fix.json") if f == "FIX" else f.replace("RUN", str(run)) for f in flags
+    ]
+    assert main(["diagnose", str(run), *flags]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
     assert not (tmp_path / "fix.json").exists()
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # the run's files untouched
 
 
 def test_cli_fix_json_to_a_folder_is_one_line_and_exit_2(tmp_path: Any, capsys: Any) -> None:

@@ -89,6 +89,35 @@ def test_the_width_comes_from_the_saved_adapter_weights(
     assert ("width is not known here" in f.message) is (width is None)
 
 
+@pytest.mark.parametrize(
+    ("layers", "width"),
+    [
+        ({"o_proj": 4096, "down_proj": 11008}, 4096),  # a tie: the smaller, not the MLP's inner
+        ({"v_proj": 4096, "down_proj": 11008}, 4096),  # v_proj takes the hidden size in
+        ({"down_proj": 11008, "q_proj": 4096, "fc2": 11008}, 4096),  # q_proj's input, outnumbered
+        ({"c_attn": 768, "c_proj": 768}, 768),
+        ({"q_proj": 1 << 30}, None),  # no model is this wide: not a width
+        ({"q_proj": 1}, None),
+    ],
+    ids=["tie", "v-and-down", "most-are-inner", "gpt2", "absurd", "one"],
+)
+def test_the_width_is_the_hidden_size_not_the_mlps(
+    tmp_path: Path, layers: dict[str, int], width: int | None
+) -> None:
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from lora_doctor.offline import adapter_width
+
+    prefix = "base_model.model.model.layers.0"
+    save_file(
+        {f"{prefix}.x.{name}.lora_A.weight": np.zeros((2, n) if n < 1 << 20 else (0, n), np.float32)
+         for name, n in layers.items()},
+        str(tmp_path / "adapter_model.safetensors"),
+    )  # fmt: skip
+    assert adapter_width(tmp_path) == width
+
+
 def test_an_unreadable_weights_file_leaves_the_width_unknown(tmp_path: Path) -> None:
     run = _write(tmp_path / "run", _state(_flat_log(20)), ADAPTER)
     (run / "adapter_model.safetensors").write_bytes(b"\x00\x01 not safetensors")

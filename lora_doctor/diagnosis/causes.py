@@ -223,8 +223,10 @@ def lr_too_high(look: Look) -> Cause:
         tuple(support),
         tuple(against),
         Recommendation(
-            summary=f"Set learning_rate={target:g} ({look.method}'s usual range; do not just "
-            "halve it)",
+            summary=f"Set learning_rate={target:g}, inside {look.method}'s usual range (not just "
+            f"half of {_fmt(lr)})"
+            if lr is not None
+            else f"Set learning_rate={target:g}, inside {look.method}'s usual range",
             steps=(
                 f"Set learning_rate={target:g} in TrainingArguments: {source} ({look.method}'s "
                 f"usual range: {rng.describe()})",
