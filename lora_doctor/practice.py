@@ -57,9 +57,10 @@ class LrRange:
         name = {"adam": "AdamW", "lion": "Lion", "adafactor": "Adafactor", "sgd": "SGD"}[
             self.family
         ]
-        who = f"{name} (assumed: the optimizer is not known)" if self.assumed else name
         what = " for full fine-tuning" if self.full else ""
-        return f"{self.low:g} to {self.high:g} with {who}{what}{_width_text(self.hidden_size)}"
+        who = ", assumed as the optimizer is not known" if self.assumed else ""
+        width = _width_text(self.hidden_size)
+        return f"{self.low:g} to {self.high:g} with {name}{what}{who}{',' if who and width else ''}{width}"
 
 
 def _width_text(hidden_size: int | None) -> str:

@@ -167,7 +167,7 @@ def test_far_too_high_rate_sets_one_in_the_range_and_says_what_is_assumed() -> N
     assert f.code == "LD114" and f.step is None
     assert "50x the top of LoRA's usual range" in f.message
     assert "250x its usual 0.0002" in f.message
-    assert "AdamW (assumed: the optimizer is not known)" in f.message
+    assert "AdamW, assumed as the optimizer is not known" in f.message
     assert "width is not known here" in f.message and "7B model's (hidden size 4096)" in f.message
     assert f.evidence["optimizer_assumed"] is True
     assert f.recommendation is not None

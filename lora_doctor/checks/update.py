@@ -200,7 +200,8 @@ class LearningRateTooHigh(Check):
             recommendation = None
         if setup.hidden_size is None:
             why += (
-                " The model's width is not known here (offline, or a model without a config), so "
+                " The model's width is not known here (offline without adapter_model.safetensors, "
+                "or a model without a config), so "
                 "the range is a 7B model's (hidden size 4096); narrower models train at up to "
                 "2.3x these rates."
             )
