@@ -32,6 +32,10 @@ def _fraction(v: Any) -> bool:
     return _non_negative(v) and v <= 1
 
 
+def _open_fraction(v: Any) -> bool:
+    return _fraction(v) and 0 < v < 1
+
+
 def _positive_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
@@ -226,7 +230,7 @@ class DoctorConfig:
         0.95,
         "Confidence of the Theil-Sen slope interval: the growth rule fires only when the whole "
         "interval is above zero (noise in the held memory never extrapolates).",
-        lambda v: _fraction(v) and 0 < v < 1,
+        _open_fraction,
         "a number in (0, 1)",
     )
     # --- cost -------------------------------------------------------------------------------------
@@ -407,7 +411,7 @@ class DoctorConfig:
     plateau_confidence: float = _opt(
         0.95,
         "Confidence level of the Theil-Sen slope interval (Sen's interval from Kendall's tau).",
-        lambda v: _fraction(v) and 0 < v < 1,
+        _open_fraction,
         "a number in (0, 1)",
     )
     plateau_converged_drop: float = _opt(
@@ -464,7 +468,7 @@ class DoctorConfig:
         0.99,
         "Confidence of the Theil-Sen slope interval of the evaluations since the best (Sen's "
         "interval from Kendall's tau; at 0.99 it needs at least 6 of them).",
-        lambda v: _fraction(v) and 0 < v < 1,
+        _open_fraction,
         "a number in (0, 1)",
     )
     overfit_small_dataset: int = _opt(

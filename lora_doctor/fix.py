@@ -13,11 +13,11 @@ Rules (:func:`apply_findings`, behind :meth:`lora_doctor.report.Diagnosis.apply`
   where this run learned best before ``learning-rate-too-high``'s usual rate; then the order
   found. A warning or error judged on the run whose most likely cause (``evidence.causes``) is a
   set-up finding ranks with that finding's severity when it is higher (the same fault, seen with
-  more of the run). A finding's changes are taken whole or not at all: they are meant together (``r`` with
-  ``lora_alpha``, ``bf16`` with ``fp16``, a batch size with its accumulation steps), so when one of
-  its fields is already set to another value by a finding that ranks before it, all of its changes
-  are dropped, each with the winning finding named. A field two findings set to the same value is
-  no conflict.
+  more of the run). A finding's changes are taken whole or not at all: they are meant together
+  (``r`` with ``lora_alpha``, ``bf16`` with ``fp16``, a batch size with its accumulation steps),
+  so when one of its fields is already set to another value by a finding that ranks before it,
+  all of its changes are dropped, each with the winning finding named. A field two findings set
+  to the same value is no conflict.
 - **Routing.** Each key goes to the object whose class has a field of that name, and its value
   must have the type the class annotates (an ``int`` is a ``float``; a ``bool`` is not an
   ``int``; an enum field takes its values' strings). With an object given, its own class decides:
@@ -390,6 +390,11 @@ def _copy(obj: Any, changes: Sequence[Change]) -> tuple[Any, str | None]:
 #: A field a finding measures on the run's trajectory, valid at its learning rate only.
 _RATE_BOUND = "max_steps"
 
+#: Why an information finding's change is not applied.
+_SUGGESTION = (
+    "information only: a suggestion, not a fix (apply with suggestions=True, or --suggestions)"
+)
+
 
 def suggestions_named(
     suggestions: bool | str | Collection[str] | None,
@@ -417,10 +422,11 @@ def suggestions_named(
             f"{suggestions!r:.80}"
         )
     names = frozenset({suggestions} if isinstance(suggestions, str) else map(str, suggestions))
-    present = {name for f in findings for name in (f.slug, f.code)}
-    from lora_doctor.checks import Registry  # the check catalogue, only when names are given
+    unknown = names - {name for f in findings for name in (f.slug, f.code)}
+    if unknown:
+        from lora_doctor.checks import Registry  # the check catalogue, only when it is needed
 
-    Registry().validate(field, names - present)
+        Registry().validate(field, unknown)
     return names
 
 
@@ -450,13 +456,7 @@ def _merge(
             not isinstance(suggestions, bool) and bool({f.slug, f.code} & suggestions)
         )
         if f.severity < Severity.WARNING and not follow:
-            dropped += [
-                Skipped(
-                    c,
-                    "information only: a suggestion, not a fix (apply with suggestions=True, or --suggestions)",
-                )
-                for c in routed
-            ]
+            dropped += [Skipped(c, _SUGGESTION) for c in routed]
             continue
         clash = next(
             (c for c in routed if c.field in chosen and chosen[c.field].value != c.value), None

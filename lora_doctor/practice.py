@@ -66,13 +66,12 @@ class LrRange:
 def _width_text(hidden_size: int | None) -> str:
     """The width a range is for, in words, with the width it was taken at when held to the
     widths the sources cover."""
-    if not hidden_size:
+    held = _held_width(hidden_size)
+    if held is None:
         return ""
-    low, high = _WIDTHS_COVERED
-    held = min(max(hidden_size, low), high)
     if held == hidden_size:
         return f" at hidden size {hidden_size}"
-    end = "narrowest" if held == low else "widest"
+    end = "narrowest" if held == _WIDTHS_COVERED[0] else "widest"
     return f" at hidden size {hidden_size}, as for {held}, the {end} the sources cover"
 
 
@@ -111,6 +110,14 @@ _REFERENCE_WIDTH = 4096
 _WIDTHS_COVERED = (768, 8192)
 
 
+def _held_width(hidden_size: int | None) -> int | None:
+    """``hidden_size`` held to the widths the sources cover; None when unknown (or not > 0)."""
+    if not hidden_size or hidden_size <= 0:
+        return None
+    low, high = _WIDTHS_COVERED
+    return min(max(hidden_size, low), high)
+
+
 def width_factor(hidden_size: int | None) -> float:
     """How many times a 7B model's learning rates suit a model of ``hidden_size``:
     sqrt(4096 / hidden size), the hidden size held to 768 to 8192 (1.0 when unknown).
@@ -119,10 +126,8 @@ def width_factor(hidden_size: int | None) -> float:
         >>> width_factor(4096), round(width_factor(64), 3), round(width_factor(8192), 3)
         (1.0, 2.309, 0.707)
     """
-    if not hidden_size or hidden_size <= 0:
-        return 1.0
-    low, high = _WIDTHS_COVERED
-    return sqrt(_REFERENCE_WIDTH / min(max(hidden_size, low), high))
+    held = _held_width(hidden_size)
+    return 1.0 if held is None else sqrt(_REFERENCE_WIDTH / held)
 
 
 def lr_range(
@@ -152,5 +157,5 @@ def lr_range(
         float(f"{base.typical * scale:.2g}"),
         assumed=family is None,
         full=full,
-        hidden_size=hidden_size if hidden_size and hidden_size > 0 else None,
+        hidden_size=hidden_size if _held_width(hidden_size) else None,
     )

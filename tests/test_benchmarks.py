@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -374,25 +375,36 @@ def test_overhead_script_cpu_small(tmp_path: Path, capsys: pytest.CaptureFixture
     }  # off-steps only where a reading was planned
 
 
-def test_overhead_parts_and_extrapolation() -> None:
-    """A scripted run of 12 steps in blocks of 2: the pair, the reading block's excess and the
-    shares with and without the spectrum, by hand."""
-    from benchmarks.overhead import END, Block, RunRecord, summarize
+def _scripted_run(seconds: list[float], hooks: dict[int, float], **fields: Any) -> Any:
+    """A run of 12 steps of the overhead benchmark in 6 blocks of 2 (on, off, ..., the last one
+    final) taking ``seconds`` each, 2.5 s in all, with ``hooks`` (seconds in the doctor's hooks by
+    step) and readings at step 10 and at the end; ``fields`` are the record's others."""
+    from benchmarks.overhead import END, Block, RunRecord
 
-    seconds = [0.3, 0.2, 0.21, 0.2, 0.25, 0.3]  # block 4 holds the reading at step 10
-    blocks = [Block(i, i % 2 == 0, 2 * i + 1, 2 * i + 2, seconds[i]) for i in range(6)]
+    blocks = [Block(i, i % 2 == 0, 2 * i + 1, 2 * i + 2, s) for i, s in enumerate(seconds)]
     blocks[-1].final = True
-    hooks = {0: 0.05, 1: 0.001, 2: 0.002, 5: 5e-4, 6: 5e-4, 9: 5e-4, 10: 0.0305, END: 0.02}
-    record = RunRecord(
+    return RunRecord(
         steps=12,
         rep=0,
         block=2,
         wall_s=2.5,
         blocks=blocks,
         hook_s=hooks,
+        reading_s={10: 0.03, END: 0.01},
+        **fields,
+    )
+
+
+def test_overhead_parts_and_extrapolation() -> None:
+    """A scripted run of 12 steps in blocks of 2: the pair, the reading block's excess and the
+    shares with and without the spectrum, by hand."""
+    from benchmarks.overhead import END, summarize
+
+    record = _scripted_run(
+        [0.3, 0.2, 0.21, 0.2, 0.25, 0.3],  # block 4 holds the reading at step 10
+        {0: 0.05, 1: 0.001, 2: 0.002, 5: 5e-4, 6: 5e-4, 9: 5e-4, 10: 0.0305, END: 0.02},
         waited_s={10: 0.0, END: 0.0},
         spectrum_begin_s=0.02,
-        reading_s={10: 0.03, END: 0.01},
         layers_per_reading=[40, 112],
         layers_total=112,
         planned=2,
@@ -415,28 +427,13 @@ def test_overhead_counts_the_spectrum_start_up_where_it_happens() -> None:
     """The spectrum's start-up, deferred to its first affordable reading, is the spectrum's time
     wherever it falls: at the end of training (one-time work) or at a step past the lead-in (a
     reading step, out of the steady steps)."""
-    from benchmarks.overhead import END, Block, RunRecord, _Parts, _parts
-
-    blocks = [Block(i, i % 2 == 0, 2 * i + 1, 2 * i + 2, 0.2) for i in range(6)]
-    blocks[-1].final = True
+    from benchmarks.overhead import END, _Parts, _parts
 
     def parts(start_up: dict[int, float]) -> _Parts:
         hooks = {0: 0.05, 1: 0.001, 2: 0.002, 5: 5e-4, 6: 5e-4, 10: 0.0305, END: 0.02}
         for step, seconds in start_up.items():
             hooks[step] += seconds
-        return _parts(
-            RunRecord(
-                steps=12,
-                rep=0,
-                block=2,
-                wall_s=2.5,
-                blocks=blocks,
-                hook_s=hooks,
-                spectrum_begin_s=0.002,
-                start_up_s=start_up,
-                reading_s={10: 0.03, END: 0.01},
-            )
-        )
+        return _parts(_scripted_run([0.2] * 6, hooks, spectrum_begin_s=0.002, start_up_s=start_up))
 
     plain, at_end, mid = parts({}), parts({END: 0.005}), parts({6: 0.005})
     assert at_end.one_time_s - plain.one_time_s == pytest.approx(0.005)

@@ -53,7 +53,7 @@ from lora_doctor.integrations.resume import (
     resolve_checkpoint,
 )
 from lora_doctor.probes.base import Event, Probe, call_probes
-from lora_doctor.probes.budget import TimeBudget
+from lora_doctor.probes.budget import TimeBudget, charge_hook
 from lora_doctor.probes.crash import rank_report_path, record_crash
 from lora_doctor.probes.dist import RankReadings
 from lora_doctor.probes.ecosystem import vllm_max_lora_rank
@@ -120,10 +120,8 @@ def _guarded(hook: _F) -> _F:
             )
             return None
         finally:
-            if self._budget is not None:
-                start = self._budget.start if name == "on_train_begin" else since
-                if start is not None:
-                    self._budget.charge(start, int(getattr(state, "global_step", 0) or 0))
+            step = int(getattr(state, "global_step", 0) or 0)
+            charge_hook(self._budget, since, step, began=name == "on_train_begin")
 
     return wrapper  # type: ignore[return-value]
 

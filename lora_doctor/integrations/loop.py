@@ -32,7 +32,7 @@ from lora_doctor.facts import RunFacts
 from lora_doctor.findings import Finding
 from lora_doctor.probes import dist
 from lora_doctor.probes.base import Event, Probe, call_probes
-from lora_doctor.probes.budget import TimeBudget
+from lora_doctor.probes.budget import TimeBudget, charge_hook
 from lora_doctor.probes.crash import rank_report_path, record_crash
 from lora_doctor.probes.memory import MemoryProbe, MemoryReader, is_out_of_memory
 from lora_doctor.probes.model import AdapterProbe, facts_from_view, peak_learning_rate
@@ -204,14 +204,9 @@ def guarded_hook(hook: _F) -> _F:
                 exc_info=True,
             )
             return None
-        finally:
-            budget = getattr(self, "_budget", None)
-            if budget is not None:
-                # on_train_start's time counts from the moment it made the budget (once, when a
-                # step hook started the doctor from inside)
-                start = budget.start if since is None and name == "on_train_start" else since
-                if start is not None:
-                    budget.charge(start, getattr(self, "_budget_step", 0))
+        finally:  # on_train_start makes the budget: its time counts from the budget's start
+            step = getattr(self, "_budget_step", 0)
+            charge_hook(getattr(self, "_budget", None), since, step, began=name == "on_train_start")
 
     return wrapper  # type: ignore[return-value]
 

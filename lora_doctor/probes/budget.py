@@ -37,7 +37,13 @@ from dataclasses import dataclass
 from lora_doctor.facts import OverheadFacts
 from lora_doctor.probes.dist import RankReadings, RankSpread
 
-__all__ = ["Ledger", "TimeBudget", "layers_to_read", "now"]
+__all__ = [
+    "Ledger",
+    "TimeBudget",
+    "charge_hook",
+    "layers_to_read",
+    "now",
+]
 
 Clock = Callable[[], float]
 
@@ -270,3 +276,16 @@ class TimeBudget:
             value = getattr(ledger, key)
             if value is not None:
                 ranks.put(f"budget_{key}", value)
+
+
+def charge_hook(budget: TimeBudget | None, since: float | None, step: int, *, began: bool) -> None:
+    """Charges a guarded hook's time to ``budget``, the run's budget as the hook returns: from
+    ``since`` (the budget's clock as the hook was entered, None when there was no budget then),
+    or, for the hook that made the budget (``began``: the start of training), from the budget's
+    start. Nothing without a budget or a start. The Trainer callback's and the loop doctor's
+    hook guards both call it."""
+    if budget is None:
+        return
+    start = budget.start if began else since
+    if start is not None:
+        budget.charge(start, step)
