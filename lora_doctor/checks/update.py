@@ -34,7 +34,7 @@ __all__ = [
     "UpdateVerdict",
     "lr_range_applies",
     "lr_verdict",
-    "restart_after_rate",
+    "rate_fix",
     "update_verdict",
 ]
 
@@ -110,10 +110,28 @@ def lr_verdict(
     return LrVerdict(lr, rng, factor, severity)
 
 
-def restart_after_rate(learner: str = "adapter") -> str:
-    """The step that follows a learning rate far too high, worded once for the set-up finding and
-    every symptom it causes (``apply`` then lists it once)."""
-    return f"Restart from the base model: steps at that rate damaged the {learner}"
+def rate_fix(
+    target: float,
+    lr: float | None,
+    rng: LrRange,
+    source: str = "the usual rate",
+    method: str = "LoRA",
+    learner: str = "adapter",
+) -> Recommendation:
+    """The fix of a learning rate far too high, worded once for ``learning-rate-too-high`` and
+    every symptom it causes (``apply`` then lists each step once): set ``target``, from
+    ``source``, inside ``rng``, and restart from the base model."""
+    half = f" (not just half of {_fmt(lr)})" if lr is not None else ""
+    return Recommendation(
+        summary=f"Set learning_rate={target:g}, inside {method}'s usual range{half}",
+        steps=(
+            f"Set learning_rate={target:g} in TrainingArguments: {source} ({method}'s usual "
+            f"range: {rng.describe()})",
+            f"Restart from the base model: steps at that rate damaged the {learner}",
+        ),
+        config_changes={"learning_rate": target},
+        restart_from_scratch=True,
+    )
 
 
 def lr_range_applies(facts: RunFacts) -> bool:
@@ -181,16 +199,7 @@ class LearningRateTooHigh(Check):
                 f"{step} Runs this far above the range diverge, spike, turn NaN or stall high, and "
                 "halving the rate is not enough."
             )
-            recommendation = Recommendation(
-                summary=f"Set learning_rate={rng.typical:g} (LoRA's usual range; do not just "
-                "halve it)",
-                steps=(
-                    f"Set learning_rate={rng.typical:g} in TrainingArguments ({rng.describe()})",
-                    restart_after_rate(),
-                ),
-                config_changes={"learning_rate": rng.typical},
-                restart_from_scratch=True,
-            )
+            recommendation = rate_fix(rng.typical, v.lr, rng)
         else:
             why = (
                 " Small models tolerate such rates; on a large model watch for spikes, a "

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from lora_doctor.checks.adapter import all_linear_fix, is_attention_module
-from lora_doctor.checks.update import lr_range_applies, lr_verdict, restart_after_rate
+from lora_doctor.checks.update import lr_range_applies, lr_verdict, rate_fix
 from lora_doctor.config import DoctorConfig
 from lora_doctor.facts import RunFacts
 from lora_doctor.findings import Finding, Recommendation
@@ -222,19 +222,7 @@ def lr_too_high(look: Look) -> Cause:
         f"learning rate far above {look.method}'s range",
         tuple(support),
         tuple(against),
-        Recommendation(
-            summary=f"Set learning_rate={target:g}, inside {look.method}'s usual range (not just "
-            f"half of {_fmt(lr)})"
-            if lr is not None
-            else f"Set learning_rate={target:g}, inside {look.method}'s usual range",
-            steps=(
-                f"Set learning_rate={target:g} in TrainingArguments: {source} ({look.method}'s "
-                f"usual range: {rng.describe()})",
-                restart_after_rate(look.learner),
-            ),
-            config_changes={"learning_rate": target},
-            restart_from_scratch=True,
-        ),
+        rate_fix(target, lr, rng, source, look.method, look.learner),
         "compare learning_rate with LoRA's usual range for your optimizer",
     )
 
